@@ -1,0 +1,9 @@
+"""qwen3_accel: serving-engine decode speed for Hugging Face Qwen3 models, behind the Transformers API."""
+
+from . import custom_ops  # registers torch.ops.qwen3_accel.*
+from .cache import Qwen3StaticCache
+from .optimize import OptimizeOptions, optimize
+
+__version__ = "0.1.0"
+
+__all__ = ["OptimizeOptions", "Qwen3StaticCache", "optimize", "custom_ops", "__version__"]

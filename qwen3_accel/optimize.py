@@ -1,0 +1,305 @@
+"""`optimize()`: check the model, apply the patches, install the persistent cache and the compiled decode step.
+
+The model object stays the user's HF model. Two instance attributes change: `forward` (our forward,
+which hands anything it does not cover to HF's original) and `generate` (HF's generate with our
+persistent cache passed in, when the request is one our cache serves). Everything else lives on a
+`Qwen3Accelerator` stored as `model.qwen3_accel`.
+"""
+
+import copy
+import logging
+import os
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, GenerationConfig, Qwen3ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import Qwen3StaticCache
+from .custom_ops import KERNEL_MODES, select_kernels
+from .custom_ops.attention import decode_attention, prefill_attention
+from .patches import qwen3 as dense
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_CLASSES = (Qwen3ForCausalLM,)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CACHE_LEN_ROUNDING = 256  # automatic cache sizes are rounded up to this many slots
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """How `optimize` treats a model.
+
+    kernels: "auto" (Triton on CUDA, torch on CPU), "triton" (also on CPU, under TRITON_INTERPRET=1) or "torch".
+        Defaults to the environment variable QWEN3_ACCEL_KERNELS, else "auto".
+    compile: compile the decode step with torch.compile(mode="reduce-overhead", fullgraph=True);
+        False keeps every patch but runs eagerly.
+    max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
+        generate() call (length rounded up to 256 slots) and grows it, with a warning, when a later call needs
+        more; growth re-allocates, so CUDA graphs are recorded again. An explicit value is a hard limit: a call
+        that needs more raises ValueError.
+    """
+
+    kernels: str | None = None
+    compile: bool = True
+    max_batch_size: int | None = None
+    max_cache_len: int | None = None
+
+
+def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **kwargs: Any) -> torch.nn.Module:
+    """Make a HF Qwen3 causal LM fast in place and return it; `generate()` and `forward()` keep their API.
+
+    Keyword arguments are the fields of `OptimizeOptions`. Calling it again on the same model is a no-op.
+    """
+    options = replace(options or OptimizeOptions(), **kwargs)
+    existing = getattr(model, "qwen3_accel", None)
+    if isinstance(existing, Qwen3Accelerator):
+        if options != existing.options:
+            warnings.warn("model is already optimized; the new options are ignored", stacklevel=2)
+        return model
+    _check_model(model)
+    kernels = options.kernels or os.environ.get("QWEN3_ACCEL_KERNELS", "auto")
+    options = replace(options, kernels=kernels)
+    model.qwen3_accel = Qwen3Accelerator(model, options)
+    return model
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    if not isinstance(model, SUPPORTED_CLASSES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
+        raise TypeError(f"qwen3_accel.optimize supports {names}; got {type(model).__name__}")
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"qwen3_accel.optimize needs all weights in one of {[str(d) for d in SUPPORTED_DTYPES]}; "
+            f"got {sorted(str(d) for d in dtypes)} (quantized checkpoints are not supported)"
+        )
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"qwen3_accel.optimize needs the whole model on one CUDA device (or the CPU); got {sorted(map(str, devices))}"
+        )
+    if any(t != "full_attention" for t in model.config.layer_types):
+        raise ValueError("qwen3_accel.optimize supports full attention only; this config enables sliding windows")
+
+
+class Qwen3Accelerator:
+    """The state of one optimized model: kernels, RoPE table, persistent cache, compiled decode step."""
+
+    def __init__(self, model: Qwen3ForCausalLM, options: OptimizeOptions):
+        self.model = model
+        self.options = options
+        self.device = model.lm_head.weight.device
+        self.kernels = select_kernels(options.kernels, self.device)
+        self.shape = dense.model_shape(model)
+        self.scale = model.model.layers[0].self_attn.scaling
+        dense.prepare(model)
+        self.cos_sin = dense.rope_table(model, model.config.max_position_embeddings)
+        self.cache: Qwen3StaticCache | None = None
+        self.decode_step = (
+            torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            if options.compile
+            else self._decode_step
+        )
+        self.hf_forward = model.forward
+        self.hf_generate = model.generate
+        model.forward = self.forward
+        model.generate = self.generate
+
+    # ----------------------------------------------------------------------------------------- cache
+    def cache_for(self, batch_size: int, total_len: int) -> Qwen3StaticCache:
+        """The persistent cache, reset, with room for `batch_size` sequences of `total_len` tokens."""
+        limit = self.model.config.max_position_embeddings
+        if total_len > limit:
+            raise ValueError(f"prompt + new tokens = {total_len} exceeds the model's {limit} positions")
+        opts, cache = self.options, self.cache
+        for name, need, fixed in (("max_batch_size", batch_size, opts.max_batch_size),
+                                  ("max_cache_len", total_len, opts.max_cache_len)):
+            if fixed is not None and need > fixed:
+                raise ValueError(
+                    f"this call needs {name}={need} but the KV cache was fixed at {fixed} by qwen3_accel.optimize"
+                )
+        if cache is None or batch_size > cache.max_batch_size or total_len > cache.max_cache_len:
+            new_batch = opts.max_batch_size or max(batch_size, cache.max_batch_size if cache else 0)
+            rounded = -(-total_len // _CACHE_LEN_ROUNDING) * _CACHE_LEN_ROUNDING
+            new_len = opts.max_cache_len or min(limit, max(rounded, cache.max_cache_len if cache else 0))
+            if cache is not None:
+                warnings.warn(
+                    f"growing the KV cache from {cache.max_batch_size}x{cache.max_cache_len} to "
+                    f"{new_batch}x{new_len}; the decode step's CUDA graph is recorded again. Pass max_batch_size/"
+                    "max_cache_len to qwen3_accel.optimize to size it once.",
+                    stacklevel=3,
+                )
+            self.cache = cache = None
+            s = self.shape
+            cache = Qwen3StaticCache(
+                s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.model.dtype, self.device
+            )
+            self.cache = cache
+        cache.reset()
+        return cache
+
+    # -------------------------------------------------------------------------------------- generate
+    def generate(self, *args: Any, **kwargs: Any):
+        """HF's `generate`, with the persistent cache passed in whenever the request is one it serves."""
+        reason = self._generate_fallback_reason(args, kwargs)
+        if reason is not None:
+            logger.debug("qwen3_accel: HF generate with HF's own cache (%s)", reason)
+            return self.hf_generate(*args, **kwargs)
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        gen_config = self._generation_config(kwargs)
+        batch, prompt_len = inputs.shape[:2]
+        batch *= gen_config.num_return_sequences or 1
+        new_tokens = gen_config.max_new_tokens
+        total_len = prompt_len + new_tokens if new_tokens is not None else max(gen_config.max_length, prompt_len + 1)
+        cache = self.cache_for(batch, total_len)
+        return self.hf_generate(*args, past_key_values=cache, **kwargs)
+
+    def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
+        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+        return config
+
+    def _generate_fallback_reason(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+            return "no 2-D input_ids tensor (e.g. inputs_embeds only)"
+        if kwargs.get("past_key_values") is not None:
+            return "a cache was passed in"
+        config = self._generation_config(kwargs)
+        if (config.num_beams or 1) > 1:
+            return "beam search"
+        if kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens is not None:
+            return "assisted decoding"
+        if config.cache_implementation is not None:
+            return f"cache_implementation={config.cache_implementation!r}"
+        if config.use_cache is False:
+            return "use_cache=False"
+        if config.output_attentions:
+            return "output_attentions"
+        return None
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        """`Qwen3ForCausalLM.forward`'s signature; our kernels where they apply, HF's forward otherwise."""
+        all_args = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )
+        use_cache = self.model.config.use_cache if use_cache is None else use_cache
+        ours = isinstance(past_key_values, Qwen3StaticCache)
+        if (
+            labels is not None
+            or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
+            or (past_key_values is not None and not ours)
+            or (attention_mask is not None and attention_mask.dim() != 2)
+            or (torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad)
+        ):
+            return self.hf_forward(**all_args)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.model.model.embed_tokens(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        if ours and seq_len == 1 and past_key_values.seq_length > 0:
+            logits = self._decode(past_key_values, input_ids, inputs_embeds, attention_mask, position_ids)
+            new_cache = past_key_values
+        else:
+            cache = past_key_values if ours else (DynamicCache(config=self.model.config) if use_cache else None)
+            hidden = self._prefill(cache, inputs_embeds, attention_mask, position_ids)
+            hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+            logits = self.model.lm_head(hidden)
+            new_cache = cache
+        output = CausalLMOutputWithPast(logits=logits, past_key_values=new_cache if use_cache else None)
+        return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    def _prefill(self, cache, embeds, attention_mask, position_ids) -> torch.Tensor:
+        """Eager forward over a prompt (or a cache-less sequence); fills `cache` when given."""
+        batch, seq_len = embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(seq_len, device=embeds.device) + past)[None].expand(batch, seq_len)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+
+        if isinstance(cache, Qwen3StaticCache):
+            cache.check_room(batch, seq_len)
+            end = past + seq_len
+            valid = attention_mask[:, -seq_len:].bool() if attention_mask is not None else True
+            cache.kv_valid[:batch, past:end] = valid
+            key_valid = cache.kv_valid[:batch, :end] if (padded or past > 0) else None
+
+            def attend(i, q, k, v):
+                cache.keys[i][:batch, past:end] = k
+                cache.values[i][:batch, past:end] = v
+                keys, values = cache.keys[i][:batch, :end], cache.values[i][:batch, :end]
+                if key_valid is None:
+                    keys, values = k, v
+                return prefill_attention(q, keys, values, key_valid, self.scale)
+        else:
+            key_valid = attention_mask.bool() if padded else None
+
+            def attend(i, q, k, v):
+                if cache is not None:
+                    cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+                return prefill_attention(q, k, v, key_valid, self.scale)
+
+        hidden = dense.forward_hidden(self.model, self.kernels, self.cos_sin, embeds, position_ids, attend)
+        if isinstance(cache, Qwen3StaticCache):
+            cache.seq_length = end
+            cache.batch_size_in_use = batch
+            cache.write_pos.fill_(end)
+        return hidden
+
+    def _decode(self, cache, input_ids, embeds, attention_mask, position_ids) -> torch.Tensor:
+        """One new token per sequence through the compiled step; returns logits [B, 1, V]."""
+        batch = embeds.shape[0]
+        cache.check_room(batch, 1)
+        if position_ids is None:
+            position_ids = torch.full((batch, 1), cache.seq_length, device=embeds.device, dtype=torch.long)
+        new_valid = (
+            attention_mask[:, -1].bool() if attention_mask is not None
+            else torch.ones(batch, dtype=torch.bool, device=embeds.device)
+        )
+        pad = cache.max_batch_size - batch
+        if pad:  # the step always runs every cache row, so one graph serves every batch size
+            embeds = F.pad(embeds, (0, 0, 0, 0, 0, pad))
+            position_ids = F.pad(position_ids, (0, 0, 0, pad))
+            new_valid = F.pad(new_valid, (0, pad), value=True)
+        if self.options.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.decode_step(
+            embeds, position_ids, new_valid, cache.keys, cache.values, cache.kv_valid, cache.write_pos
+        )
+        cache.seq_length += 1
+        return logits[:batch].clone()  # graph outputs are overwritten by the next replay
+
+    def _decode_step(self, embeds, position_ids, new_valid, keys, values, kv_valid, write_pos) -> torch.Tensor:
+        """The whole decode step for all cache rows: [B, 1, H] embeddings -> [B, 1, V] logits."""
+        kv_valid.index_copy_(1, write_pos, new_valid[:, None])
+
+        def attend(i, q, k, v):
+            keys[i].index_copy_(1, write_pos, k)
+            values[i].index_copy_(1, write_pos, v)
+            return decode_attention(q[:, 0], keys[i], values[i], kv_valid, self.scale)[:, None]
+
+        hidden = dense.forward_hidden(self.model, self.kernels, self.cos_sin, embeds, position_ids, attend)
+        write_pos.add_(1)
+        return self.model.lm_head(hidden)
+
+
+__all__ = ["KERNEL_MODES", "OptimizeOptions", "optimize", "Qwen3Accelerator"]

@@ -1,0 +1,123 @@
+"""Dense Qwen3: what happens to each HF module, and the forward pass that uses the result.
+
+At patch time (`prepare`), once:
+  Qwen3Attention  q_proj, k_proj, v_proj  -> one GEMM over `qkv_weight`; the three `.weight`s become views of it
+                  q_norm, k_norm + RoPE   -> `qk_norm_rope` op (cos/sin table built from HF's rotary module)
+                  attention               -> `prefill_attention` / `decode_attention` over the static cache
+  Qwen3MLP        gate_proj, up_proj      -> one GEMM over `gate_up_weight` (views again), then `silu_and_mul`
+  Qwen3RMSNorm    input/post-attention/final norms -> `rms_norm`, or `fused_add_rms_norm` with the residual add
+                  of the previous block folded in
+
+The fused weights are non-persistent buffers, so `state_dict()` keys and values are exactly HF's.
+HF's modules stay in place, so HF's own forward still runs for what the fast path does not cover.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Qwen3ForCausalLM
+
+from ..custom_ops import Kernels
+
+# Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D].
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def model_shape(model: Qwen3ForCausalLM) -> Shape:
+    attn = model.model.layers[0].self_attn
+    config = model.config
+    return Shape(len(model.model.layers), config.num_attention_heads, config.num_key_value_heads, attn.head_dim)
+
+
+def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> None:
+    """Concatenate the weights (and biases) of `parent.<names>` into one buffer; the originals become views."""
+    linears = [getattr(parent, name) for name in names]
+    for attr in ("weight", "bias"):
+        params = [getattr(linear, attr) for linear in linears]
+        if all(p is None for p in params):
+            parent.register_buffer(f"{fused_name}_{attr}", None, persistent=False)
+            continue
+        fused = torch.cat([p.detach() for p in params])
+        offset = 0
+        for linear, p in zip(linears, params):
+            view = fused[offset : offset + p.shape[0]]
+            setattr(linear, attr, nn.Parameter(view, requires_grad=p.requires_grad))
+            offset += p.shape[0]
+        parent.register_buffer(f"{fused_name}_{attr}", fused, persistent=False)
+        torch._dynamo.mark_static_address(fused)
+
+
+def prepare(model: Qwen3ForCausalLM) -> None:
+    """Fuse q/k/v and gate/up of every layer, in place, without copying any weight twice."""
+    for layer in model.model.layers:
+        _fuse_linears(layer.self_attn, ["q_proj", "k_proj", "v_proj"], "qkv")
+        _fuse_linears(layer.mlp, ["gate_proj", "up_proj"], "gate_up")
+
+
+def rope_table(model: Qwen3ForCausalLM, max_positions: int) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cos of each frequency, then sin, from HF's own rotary module."""
+    rotary = model.model.rotary_emb
+    device = rotary.inv_freq.device
+    positions = torch.arange(max_positions, device=device)[None]
+    probe = torch.empty(0, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)  # [1, P, D] each, both halves identical
+    half = cos.shape[-1] // 2
+    table = torch.cat([cos[0, :, :half], sin[0, :, half:]], dim=-1).float().contiguous()
+    torch._dynamo.mark_static_address(table)
+    return table
+
+
+def forward_hidden(
+    model: Qwen3ForCausalLM,
+    kernels: Kernels,
+    cos_sin: torch.Tensor,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    attend: AttendFn,
+) -> torch.Tensor:
+    """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H]."""
+    batch, seq_len, _ = hidden.shape
+    shape = model_shape(model)
+    n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    flat_positions = positions.reshape(-1)
+    residual = None
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        norm = layer.input_layernorm
+        if residual is None:
+            residual = hidden
+            x = kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        else:
+            x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+
+        qkv = F.linear(x, attn.qkv_weight, attn.qkv_bias).view(batch * seq_len, n_q + 2 * n_kv, head_dim)
+        q, k = kernels.qk_norm_rope(
+            qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], attn.q_norm.weight, attn.k_norm.weight,
+            cos_sin, flat_positions, attn.q_norm.variance_epsilon,
+        )
+        v = qkv[:, n_q + n_kv :]
+        out = attend(
+            i, q.view(batch, seq_len, n_q, head_dim), k.view(batch, seq_len, n_kv, head_dim),
+            v.reshape(batch, seq_len, n_kv, head_dim),
+        )
+        hidden = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+
+        norm = layer.post_attention_layernorm
+        x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+        hidden = F.linear(kernels.silu_and_mul(F.linear(x, mlp.gate_up_weight)), mlp.down_proj.weight)
+
+    norm = model.model.norm
+    hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+    return hidden
