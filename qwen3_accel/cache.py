@@ -3,8 +3,8 @@
 Tensors are allocated once (zeros, so masked slots are finite) and only written in place, so a
 captured CUDA graph sees the same addresses on every call. All sequences of a batch write the same
 slot at each step (HF left-pads prompts); `kv_valid` records, per sequence, which slots are real
-tokens. A call with fewer sequences than `max_batch_size` uses the first rows; the decode step runs
-all rows so that one graph serves every batch size up to the maximum.
+tokens. A call with fewer sequences than `max_batch_size` uses the first rows; the decode step runs a
+power-of-two number of rows, so one graph serves every batch size of its bucket.
 """
 
 import torch

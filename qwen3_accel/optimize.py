@@ -56,14 +56,13 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
     Keyword arguments are the fields of `OptimizeOptions`. Calling it again on the same model is a no-op.
     """
     options = replace(options or OptimizeOptions(), **kwargs)
+    options = replace(options, kernels=options.kernels or os.environ.get("QWEN3_ACCEL_KERNELS", "auto"))
     existing = getattr(model, "qwen3_accel", None)
     if isinstance(existing, Qwen3Accelerator):
         if options != existing.options:
             warnings.warn("model is already optimized; the new options are ignored", stacklevel=2)
         return model
     _check_model(model)
-    kernels = options.kernels or os.environ.get("QWEN3_ACCEL_KERNELS", "auto")
-    options = replace(options, kernels=kernels)
     model.qwen3_accel = Qwen3Accelerator(model, options)
     return model
 
@@ -275,8 +274,10 @@ class Qwen3Accelerator:
             attention_mask[:, -1].bool() if attention_mask is not None
             else torch.ones(batch, dtype=torch.bool, device=embeds.device)
         )
-        pad = cache.max_batch_size - batch
-        if pad:  # the step always runs every cache row, so one graph serves every batch size
+        # Rows are padded to a power of two: one CUDA graph per bucket serves every batch size in it.
+        bucket = min(cache.max_batch_size, 1 << (batch - 1).bit_length())
+        pad = bucket - batch
+        if pad:
             embeds = F.pad(embeds, (0, 0, 0, 0, 0, pad))
             position_ids = F.pad(position_ids, (0, 0, 0, pad))
             new_valid = F.pad(new_valid, (0, pad), value=True)
@@ -289,13 +290,16 @@ class Qwen3Accelerator:
         return logits[:batch].clone()  # graph outputs are overwritten by the next replay
 
     def _decode_step(self, embeds, position_ids, new_valid, keys, values, kv_valid, write_pos) -> torch.Tensor:
-        """The whole decode step for all cache rows: [B, 1, H] embeddings -> [B, 1, V] logits."""
-        kv_valid.index_copy_(1, write_pos, new_valid[:, None])
+        """The whole decode step for the first B cache rows: [B, 1, H] embeddings -> [B, 1, V] logits."""
+        batch = embeds.shape[0]
+        # Index-put on the whole cache tensors (never on a slice): Inductor writes them in place.
+        slot = (torch.arange(batch, device=embeds.device)[:, None], write_pos[None, :])  # [B, 1] x [1, 1]
+        kv_valid[slot] = new_valid[:, None]
 
         def attend(i, q, k, v):
-            keys[i].index_copy_(1, write_pos, k)
-            values[i].index_copy_(1, write_pos, v)
-            return decode_attention(q[:, 0], keys[i], values[i], kv_valid, self.scale)[:, None]
+            keys[i][slot] = k
+            values[i][slot] = v
+            return decode_attention(q[:, 0], keys[i][:batch], values[i][:batch], kv_valid[:batch], self.scale)[:, None]
 
         hidden = dense.forward_hidden(self.model, self.kernels, self.cos_sin, embeds, position_ids, attend)
         write_pos.add_(1)

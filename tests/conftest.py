@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be on before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from qwen3_accel.configs import build_model  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+def model_pair(name: str = "tiny", dtype=torch.float32, device="cpu", seed=0, **optimize_kwargs):
+    """(HF reference, optimized copy with identical weights)."""
+    import qwen3_accel
+
+    reference = build_model(name, device=device, dtype=dtype, seed=seed)
+    optimized = build_model(name, device=device, dtype=dtype, seed=seed)
+    optimized.load_state_dict(reference.state_dict())
+    return reference, qwen3_accel.optimize(optimized, **optimize_kwargs)
+
+
+def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0):
+    """input_ids and attention_mask for prompts of the given lengths, left-padded with token 0."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
