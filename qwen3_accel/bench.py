@@ -1,0 +1,291 @@
+"""End-to-end benchmark: HF eager, HF's static-cache + compile recipe, and qwen3_accel, in one process.
+
+Every contender generates from the same random prompts with the same weights. Decode speed is
+isolated from prefill by timing `generate` with 1 and with 1 + N new tokens and dividing the
+difference; prefill latency is the time to the first token. The copy bandwidth measured in the same
+run gives the roofline: bytes a decode step must read (weights, plus the valid KV cache) over it.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+CONTENDERS = ("hf_eager", "hf_static_compile", "qwen3_accel")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "Qwen3-0.6B"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bfloat16"
+    contenders: tuple[str, ...] = CONTENDERS
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    prompt_lengths: tuple[int, ...] = (128, 512, 2048)
+    decode_prompt_length: int = 128
+    decode_tokens: int = 64
+    repeats: int = 3
+    kernels: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Timer:
+    """Wall time of a callable: CUDA events around it on a GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+
+def median_time(timer: Timer, fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(timer(fn) for _ in range(repeats))
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    timer(lambda: dst.copy_(src))
+    seconds = median_time(timer, lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> int:
+    """Bytes one decode step must read: every weight once (embeddings only for the batch rows) + valid KV."""
+    config = model.config
+    embed = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    if config.tie_word_embeddings:
+        weights += embed.numel() * embed.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * batch * embed.element_size()
+    return weights + kv
+
+
+def _prompts(batch: int, length: int, vocab: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=g).to(device)
+
+
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -> Callable[[], Any]:
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, eos_token_id=None,
+    )
+    if static_cache is None:
+        return lambda: model.generate(ids, **kwargs)
+
+    def run():
+        # HF's recipe: a StaticCache reused across calls (reset, same shape), and Transformers compiles the
+        # decode forward itself (mode="reduce-overhead") because the cache is compileable.
+        static_cache.reset()
+        return model.generate(ids, past_key_values=static_cache, **kwargs)
+
+    return run
+
+
+def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> dict[str, Any]:
+    """Time-to-first-token by prompt length and decode tokens/s by batch size for one contender."""
+    device = model.device
+    timer = Timer(device)
+    vocab = model.config.vocab_size
+    result: dict[str, Any] = {"ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {}}
+    static_caches: dict[int, Any] = {}
+
+    def generate_fn(ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
+        cache = None
+        if contender == "hf_static_compile":
+            from transformers import StaticCache
+
+            max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
+            cache = static_caches.setdefault(ids.shape[0], StaticCache(config=model.config, max_cache_len=max_len))
+        return _generate_fn(model, ids, new_tokens, cache)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for length in cfg.prompt_lengths:
+        progress.set_postfix_str(f"{contender} prefill {length}")
+        fn = generate_fn(_prompts(1, length, vocab, device), 1)
+        fn()
+        result["ttft_s"][str(length)] = median_time(timer, fn, cfg.repeats)
+        progress.update(1)
+    for batch in cfg.batch_sizes:
+        progress.set_postfix_str(f"{contender} decode batch {batch}")
+        ids = _prompts(batch, cfg.decode_prompt_length, vocab, device)
+        first = generate_fn(ids, 1)
+        full = generate_fn(ids, 1 + cfg.decode_tokens)
+        full()  # warm-up: compiles and records graphs for this shape
+        full()
+        seconds = median_time(timer, full, cfg.repeats) - median_time(timer, first, cfg.repeats)
+        result["decode_tok_s"][str(batch)] = batch * cfg.decode_tokens / seconds
+        result["decode_step_ms"][str(batch)] = 1e3 * seconds / cfg.decode_tokens
+        progress.update(1)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
+    """A named shape from `qwen3_accel.configs` (random weights) or a checkpoint path / hub id."""
+    from .configs import MODEL_NAMES, build_model
+
+    if name_or_path in MODEL_NAMES:
+        return build_model(name_or_path, device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, device_map=str(device)).eval()
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every contender on one model; returns the report (see `write_report`)."""
+    import qwen3_accel
+
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    model = load_model(cfg.model, device, dtype)
+    bandwidth = copy_bandwidth(device)
+    report: dict[str, Any] = {
+        "model": cfg.model, "dtype": cfg.dtype, "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
+        "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
+    }
+    steps = len(cfg.contenders) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
+    with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case") as progress:
+        # qwen3_accel patches the model in place, so it runs last; the HF contenders share its weights.
+        for contender in sorted(cfg.contenders, key=CONTENDERS.index):
+            if contender == "qwen3_accel":
+                max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
+                qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(cfg.batch_sizes),
+                                     max_cache_len=max_len)
+            report["contenders"][contender] = bench_contender(model, contender, cfg, progress)
+            torch._dynamo.reset()
+    context = cfg.decode_prompt_length + cfg.decode_tokens // 2
+    report["roofline"] = {}
+    for batch in cfg.batch_sizes:
+        step_bytes = decode_bytes_per_step(model, batch, context)
+        bound = bandwidth / step_bytes * batch
+        report["roofline"][str(batch)] = {
+            "bytes_per_step": step_bytes,
+            "bound_tok_s": bound,
+            "share": {c: r["decode_tok_s"][str(batch)] / bound for c, r in report["contenders"].items()},
+        }
+    report["speedup"] = {
+        f"{a}_vs_{b}": {str(n): report["contenders"][a]["decode_tok_s"][str(n)] / report["contenders"][b]["decode_tok_s"][str(n)]
+                        for n in cfg.batch_sizes}
+        for a in ("qwen3_accel",) for b in ("hf_eager", "hf_static_compile")
+        if a in report["contenders"] and b in report["contenders"]
+    }
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of one report."""
+    env = report["environment"]
+    lines = [
+        f"{report['model']} ({report['dtype']}) on {env['device']}; torch {env['torch']}, transformers "
+        f"{env['transformers']}, triton {env['triton']}; {env['date']}",
+        f"copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s",
+    ]
+    contenders = list(report["contenders"])
+    header = f"{'':28}" + "".join(f"{c:>20}" for c in contenders)
+    lines.append(header)
+    first = report["contenders"][contenders[0]]
+    for length in first["ttft_s"]:
+        row = "".join(f"{report['contenders'][c]['ttft_s'][length] * 1e3:>17.1f} ms" for c in contenders)
+        lines.append(f"{'TTFT prompt ' + length:28}{row}")
+    for batch in first["decode_tok_s"]:
+        row = "".join(f"{report['contenders'][c]['decode_tok_s'][batch]:>15.1f} tok/s" for c in contenders)
+        lines.append(f"{'decode batch ' + batch:28}{row}")
+        share = report["roofline"][batch]["share"]
+        row = "".join(f"{share[c] * 100:>19.1f}%" for c in contenders)
+        lines.append(f"{'  % of bandwidth roofline':28}{row}")
+    if "peak_memory_gib" in first:
+        row = "".join(f"{report['contenders'][c]['peak_memory_gib']:>16.2f} GiB" for c in contenders)
+        lines.append(f"{'peak memory':28}{row}")
+    for name, by_batch in report["speedup"].items():
+        lines.append(f"{name}: " + ", ".join(f"batch {b}: {x:.2f}x" for b, x in by_batch.items()))
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
+    """JSON, table and PNG plots (tok/s by batch size; speedup bars) into `out_dir`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"bench_{report['model']}")
+    paths = [f"{stem}.json", f"{stem}.txt", f"{stem}_decode.png"]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(format_table(report) + "\n")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in report["contenders"].items():
+        batches = [int(b) for b in result["decode_tok_s"]]
+        ax.plot(batches, list(result["decode_tok_s"].values()), marker="o", label=name)
+    bounds = report["roofline"]
+    ax.plot([int(b) for b in bounds], [v["bound_tok_s"] for v in bounds.values()], "k--", label="bandwidth bound")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
+           title=f"{report['model']} decode, {report['environment']['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+
+    if report["speedup"]:
+        paths.append(f"{stem}_speedup.png")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = list(report["speedup"])
+        batches = list(next(iter(report["speedup"].values())))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            xs = [j + i * width for j in range(len(batches))]
+            ax.bar(xs, [report["speedup"][name][b] for b in batches], width, label=name)
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set(ylabel="decode speedup (x)", title=f"{report['model']}: qwen3_accel speedup")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(paths[3], dpi=120)
+        plt.close(fig)
+    return paths

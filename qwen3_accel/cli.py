@@ -1,0 +1,128 @@
+"""The `qwen3-accel` command: bench, generate, info."""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .bench import CONTENDERS, BenchConfig
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_device: str) -> None:
+    from .configs import MODEL_NAMES
+
+    p.add_argument("--model", default="Qwen3-0.6B",
+                   help=f"a shape from qwen3_accel.configs, built with random weights offline ({', '.join(MODEL_NAMES)}), "
+                        "or a local checkpoint path / hub id (default: %(default)s)")
+    p.add_argument("--device", default=default_device, help="torch device to run on (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight and activation dtype (default: %(default)s)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="qwen3_accel kernels: auto = Triton on CUDA, torch on CPU (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(prog="qwen3-accel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser(
+        "bench", help="decode and prefill speed: HF eager vs HF static cache + compile vs qwen3_accel",
+        description="Measure HF eager, HF's static-cache + compile recipe and qwen3_accel on one model in one "
+                    "process: time to first token by prompt length, decode tokens/s by batch size, peak memory, "
+                    "speedups, and decode's share of the memory-bandwidth roofline. Writes JSON, a table and PNG plots.",
+    )
+    _add_model_args(bench, default_device)
+    bench.add_argument("--contenders", default=",".join(CONTENDERS),
+                       help="comma-separated subset of %(default)s")
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32),
+                       help="decode batch sizes, comma-separated (default: 1,8,32)")
+    bench.add_argument("--prompt-lengths", type=_int_list, default=(128, 512, 2048),
+                       help="prompt lengths for prefill latency / time to first token (default: 128,512,2048)")
+    bench.add_argument("--decode-prompt-length", type=int, default=128,
+                       help="prompt length before the timed decode (default: %(default)s)")
+    bench.add_argument("--decode-tokens", type=int, default=64,
+                       help="tokens generated in the timed decode (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per case; the median is kept (default: %(default)s)")
+    bench.add_argument("--out", default="bench_out", help="folder for the JSON, table and plots (default: %(default)s)")
+
+    gen = sub.add_parser("generate", help="generate with an optimized model",
+                         description="Generate greedily with qwen3_accel. With a named shape (random weights, no "
+                                     "tokenizer) the prompt is random token ids and the output is token ids.")
+    _add_model_args(gen, default_device)
+    gen.add_argument("--prompt", default="Hello, Qwen3!", help="prompt text (checkpoints with a tokenizer)")
+    gen.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length for named shapes")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
+    gen.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+
+    sub.add_parser("info", help="versions, device and the kernels qwen3_accel would use")
+    return parser
+
+
+def _bench(args) -> None:
+    from .bench import format_table, run_bench, write_report
+
+    contenders = tuple(c for c in args.contenders.split(",") if c)
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        raise SystemExit(f"unknown contenders {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
+    cfg = BenchConfig(
+        model=args.model, device=args.device, dtype=args.dtype, contenders=contenders, batch_sizes=args.batch_sizes,
+        prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
+        decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels,
+    )
+    report = run_bench(cfg)
+    print(format_table(report))
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
+
+
+def _generate(args) -> None:
+    import qwen3_accel
+
+    from .bench import load_model
+    from .configs import MODEL_NAMES
+
+    model = load_model(args.model, torch.device(args.device), getattr(torch, args.dtype))
+    qwen3_accel.optimize(model, kernels=args.kernels, compile=not args.no_compile)
+    if args.model in MODEL_NAMES:
+        ids = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), device=args.device)
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
+        print(out[0, ids.shape[1]:].tolist())
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    inputs = tok(args.prompt, return_tensors="pt").to(args.device)
+    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _info() -> None:
+    import qwen3_accel
+
+    from .bench import environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = {"qwen3_accel": qwen3_accel.__version__, **environment(device),
+            "kernels_auto": "triton" if device.type == "cuda" else "torch (reference)"}
+    print(json.dumps(info, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        _bench(args)
+    elif args.command == "generate":
+        _generate(args)
+    else:
+        _info()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
