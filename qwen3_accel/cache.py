@@ -27,8 +27,8 @@ class Qwen3StaticCache(Cache):
         device: torch.device,
     ):
         self.layers = []  # HF's per-layer objects are not used: this cache owns its tensors directly
-        self.max_batch_size = max_batch_size
-        self.max_cache_len = max_cache_len
+        self._max_batch_size = max_batch_size
+        self._max_cache_len = max_cache_len
         shape = (max_batch_size, max_cache_len, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -62,6 +62,14 @@ class Qwen3StaticCache(Cache):
                 f"{self.seq_length} cached + {new_tokens} new tokens exceed the KV cache's "
                 f"max_cache_len={self.max_cache_len}; pass a larger max_cache_len to qwen3_accel.optimize"
             )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._max_cache_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length

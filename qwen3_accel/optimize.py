@@ -270,10 +270,12 @@ class Qwen3Accelerator:
         cache.check_room(batch, 1)
         if position_ids is None:
             position_ids = torch.full((batch, 1), cache.seq_length, device=embeds.device, dtype=torch.long)
+        # Graph inputs must keep their strides from step to step: HF's mask grows, so copy its last column out.
         new_valid = (
-            attention_mask[:, -1].bool() if attention_mask is not None
+            attention_mask[:, -1].bool().clone(memory_format=torch.contiguous_format) if attention_mask is not None
             else torch.ones(batch, dtype=torch.bool, device=embeds.device)
         )
+        position_ids = position_ids.clone(memory_format=torch.contiguous_format)
         # Rows are padded to a power of two: one CUDA graph per bucket serves every batch size in it.
         bucket = min(cache.max_batch_size, 1 << (batch - 1).bit_length())
         pad = bucket - batch
