@@ -110,11 +110,13 @@ def test_beam_search_falls_back_to_hf(pair):
     )
 
 
-def test_triton_kernels_in_the_interpreter_match_hf():
-    """The whole tiny model on the real Triton kernels (interpreted on CPU) against HF eager."""
-    reference, optimized = model_pair("tiny", compile=False, kernels="triton")
+def test_triton_kernels_match_hf():
+    """The whole tiny model on the real Triton kernels (interpreted on CPU, compiled on CUDA) against HF eager."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference, optimized = model_pair("tiny", device=device, compile=False, kernels="triton")
     assert optimized.qwen3_accel.kernels.mode == "triton"
     ids, mask = left_padded_batch([9, 4], VOCAB, seed=11)
+    ids, mask = ids.to(device), mask.to(device)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY)
     assert torch.equal(optimized.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY), expected)
 

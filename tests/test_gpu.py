@@ -44,15 +44,29 @@ def test_fp32_greedy_and_compile_on_gpu():
 
 
 def test_bf16_greedy_parity_on_qwen3_0_6b_shapes():
-    """32 prompts x 32 new tokens in bf16: at least 95% of the prompts give exactly HF eager's tokens."""
+    """32 prompts x 32 new tokens in bf16 against HF eager.
+
+    Random weights give flat logits (top-2 gaps of a few hundredths), so one bf16 rounding can flip a
+    near-tie and the two continuations then part ways. As in vLLM's `check_logprobs_close`, every
+    divergence must happen at a near-tie of HF's own logits; a wrong kernel picks tokens far down the list.
+    """
     reference, optimized = model_pair("Qwen3-0.6B", dtype=torch.bfloat16, device="cuda", seed=0,
                                       max_batch_size=32, max_cache_len=256)
     ids, mask = left_padded_batch([16 + (7 * i) % 48 for i in range(32)], reference.config.vocab_size, seed=1)
     ids, mask = ids.cuda(), mask.cuda()
     kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
-    expected = reference.generate(ids, **kwargs)
+    expected = reference.generate(ids, return_dict_in_generate=True, output_logits=True, **kwargs)
     actual = optimized.generate(ids, **kwargs)
-    same = (actual == expected).all(dim=1).float().mean().item()
-    token_agreement = (actual == expected).float().mean().item()
-    print(f"bf16 parity: {same:.1%} of prompts identical, {token_agreement:.1%} of tokens")
-    assert same >= 0.95
+    prompt_len = ids.shape[1]
+    same = actual == expected.sequences
+    print(f"bf16 parity: {same.all(dim=1).float().mean():.1%} of prompts identical, "
+          f"{same[:, prompt_len:].float().mean():.1%} of new tokens")
+    near_tie = 0.125  # 8 bf16 ulps of a logit near 2; random-weight logits have std ~0.6
+    for row in range(ids.shape[0]):
+        diverged = (~same[row, prompt_len:]).nonzero()
+        if len(diverged) == 0:
+            continue
+        step = int(diverged[0])
+        logits = expected.logits[step][row].float()
+        gap = logits.max() - logits[actual[row, prompt_len + step]]
+        assert gap <= near_tie, f"prompt {row} diverged at step {step} on a token {gap:.3f} below HF's best"
