@@ -33,15 +33,17 @@ class Qwen3StaticCache(Cache):
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.kv_valid = torch.zeros((max_batch_size, max_cache_len), dtype=torch.bool, device=device)
+        self.seq_start = torch.zeros((max_batch_size,), dtype=torch.int32, device=device)  # first real slot
         self.write_pos = torch.zeros((1,), dtype=torch.long, device=device)  # next slot, on the device
         self.seq_length = 0  # the same number on the host, so the host never reads the device
         self.batch_size_in_use = 0
-        for t in (*self.keys, *self.values, self.kv_valid, self.write_pos):
+        for t in (*self.keys, *self.values, self.kv_valid, self.seq_start, self.write_pos):
             torch._dynamo.mark_static_address(t)
 
     def reset(self) -> None:
         """Forget every sequence; tensors keep their addresses."""
         self.kv_valid.zero_()
+        self.seq_start.zero_()
         self.write_pos.zero_()
         self.seq_length = 0
         self.batch_size_in_use = 0

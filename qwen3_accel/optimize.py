@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import Qwen3StaticCache
 from .custom_ops import KERNEL_MODES, select_kernels
-from .custom_ops.attention import decode_attention, prefill_attention
+from .custom_ops.attention import prefill_attention
 from .patches import qwen3 as dense
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ class OptimizeOptions:
 
     kernels: "auto" (Triton on CUDA, torch on CPU), "triton" (also on CPU, under TRITON_INTERPRET=1) or "torch".
         Defaults to the environment variable QWEN3_ACCEL_KERNELS, else "auto".
+    attention: decode attention backend: "auto" (the split-KV Triton kernel on CUDA, masked SDPA on CPU unless
+        kernels="triton"), "triton", "sdpa", or "flash_attn" (not available in this version: a clear error).
     compile: compile the decode step with torch.compile(mode="reduce-overhead", fullgraph=True);
         False keeps every patch but runs eagerly.
     max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
@@ -48,6 +50,7 @@ class OptimizeOptions:
     compile: bool = True
     max_batch_size: int | None = None
     max_cache_len: int | None = None
+    attention: str = "auto"
 
 
 def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **kwargs: Any) -> torch.nn.Module:
@@ -93,7 +96,7 @@ class Qwen3Accelerator:
         self.model = model
         self.options = options
         self.device = model.lm_head.weight.device
-        self.kernels = select_kernels(options.kernels, self.device)
+        self.kernels = select_kernels(options.kernels, self.device, options.attention)
         self.shape = dense.model_shape(model)
         self.scale = model.model.layers[0].self_attn.scaling
         dense.prepare(model)
@@ -262,6 +265,7 @@ class Qwen3Accelerator:
             cache.seq_length = end
             cache.batch_size_in_use = batch
             cache.write_pos.fill_(end)
+            cache.seq_start[:batch] = cache.kv_valid[:batch, :end].int().argmax(dim=1).int()  # left padding
         return hidden
 
     def _decode(self, cache, input_ids, embeds, attention_mask, position_ids) -> torch.Tensor:
@@ -286,22 +290,26 @@ class Qwen3Accelerator:
         if self.options.compile:
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.decode_step(
-            embeds, position_ids, new_valid, cache.keys, cache.values, cache.kv_valid, cache.write_pos
+            embeds, position_ids, new_valid, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos
         )
         cache.seq_length += 1
         return logits[:batch].clone()  # graph outputs are overwritten by the next replay
 
-    def _decode_step(self, embeds, position_ids, new_valid, keys, values, kv_valid, write_pos) -> torch.Tensor:
+    def _decode_step(
+        self, embeds, position_ids, new_valid, keys, values, kv_valid, seq_start, write_pos
+    ) -> torch.Tensor:
         """The whole decode step for the first B cache rows: [B, 1, H] embeddings -> [B, 1, V] logits."""
         batch = embeds.shape[0]
         # Index-put on the whole cache tensors (never on a slice): Inductor writes them in place.
         slot = (torch.arange(batch, device=embeds.device)[:, None], write_pos[None, :])  # [B, 1] x [1, 1]
         kv_valid[slot] = new_valid[:, None]
+        seq_end = write_pos + 1
 
         def attend(i, q, k, v):
             keys[i][slot] = k
             values[i][slot] = v
-            return decode_attention(q[:, 0], keys[i][:batch], values[i][:batch], kv_valid[:batch], self.scale)[:, None]
+            out = self.kernels.decode_attention(q[:, 0], keys[i], values[i], kv_valid, seq_start, seq_end, self.scale)
+            return out.reshape(batch, 1, -1)
 
         hidden = dense.forward_hidden(self.model, self.kernels, self.cos_sin, embeds, position_ids, attend)
         write_pos.add_(1)

@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from . import activation, rms_norm, rope
+from . import activation, attention, rms_norm, rope
 
 KERNEL_MODES = ("auto", "triton", "torch")
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -25,26 +26,52 @@ class Kernels:
     fused_add_rms_norm: Callable
     qk_norm_rope: Callable
     silu_and_mul: Callable
+    decode_attention: Callable
 
 
-def select_kernels(mode: str, device: torch.device) -> Kernels:
-    """`auto`: the registered ops (Triton on CUDA, torch elsewhere); `triton`/`torch`: force one side."""
+def _check_interpreter(what: str, device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{what} on {device.type} runs Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
+            "before importing triton, or leave it on 'auto'"
+        )
+
+
+def _decode_attention(backend: str, kernels: str, device: torch.device) -> Callable:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={backend!r} is not supported; choose one of {ATTENTION_BACKENDS}")
+    if backend == "flash_attn":
+        raise ValueError(
+            "attention='flash_attn' is not available in this version of qwen3_accel; use 'triton' (the split-KV "
+            "kernel, the default on CUDA) or 'sdpa'"
+        )
+    if backend == "sdpa" or (backend == "auto" and kernels == "torch"):
+        return attention.decode_attention_reference
+    if backend == "triton" or kernels == "triton":
+        _check_interpreter("attention='triton'", device)
+        return torch.ops.qwen3_accel.decode_attention if device.type == "cuda" else attention.decode_attention_triton
+    return torch.ops.qwen3_accel.decode_attention
+
+
+def select_kernels(mode: str, device: torch.device, attention_backend: str = "auto") -> Kernels:
+    """`auto`: the registered ops (Triton on CUDA, torch elsewhere); `triton`/`torch`: force one side.
+
+    `attention_backend` picks decode attention on its own: `triton` (split-KV kernel), `sdpa` (masked SDPA over
+    the whole cache) or `auto` (follows `mode`).
+    """
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels={mode!r} is not supported; choose one of {KERNEL_MODES}")
+    decode_attention = _decode_attention(attention_backend, mode, device)
     ops = torch.ops.qwen3_accel
     if mode == "torch":
         return Kernels(
             mode, rms_norm.rms_norm_reference, rms_norm.fused_add_rms_norm_reference,
-            rope.qk_norm_rope_reference, activation.silu_and_mul_reference,
+            rope.qk_norm_rope_reference, activation.silu_and_mul_reference, decode_attention,
         )
     if mode == "triton" and device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"kernels='triton' on {device.type} runs Triton's interpreter: set TRITON_INTERPRET=1 "
-                "in the environment before importing triton, or use kernels='auto'"
-            )
+        _check_interpreter("kernels='triton'", device)
         return Kernels(
             mode, rms_norm.rms_norm_triton, rms_norm.fused_add_rms_norm_triton,
-            rope.qk_norm_rope_triton, activation.silu_and_mul_triton,
+            rope.qk_norm_rope_triton, activation.silu_and_mul_triton, decode_attention,
         )
-    return Kernels(mode, ops.rms_norm, ops.fused_add_rms_norm, ops.qk_norm_rope, ops.silu_and_mul)
+    return Kernels(mode, ops.rms_norm, ops.fused_add_rms_norm, ops.qk_norm_rope, ops.silu_and_mul, decode_attention)

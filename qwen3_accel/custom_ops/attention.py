@@ -2,14 +2,19 @@
 
 Cache layout, per layer: keys and values `[max_batch, max_len, kv_heads, head_dim]` (flash-attn's
 layout), plus one `kv_valid [max_batch, max_len]` bool mask shared by all layers that says which slots
-hold a real token of each sequence (left padding and unwritten slots are False).
+hold a real token of each sequence (left padding and unwritten slots are False), `seq_start [max_batch]`
+(each sequence's first real slot) and the number of slots in use, as device tensors.
 
-Both paths here use torch's SDPA. Decode reads the whole cache and masks it; a split-KV kernel that
-reads only the valid range plugs in at `decode_attention`.
+Prefill uses torch's SDPA. Decode has two implementations: a Triton split-KV ("flash decoding") kernel
+that reads only each sequence's valid range, and masked SDPA over the whole cache as the reference.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def prefill_attention(
@@ -35,16 +40,146 @@ def prefill_attention(
     return out.transpose(1, 2).reshape(batch, q_len, n_heads * head_dim)
 
 
-def decode_attention(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, kv_valid: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """One query per sequence over its valid cache slots.
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, kv_valid_ptr, seq_start_ptr, seq_end_ptr, part_out_ptr, part_lse_ptr,
+    q_batch_stride, q_head_stride,
+    kv_batch_stride, kv_slot_stride, kv_head_stride, valid_batch_stride,
+    n_q_heads, scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    # q: [B, Hq, D]; k, v: [B, T, Hkv, D]; part_out: [B, Hq, S, D] fp32; part_lse: [B, Hq, S] fp32.
+    # Grid: (B, Hkv, S). One program reads each K/V block once for all GROUP query heads of its kv head,
+    # over its share of the sequence's valid range [seq_start[b], seq_end).
+    batch = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    start = tl.load(seq_start_ptr + batch).to(tl.int32)
+    end = tl.load(seq_end_ptr).to(tl.int32)
+    per_split = tl.cdiv(tl.maximum(end - start, 0), NUM_SPLITS)
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, end)
 
-    q: [B, Hq, D]; key_cache, value_cache: [B, T, Hkv, D]; kv_valid: [B, T] bool -> [B, Hq * D].
-    """
-    batch, n_heads, head_dim = q.shape
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], key_cache.transpose(1, 2), value_cache.transpose(1, 2),
-        attn_mask=kv_valid[:, None, None, :], scale=scale, enable_gqa=True,
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + batch * q_batch_stride + heads[:, None] * q_head_stride + d[None, :],
+                mask=g[:, None] < GROUP, other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    kv_base = batch * kv_batch_stride + kv_head * kv_head_stride
+    for block_lo in range(lo, hi, BLOCK_N):
+        n = block_lo + tl.arange(0, BLOCK_N)
+        in_range = n < hi
+        valid = in_range & (tl.load(kv_valid_ptr + batch * valid_batch_stride + n, mask=in_range, other=0) != 0)
+        offs = kv_base + n[:, None].to(tl.int64) * kv_slot_stride + d[None, :]
+        k = tl.load(k_ptr + offs, mask=in_range[:, None], other=0.0)
+        if FP32_DOT:
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs, mask=in_range[:, None], other=0.0)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    has_keys = l > 0
+    out = acc / tl.where(has_keys, l, 1.0)[:, None]
+    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
+    row = (batch * n_q_heads + heads) * NUM_SPLITS + split
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g[:, None] < GROUP)
+    tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _decode_combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr,
+                           SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # part_out: [B * Hq, S, D], part_lse: [B * Hq, S] -> out: [B * Hq, D]. Grid: (B * Hq,).
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(lse - top)  # log-sum-exp merge of the splits
+    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+                    mask=s[:, None] < NUM_SPLITS, other=0.0)
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def num_kv_splits(batch: int, num_kv_heads: int, max_len: int, num_sms: int) -> int:
+    """Splits per sequence from static bounds only (no host sync): fill ~2 waves of SMs, >= 256 slots each."""
+    by_length = triton.cdiv(max_len, 256)
+    by_occupancy = max(1, (2 * num_sms) // (batch * num_kv_heads))
+    return max(1, min(by_length, by_occupancy, 64))
+
+
+def decode_attention_triton(q, key_cache, value_cache, kv_valid, seq_start, seq_end, scale: float):
+    batch, n_q_heads, head_dim = q.shape
+    n_kv_heads = key_cache.shape[2]
+    assert n_q_heads % n_kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert key_cache.shape == value_cache.shape and key_cache.stride() == value_cache.stride()
+    assert key_cache.shape[0] >= batch and key_cache.stride(-1) == 1 and q.stride(-1) == 1
+    assert kv_valid.dtype == torch.bool and kv_valid.stride(-1) == 1 and seq_end.numel() == 1
+    assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
+    group = n_q_heads // n_kv_heads
+    splits = num_kv_splits(batch, n_kv_heads, key_cache.shape[1], _num_sms(q.device))
+    part_out = torch.empty((batch, n_q_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, n_q_heads, splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, n_kv_heads, splits)](
+        q, key_cache, value_cache, kv_valid.view(torch.uint8), seq_start, seq_end, part_out, part_lse,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), kv_valid.stride(0),
+        n_q_heads, float(scale),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=64, NUM_SPLITS=splits, FP32_DOT=q.dtype == torch.float32, num_warps=4, num_stages=2,
     )
-    return out.reshape(batch, n_heads * head_dim)
+    out = q.new_empty((batch, n_q_heads, head_dim))
+    _decode_combine_kernel[(batch * n_q_heads,)](
+        part_out, part_lse, out, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+    )
+    return out
+
+
+def decode_attention_reference(q, key_cache, value_cache, kv_valid, seq_start, seq_end, scale: float):
+    """Masked SDPA over the first B cache rows: slots in [seq_start[b], seq_end) that kv_valid marks."""
+    batch, n_heads, head_dim = q.shape
+    slots = torch.arange(key_cache.shape[1], device=q.device)
+    valid = kv_valid[:batch] & (slots[None] >= seq_start[:batch, None]) & (slots[None] < seq_end)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], key_cache[:batch].transpose(1, 2), value_cache[:batch].transpose(1, 2),
+        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
+    )
+    return out.reshape(batch, n_heads, head_dim)
+
+
+@torch.library.custom_op("qwen3_accel::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, kv_valid: torch.Tensor,
+    seq_start: torch.Tensor, seq_end: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over cache rows [:B] -> [B, Hq, D]. Triton on CUDA."""
+    if q.is_cuda:
+        return decode_attention_triton(q, key_cache, value_cache, kv_valid, seq_start, seq_end, scale)
+    return decode_attention_reference(q, key_cache, value_cache, kv_valid, seq_start, seq_end, scale)
+
+
+@decode_attention.register_fake
+def _(q, key_cache, value_cache, kv_valid, seq_start, seq_end, scale):
+    return q.new_empty(q.shape)
