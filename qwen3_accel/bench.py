@@ -141,8 +141,8 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
         result["decode_tok_s"][str(batch)] = batch * cfg.decode_tokens / seconds
         result["decode_step_ms"][str(batch)] = 1e3 * seconds / cfg.decode_tokens
         progress.update(1)
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    # Peak GPU memory while this contender ran (None on CPU, where it is not tracked).
+    result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return result
 
 
@@ -236,7 +236,7 @@ def format_table(report: dict[str, Any]) -> str:
         share = report["roofline"][batch]["share"]
         row = "".join(f"{share[c] * 100:>19.1f}%" for c in contenders)
         lines.append(f"{'  % of bandwidth roofline':28}{row}")
-    if "peak_memory_gib" in first:
+    if first["peak_memory_gib"] is not None:
         row = "".join(f"{report['contenders'][c]['peak_memory_gib']:>16.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")
     for name, by_batch in report["speedup"].items():

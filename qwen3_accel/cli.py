@@ -1,4 +1,4 @@
-"""The `qwen3-accel` command: bench, generate, info."""
+"""The `qwen3-accel` command: bench, bench-kernels, generate, info."""
 
 import argparse
 import json
@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per case; the median is kept (default: %(default)s)")
     bench.add_argument("--out", default="bench_out", help="folder for the JSON, table and plots (default: %(default)s)")
 
+    kern = sub.add_parser(
+        "bench-kernels", help="each op vs torch eager and torch.compile of its reference: us, GB/s, % of copy bw",
+        description="Time every qwen3_accel op against torch eager and torch.compile of the same reference, and "
+                    "decode attention against SDPA over the static cache and FlexAttention. Writes JSON, a table "
+                    "and a PNG.",
+    )
+    kern.add_argument("--device", default=default_device, help="torch device (default: %(default)s)")
+    kern.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                      help="tensor dtype (default: %(default)s)")
+    kern.add_argument("--quick", action="store_true", help="one small shape per op (a smoke run, e.g. on CPU)")
+    kern.add_argument("--out", default="bench_out", help="folder for the JSON, table and plot (default: %(default)s)")
+
     gen = sub.add_parser("generate", help="generate with an optimized model",
                          description="Generate greedily with qwen3_accel. With a named shape (random weights, no "
                                      "tokenizer) the prompt is random token ids and the output is token ids.")
@@ -79,6 +91,15 @@ def _bench(args) -> None:
     report = run_bench(cfg)
     print(format_table(report))
     for path in write_report(report, args.out):
+        print(f"wrote {path}")
+
+
+def _bench_kernels(args) -> None:
+    from .bench_kernels import format_kernel_table, run_kernel_bench, write_kernel_report
+
+    report = run_kernel_bench(args.device, args.dtype, quick=args.quick)
+    print(format_kernel_table(report))
+    for path in write_kernel_report(report, args.out):
         print(f"wrote {path}")
 
 
@@ -118,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         _bench(args)
+    elif args.command == "bench-kernels":
+        _bench_kernels(args)
     elif args.command == "generate":
         _generate(args)
     else:

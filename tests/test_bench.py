@@ -1,0 +1,52 @@
+"""The benchmark harnesses run end to end on CPU and report every field (structure only, no speed asserts)."""
+
+import json
+
+import pytest
+
+from qwen3_accel.bench import BenchConfig, run_bench, write_report
+from qwen3_accel.cli import build_parser, main
+
+
+def test_bench_report_has_every_field(tmp_path):
+    cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", batch_sizes=(1, 2), prompt_lengths=(8, 16),
+                      decode_prompt_length=8, decode_tokens=4, repeats=1)
+    report = run_bench(cfg)
+    paths = write_report(report, str(tmp_path))
+    saved = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert saved["model"] == "tiny" and saved["copy_bandwidth_gb_s"] > 0
+    assert set(saved["environment"]) >= {"device", "torch", "transformers", "triton", "date"}
+    assert set(saved["contenders"]) == {"hf_eager", "hf_static_compile", "qwen3_accel"}
+    for result in saved["contenders"].values():
+        assert set(result["ttft_s"]) == {"8", "16"} and all(v > 0 for v in result["ttft_s"].values())
+        assert set(result["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in result["decode_tok_s"].values())
+        assert "peak_memory_gib" in result
+    for batch in ("1", "2"):
+        roof = saved["roofline"][batch]
+        assert roof["bytes_per_step"] > 0 and roof["bound_tok_s"] > 0 and set(roof["share"]) == set(saved["contenders"])
+    assert set(saved["speedup"]) == {"qwen3_accel_vs_hf_eager", "qwen3_accel_vs_hf_static_compile"}
+    for path in paths:
+        assert (tmp_path / path.split("/")[-1]).stat().st_size > 0
+    assert any(p.endswith(".png") for p in paths)
+
+
+def test_bench_kernels_quick_run(tmp_path):
+    main(["bench-kernels", "--device", "cpu", "--dtype", "float32", "--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    ops = {row["op"] for row in report["cases"]}
+    assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul", "decode_attention"}
+    for row in report["cases"]:
+        assert "us" in row["results"]["qwen3_accel"], row
+    assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-kernels", "generate"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    subparser = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in subparser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            assert action.option_strings[-1] in text
