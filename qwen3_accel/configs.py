@@ -68,8 +68,9 @@ def get_config(name: str, **overrides: Any) -> PretrainedConfig:
         cls = Qwen3MoeConfig if "num_experts" in shape else Qwen3Config
     else:
         raise ValueError(f"unknown model shape {name!r}; known: {', '.join(MODEL_NAMES)}")
+    shape.update(overrides)
     rope_theta = shape.pop("rope_theta")
-    config = cls(**shape, **overrides)
+    config = cls(**shape)
     config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     return config
 

@@ -15,17 +15,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, Qwen3ForCausalLM
+from transformers import DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import Qwen3StaticCache
 from .custom_ops import KERNEL_MODES, select_kernels
 from .custom_ops.attention import prefill_attention
 from .patches import qwen3 as dense
+from .patches import qwen3_moe
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_CLASSES = (Qwen3ForCausalLM,)
+# Which patch module serves each supported HF class: its `prepare(model)` and `mlp(kernels, module, x)`.
+PATCHES = {Qwen3ForCausalLM: dense, Qwen3MoeForCausalLM: qwen3_moe}
+SUPPORTED_CLASSES = tuple(PATCHES)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CACHE_LEN_ROUNDING = 256  # automatic cache sizes are rounded up to this many slots
 
@@ -85,21 +88,25 @@ def _check_model(model: torch.nn.Module) -> None:
         raise ValueError(
             f"qwen3_accel.optimize needs the whole model on one CUDA device (or the CPU); got {sorted(map(str, devices))}"
         )
-    if any(t != "full_attention" for t in model.config.layer_types):
+    config = model.config
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []) or (
+        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
+    ):
         raise ValueError("qwen3_accel.optimize supports full attention only; this config enables sliding windows")
 
 
 class Qwen3Accelerator:
     """The state of one optimized model: kernels, RoPE table, persistent cache, compiled decode step."""
 
-    def __init__(self, model: Qwen3ForCausalLM, options: OptimizeOptions):
+    def __init__(self, model: Qwen3ForCausalLM | Qwen3MoeForCausalLM, options: OptimizeOptions):
         self.model = model
+        self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
         self.options = options
         self.device = model.lm_head.weight.device
         self.kernels = select_kernels(options.kernels, self.device, options.attention)
         self.shape = dense.model_shape(model)
         self.scale = model.model.layers[0].self_attn.scaling
-        dense.prepare(model)
+        self.patches.prepare(model)
         self.cos_sin = dense.rope_table(model, model.config.max_position_embeddings)
         self.cache: Qwen3StaticCache | None = None
         self.decode_step = (
@@ -209,6 +216,7 @@ class Qwen3Accelerator:
         if (
             labels is not None
             or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
+            or kwargs.get("output_router_logits", getattr(self.model.config, "output_router_logits", False))
             or (past_key_values is not None and not ours)
             or (attention_mask is not None and attention_mask.dim() != 2)
             or (torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad)
@@ -260,7 +268,9 @@ class Qwen3Accelerator:
                     cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
                 return prefill_attention(q, k, v, key_valid, self.scale)
 
-        hidden = dense.forward_hidden(self.model, self.kernels, self.cos_sin, embeds, position_ids, attend)
+        hidden = dense.forward_hidden(
+            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp
+        )
         if isinstance(cache, Qwen3StaticCache):
             cache.seq_length = end
             cache.batch_size_in_use = batch
@@ -311,7 +321,9 @@ class Qwen3Accelerator:
             out = self.kernels.decode_attention(q[:, 0], keys[i], values[i], kv_valid, seq_start, seq_end, self.scale)
             return out.reshape(batch, 1, -1)
 
-        hidden = dense.forward_hidden(self.model, self.kernels, self.cos_sin, embeds, position_ids, attend)
+        hidden = dense.forward_hidden(
+            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp
+        )
         write_pos.add_(1)
         return self.model.lm_head(hidden)
 

@@ -24,6 +24,8 @@ from ..custom_ops import Kernels
 
 # Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D].
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Feed-forward callback: (kernels, the layer's `mlp` module, x [B, L, H]) -> [B, L, H].
+MlpFn = Callable[[Kernels, nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Shape:
     head_dim: int
 
 
-def model_shape(model: Qwen3ForCausalLM) -> Shape:
+def model_shape(model: nn.Module) -> Shape:
     attn = model.model.layers[0].self_attn
     config = model.config
     return Shape(len(model.model.layers), config.num_attention_heads, config.num_key_value_heads, attn.head_dim)
@@ -59,10 +61,16 @@ def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> None:
 
 
 def prepare(model: Qwen3ForCausalLM) -> None:
-    """Fuse q/k/v and gate/up of every layer, in place, without copying any weight twice."""
+    """Fuse q/k/v and (dense MLPs') gate/up of every layer, in place, without copying any weight twice."""
     for layer in model.model.layers:
         _fuse_linears(layer.self_attn, ["q_proj", "k_proj", "v_proj"], "qkv")
-        _fuse_linears(layer.mlp, ["gate_proj", "up_proj"], "gate_up")
+        if hasattr(layer.mlp, "gate_proj"):
+            _fuse_linears(layer.mlp, ["gate_proj", "up_proj"], "gate_up")
+
+
+def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3MLP: one GEMM for gate/up, SiLU * up, down projection."""
+    return F.linear(kernels.silu_and_mul(F.linear(x, module.gate_up_weight)), module.down_proj.weight)
 
 
 def rope_table(model: Qwen3ForCausalLM, max_positions: int) -> torch.Tensor:
@@ -86,15 +94,19 @@ def forward_hidden(
     hidden: torch.Tensor,
     positions: torch.Tensor,
     attend: AttendFn,
+    mlp_fn: MlpFn = mlp,
 ) -> torch.Tensor:
-    """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H]."""
+    """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
+
+    `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe).
+    """
     batch, seq_len, _ = hidden.shape
     shape = model_shape(model)
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     flat_positions = positions.reshape(-1)
     residual = None
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         norm = layer.input_layernorm
         if residual is None:
             residual = hidden
@@ -116,7 +128,7 @@ def forward_hidden(
 
         norm = layer.post_attention_layernorm
         x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-        hidden = F.linear(kernels.silu_and_mul(F.linear(x, mlp.gate_up_weight)), mlp.down_proj.weight)
+        hidden = mlp_fn(kernels, layer.mlp, x)
 
     norm = model.model.norm
     hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)

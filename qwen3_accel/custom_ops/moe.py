@@ -1,0 +1,250 @@
+"""Qwen3-MoE: routing and a fused grouped-GEMM MoE over HF v5's expert tensors, CUDA-graph safe.
+
+Weights are read in place: `gate_up_proj [E, 2I, H]` (gate rows first) and `down_proj [E, H, I]`.
+A "slot" is one (token, k) pair, `slot = token * top_k + k`. Slots are grouped by expert and each
+group padded to the GEMM block size, in buffers sized by a static bound, entirely on the device: no
+`.item()`, no host sync, so the whole layer can be captured in a CUDA graph.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+# ------------------------------------------------------------------------------------------------ routing
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, logits_row_stride, n_experts,
+                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    # logits: [T, E] -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32. One program per token.
+    token = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + token * logits_row_stride + e, mask=e < n_experts, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, axis=0))
+    probs = probs / tl.sum(probs, axis=0)
+    remaining = tl.where(e < n_experts, probs, -1.0)
+    k_offs = tl.arange(0, TOP_K)
+    top_weights = tl.zeros([TOP_K], tl.float32)
+    top_ids = tl.zeros([TOP_K], tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(remaining, axis=0)
+        best_id = tl.min(tl.where(remaining == best, e, BLOCK_E), axis=0)  # lowest index among ties
+        top_weights = tl.where(k_offs == k, best, top_weights)
+        top_ids = tl.where(k_offs == k, best_id, top_ids)
+        remaining = tl.where(e == best_id, -1.0, remaining)
+    if RENORMALIZE:
+        top_weights = top_weights / tl.sum(top_weights, axis=0)
+    tl.store(weights_ptr + token * TOP_K + k_offs, top_weights)
+    tl.store(ids_ptr + token * TOP_K + k_offs, top_ids)
+
+
+def moe_route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    n_tokens, n_experts = router_logits.shape
+    assert router_logits.stride(-1) == 1 and top_k <= n_experts
+    assert top_k == triton.next_power_of_2(top_k), "top_k must be a power of two for the routing kernel"
+    weights = torch.empty((n_tokens, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((n_tokens, top_k), dtype=torch.int32, device=router_logits.device)
+    if n_tokens:
+        _route_kernel[(n_tokens,)](router_logits, weights, ids, router_logits.stride(0), n_experts,
+                                   TOP_K=top_k, RENORMALIZE=renormalize,
+                                   BLOCK_E=triton.next_power_of_2(n_experts), num_warps=1)
+    return weights, ids
+
+
+def moe_route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """HF's `Qwen3MoeTopKRouter` after the logits: fp32 softmax, top-k, optional renormalisation."""
+    probs = F.softmax(router_logits, dtype=torch.float32, dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+@torch.library.custom_op("qwen3_accel::moe_route", mutates_args=())
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts -> top-k -> renormalise, in fp32: (weights [T, k] fp32, expert ids [T, k] int32)."""
+    if router_logits.is_cuda:
+        return moe_route_triton(router_logits, top_k, renormalize)
+    return moe_route_reference(router_logits, top_k, renormalize)
+
+
+@moe_route.register_fake
+def _(router_logits, top_k, renormalize):
+    shape = (router_logits.shape[0], top_k)
+    return router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int32)
+
+
+# -------------------------------------------------------------------------------------- alignment
+def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    """Group slots by expert, each group padded to `block_m`, in static-size device buffers.
+
+    Returns `sorted_slots [max_padded]` (slot ids; `T * k` marks padding), `block_expert [max_blocks]`
+    (the expert of each block of `block_m` rows; `n_experts` past the end) and `n_padded [1]`.
+    """
+    n_slots = topk_ids.numel()
+    max_padded = n_slots + min(n_experts, n_slots) * (block_m - 1)
+    max_blocks = triton.cdiv(max_padded, block_m)
+    flat = topk_ids.reshape(-1).long()
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, in slot order within a group
+    rank = torch.arange(n_slots, device=flat.device) - (counts.cumsum(0) - counts)[flat[order]]
+    dest = (padded_end - padded)[flat[order]] + rank
+    sorted_slots = torch.full((max_padded,), n_slots, dtype=torch.int32, device=flat.device)
+    sorted_slots.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(max_blocks, device=flat.device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)  # n_experts past end
+    return sorted_slots, block_expert, padded_end[-1:].to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------- grouped GEMM
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_expert_ptr, n_padded_ptr, slot_weight_ptr,
+    n_out, k_dim, n_slots, top_k, gate_up_offset,
+    a_row_stride, w_expert_stride, w_row_stride, out_row_stride,
+    A_ROWS_ARE_TOKENS: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[slot, n] = act(A[row(slot)] @ W[expert]^T)[n] for the slots of one expert block.
+    # GATE_UP: W is gate_up_proj [E, 2I, H], out [T*k, I] = silu(gate) * up.
+    # else:    W is down_proj [E, H, I],  out [T*k, H] = (A @ W^T) * routing weight of the slot.
+    # Grid: (max_blocks, cdiv(n_out, BLOCK_N)).
+    block = tl.program_id(0)
+    if block * BLOCK_M >= tl.load(n_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + rows)
+    row_valid = slots < n_slots
+    a_rows = (slots // top_k) if A_ROWS_ARE_TOKENS else slots
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < n_out
+    kk = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + a_rows[:, None].to(tl.int64) * a_row_stride
+    w_base = w_ptr + expert * w_expert_stride + n[None, :].to(tl.int64) * w_row_stride
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_valid = (k0 + kk) < k_dim
+        a = tl.load(a_base + (k0 + kk)[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        w = tl.load(w_base + (k0 + kk)[:, None], mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+        if GATE_UP:
+            w_up = tl.load(w_base + gate_up_offset * w_row_stride + (k0 + kk)[:, None],
+                           mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+            if FP32_DOT:
+                acc_up += tl.dot(a.to(tl.float32), w_up.to(tl.float32), input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, w_up)
+    dtype = out_ptr.dtype.element_ty
+    # Round where HF's eager expert loop rounds: each GEMM output, SiLU, the product, the weighting.
+    if GATE_UP:
+        gate = acc.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        result = act * up
+    else:
+        result = acc
+        if WEIGHTED:
+            weight = tl.load(slot_weight_ptr + slots, mask=row_valid, other=0.0).to(tl.float32)
+            result = acc.to(dtype).to(tl.float32) * weight[:, None]
+    out_offs = slots[:, None].to(tl.int64) * out_row_stride + n[None, :]
+    tl.store(out_ptr + out_offs, result.to(dtype), mask=row_valid[:, None] & n_valid[None, :])
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Launch configuration by number of tokens (first row whose bound >= T). Decode (few tokens) is bound by
+# reading expert weights: small BLOCK_M wastes little, wide N/K tiles stream weights. Tune on a GPU with
+# `qwen3-accel bench-kernels` and edit here.
+MOE_CONFIGS: list[tuple[int, MoeConfig]] = [
+    (8, MoeConfig(16, 64, 128, 4, 3)),
+    (64, MoeConfig(16, 128, 64, 4, 3)),
+    (512, MoeConfig(32, 128, 64, 4, 3)),
+    (1 << 62, MoeConfig(64, 128, 64, 8, 3)),
+]
+
+
+def moe_config(n_tokens: int) -> MoeConfig:
+    return next(cfg for bound, cfg in MOE_CONFIGS if n_tokens <= bound)
+
+
+def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    n_tokens, hidden = x.shape
+    n_experts, two_i, _ = gate_up_proj.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    assert gate_up_proj.shape == (n_experts, 2 * inter, hidden) and down_proj.shape == (n_experts, hidden, inter)
+    assert x.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+    out = x.new_zeros((n_tokens, hidden))
+    if n_tokens == 0:
+        return out
+    cfg = moe_config(n_tokens)
+    sorted_slots, block_expert, n_padded = align_slots(topk_ids, n_experts, cfg.block_m)
+    n_slots = n_tokens * top_k
+    fp32 = x.dtype == torch.float32
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP32_DOT=fp32,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    hidden_act = x.new_empty((n_slots, inter))
+    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
+        x, gate_up_proj, hidden_act, sorted_slots, block_expert, n_padded, topk_weights,
+        inter, hidden, n_slots, top_k, inter,
+        x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
+        A_ROWS_ARE_TOKENS=True, GATE_UP=True, WEIGHTED=False, **common,
+    )
+    weighted = x.new_empty((n_slots, hidden))
+    slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
+    _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(hidden, cfg.block_n))](
+        hidden_act, down_proj, weighted, sorted_slots, block_expert, n_padded, slot_weights,
+        hidden, inter, n_slots, top_k, 0,
+        hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), weighted.stride(0),
+        A_ROWS_ARE_TOKENS=False, GATE_UP=False, WEIGHTED=True, **common,
+    )
+    # Each slot row was written by exactly one program: a plain sum over top-k, no atomics.
+    return weighted.view(n_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    """HF v5's eager `Qwen3MoeExperts.forward`, step for step (routing weights cast to x's dtype)."""
+    weights = topk_weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    ids = topk_ids.long()
+    for expert in range(gate_up_proj.shape[0]):
+        token_idx, k_idx = torch.where(ids == expert)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = F.linear(x[token_idx], gate_up_proj[expert]).chunk(2, dim=-1)
+        h = F.linear(F.silu(gate) * up, down_proj[expert]) * weights[token_idx, k_idx, None]
+        out.index_add_(0, token_idx, h.to(out.dtype))
+    return out
+
+
+@torch.library.custom_op("qwen3_accel::fused_moe", mutates_args=())
+def fused_moe(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """MoE experts for x [T, H] routed by (topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]."""
+    if x.is_cuda:
+        return fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+    return fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+
+
+@fused_moe.register_fake
+def _(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    return x.new_empty(x.shape)
