@@ -72,10 +72,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
 
 
 def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> int:
-    """Bytes one decode step must read: every weight once (embeddings only for the batch rows) + valid KV."""
+    """Bytes one decode step must read: every weight once (embeddings only for the batch rows; for MoE only the
+    experts the batch can be expected to touch) + the valid KV cache."""
     config = model.config
     embed = model.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+    weights = 0
+    n_experts = getattr(config, "num_experts", 0)
+    # Expected distinct experts hit by batch * top_k independent picks out of n_experts.
+    active = n_experts * (1 - (1 - config.num_experts_per_tok / n_experts) ** batch) if n_experts else 0
+    for name, p in model.named_parameters():
+        if p is embed:
+            continue
+        fraction = active / n_experts if ".experts." in name else 1.0
+        weights += int(p.numel() * p.element_size() * fraction)
     if config.tie_word_embeddings:
         weights += embed.numel() * embed.element_size()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -140,6 +140,43 @@ def attention_cases(device: torch.device, dtype: torch.dtype, cases=ATTENTION_CA
     return out
 
 
+def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-A3B",
+              token_counts=(1, 8, 64, 512)) -> list[Case]:
+    """One MoE block of `model`'s shapes: ours against HF's experts implementations (same weights, same router).
+
+    Bytes are the expert weights the routing actually touches plus the router: the bound a perfect kernel meets.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .configs import get_config
+    from .custom_ops import select_kernels
+    from .patches import qwen3_moe
+
+    config = get_config(model, num_hidden_layers=1, vocab_size=1024)
+    blocks = {}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=impl).eval()
+        if blocks:
+            hf.load_state_dict(blocks["eager"].state_dict(), strict=False)
+        blocks[impl] = hf.model.layers[0].mlp
+    block = blocks["eager"]
+    kernels = select_kernels("auto", device)
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size * block.experts.gate_up_proj.element_size()
+    cases = []
+    for tokens in token_counts:
+        x = torch.randn(1, tokens, config.hidden_size, device=device, dtype=dtype)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(x[0], block.gate.weight)
+            touched = int(torch.topk(logits, config.num_experts_per_tok, dim=-1).indices.unique().numel())
+        contenders = {"qwen3_accel": lambda x=x: qwen3_moe.mlp(kernels, block, x)}
+        for impl, hf_block in blocks.items():
+            contenders[f"hf_{impl}"] = lambda x=x, b=hf_block: b(x)
+        cases.append(Case("moe_block", f"{model} T={tokens} ({touched} experts)",
+                          touched * per_expert + block.gate.weight.numel() * x.element_size(), contenders))
+    return cases
+
+
 def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool = False) -> dict[str, Any]:
     """Every case, every contender; `quick` keeps one shape per op (for CPU smoke runs)."""
     from .bench import copy_bandwidth, environment
@@ -149,12 +186,14 @@ def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool 
     norms = RMS_NORM_SHAPES[:1] if quick else RMS_NORM_SHAPES
     cases = norm_cases(dev, dt, norms) + rope_and_activation_cases(dev, dt, (4,) if quick else (1, 32, 2048))
     cases += attention_cases(dev, dt, [(1, 256)] if quick else ATTENTION_CASES)
+    cases += moe_cases(dev, dt, "tiny-moe" if quick else "Qwen3-30B-A3B", (3,) if quick else (1, 8, 64, 512))
     rows = []
     for case in tqdm(cases, desc="bench-kernels", unit="case"):
         row = {"op": case.op, "shape": case.shape, "bytes": case.bytes_moved, "results": {}}
         for name, fn in case.contenders.items():
             try:
-                us = time_us(fn, dev)
+                with torch.no_grad():
+                    us = time_us(fn, dev)
             except Exception as exc:
                 row["results"][name] = {"error": repr(exc)[:200]}
                 continue
@@ -168,13 +207,13 @@ def format_kernel_table(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"kernels on {env['device']} ({report['dtype']}); torch {env['torch']}, triton {env['triton']}; "
              f"{env['date']}; copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s",
-             f"{'op':20}{'shape':18}{'contender':20}{'us':>10}{'GB/s':>10}{'% copy bw':>11}"]
+             f"{'op':20}{'shape':34}{'contender':20}{'us':>10}{'GB/s':>10}{'% copy bw':>11}"]
     for row in report["cases"]:
         for name, r in row["results"].items():
             if "error" in r:
-                lines.append(f"{row['op']:20}{row['shape']:18}{name:20}  error: {r['error'][:60]}")
+                lines.append(f"{row['op']:20}{row['shape']:34}{name:20}  error: {r['error'][:60]}")
             else:
-                lines.append(f"{row['op']:20}{row['shape']:18}{name:20}{r['us']:>10.1f}{r['gb_s']:>10.0f}"
+                lines.append(f"{row['op']:20}{row['shape']:34}{name:20}{r['us']:>10.1f}{r['gb_s']:>10.0f}"
                              f"{100 * r['bandwidth_share']:>10.1f}%")
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ def test_bench_kernels_quick_run(tmp_path):
     main(["bench-kernels", "--device", "cpu", "--dtype", "float32", "--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "kernels.json").read_text())
     ops = {row["op"] for row in report["cases"]}
-    assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul", "decode_attention"}
+    assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul", "decode_attention", "moe_block"}
     for row in report["cases"]:
         assert "us" in row["results"]["qwen3_accel"], row
     assert (tmp_path / "kernels.png").stat().st_size > 0
