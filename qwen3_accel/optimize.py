@@ -7,6 +7,7 @@ persistent cache passed in, when the request is one our cache serves). Everythin
 """
 
 import copy
+import functools
 import logging
 import os
 import warnings
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import fast_generate
 from .cache import Qwen3StaticCache
 from .custom_ops import KERNEL_MODES, select_kernels
 from .custom_ops.attention import prefill_attention
@@ -43,6 +45,8 @@ class OptimizeOptions:
         kernels="triton"), "triton", "sdpa", or "flash_attn" (not available in this version: a clear error).
     compile: compile the decode step with torch.compile(mode="reduce-overhead", fullgraph=True);
         False keeps every patch but runs eagerly.
+    fast_generate: serve common generate() requests (greedy; temperature/top-k/top-p sampling; eos; streamer) with
+        a device-side decode loop instead of HF's per-token Python loop (see fast_generate.py).
     max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
         generate() call (length rounded up to 256 slots) and grows it, with a warning, when a later call needs
         more; growth re-allocates, so CUDA graphs are recorded again. An explicit value is a hard limit: a call
@@ -54,6 +58,7 @@ class OptimizeOptions:
     max_batch_size: int | None = None
     max_cache_len: int | None = None
     attention: str = "auto"
+    fast_generate: bool = True
 
 
 def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **kwargs: Any) -> torch.nn.Module:
@@ -114,6 +119,11 @@ class Qwen3Accelerator:
             if options.compile
             else self._decode_step
         )
+        step = functools.partial(fast_generate.fast_step, self)
+        self.fast_step = (
+            torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False) if options.compile else step
+        )
+        self._fast_states: dict[tuple[int, int], fast_generate.FastDecodeState] = {}
         self.hf_forward = model.forward
         self.hf_generate = model.generate
         model.forward = self.forward
@@ -152,9 +162,24 @@ class Qwen3Accelerator:
         cache.reset()
         return cache
 
+    def fast_state(self, rows: int, max_len: int) -> fast_generate.FastDecodeState:
+        """The fast loop's static buffers for a batch bucket (allocated once per bucket and cache size)."""
+        key = (rows, max_len)
+        if key not in self._fast_states:
+            self._fast_states = {k: v for k, v in self._fast_states.items() if k[1] == max_len}
+            self._fast_states[key] = fast_generate.FastDecodeState(rows, max_len, self.device)
+        return self._fast_states[key]
+
     # -------------------------------------------------------------------------------------- generate
     def generate(self, *args: Any, **kwargs: Any):
-        """HF's `generate`, with the persistent cache passed in whenever the request is one it serves."""
+        """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
+        if self.options.fast_generate:
+            reason, config, input_ids, attention_mask, streamer = fast_generate.fast_path_reason(
+                self.model, args, kwargs
+            )
+            if reason is None:
+                return fast_generate.run_fast_generate(self, config, input_ids, attention_mask, streamer)
+            logger.debug("qwen3_accel: HF's generate loop (%s)", reason)
         reason = self._generate_fallback_reason(args, kwargs)
         if reason is not None:
             logger.debug("qwen3_accel: HF generate with HF's own cache (%s)", reason)

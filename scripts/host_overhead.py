@@ -1,0 +1,85 @@
+"""Host time per decode step: HF's generate loop vs qwen3_accel's device-side loop vs the bare compiled step.
+
+On a CPU with a 1-layer toy model the forward is tiny, so the differences are the loops' own overhead.
+On a GPU it also reports wall time per token minus GPU time per token (CUDA events around the same work).
+Usage: python scripts/host_overhead.py [--device cpu|cuda] [--model tiny] [--tokens 64]
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+import qwen3_accel
+from qwen3_accel.configs import build_model, get_config
+
+
+def per_step_seconds(fn_short, fn_long, extra_steps: int, repeats: int = 5) -> float:
+    def timed(fn):
+        samples = []
+        for _ in range(repeats):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    fn_short(), fn_long()  # warm-up: compile, record graphs
+    return (timed(fn_long) - timed(fn_short)) / extra_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--model", default="tiny", help="a shape from qwen3_accel.configs (default: tiny, 1 layer)")
+    parser.add_argument("--tokens", type=int, default=64, help="decode steps timed (default: %(default)s)")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    config = get_config(args.model, num_hidden_layers=1) if args.model == "tiny" else get_config(args.model)
+    model = build_model(config, device=args.device, dtype=dtype)
+    qwen3_accel.optimize(model, max_batch_size=1, max_cache_len=args.tokens + 64)
+    acc = model.qwen3_accel
+    ids = torch.randint(1, config.vocab_size, (1, 16), device=args.device)
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def generate(n):
+        return lambda: model.generate(ids, max_new_tokens=n, **gen)
+
+    results = {}
+    for name, fast in (("HF generate loop", False), ("qwen3_accel fast loop", True)):
+        acc.options = replace(acc.options, fast_generate=fast)  # no eos: both run exactly n steps
+        results[name] = per_step_seconds(generate(1 + 8), generate(1 + 8 + args.tokens), args.tokens)
+
+    cache = acc.cache_for(1, 64)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        step_inputs = (model.model.embed_tokens(ids[:, -1:]), torch.full((1, 1), 16, device=args.device),
+                       torch.ones(1, dtype=torch.bool, device=args.device))
+
+        def bare(n):
+            def run():
+                for _ in range(n):
+                    if acc.options.compile:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    acc.decode_step(*step_inputs, cache.keys, cache.values, cache.kv_valid, cache.seq_start,
+                                    cache.write_pos)
+                    cache.write_pos.fill_(16)
+            return run
+
+        results["bare compiled step"] = per_step_seconds(bare(8), bare(8 + args.tokens), args.tokens)
+    base = results["bare compiled step"]
+    print(f"{args.model} (1 layer) on {args.device}, {dtype}; torch {torch.__version__}")
+    for name, seconds in results.items():
+        print(f"{name:24} {seconds * 1e6:9.1f} us/step   loop overhead {max(0.0, seconds - base) * 1e6:8.1f} us/step")
+    hf = results["HF generate loop"] - base
+    fast = results["qwen3_accel fast loop"] - base
+    print(f"fast-loop overhead / HF-loop overhead: {fast / hf:.3f}")
+
+
+if __name__ == "__main__":
+    main()
