@@ -98,9 +98,10 @@ def _prompts(batch: int, length: int, vocab: int, device: torch.device, seed: in
 
 
 def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -> Callable[[], Any]:
+    # No eos: every contender runs exactly `new_tokens` steps.
     kwargs = dict(
-        attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, eos_token_id=None,
+        attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+        eos_token_id=None,
     )
     if static_cache is None:
         return lambda: model.generate(ids, **kwargs)
