@@ -73,7 +73,7 @@ def main() -> None:
 
         results["bare compiled step"] = per_step_seconds(bare(8), bare(8 + args.tokens), args.tokens)
     base = results["bare compiled step"]
-    print(f"{args.model} (1 layer) on {args.device}, {dtype}; torch {torch.__version__}")
+    print(f"{args.model} ({config.num_hidden_layers} layers) on {args.device}, {dtype}; torch {torch.__version__}")
     for name, seconds in results.items():
         print(f"{name:24} {seconds * 1e6:9.1f} us/step   loop overhead {max(0.0, seconds - base) * 1e6:8.1f} us/step")
     hf = results["HF generate loop"] - base
