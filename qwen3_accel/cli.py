@@ -1,4 +1,4 @@
-"""The `qwen3-accel` command: bench, bench-kernels, generate, info."""
+"""The `qwen3-accel` command: bench, bench-kernels, eval, generate, info."""
 
 import argparse
 import json
@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
     gen.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
 
+    ev = sub.add_parser(
+        "eval", help="accuracy parity with lm-eval: HF baseline vs qwen3_accel on the same weights",
+        description="Run lm-eval tasks on the HF baseline and on the optimized model (one model object, shared "
+                    "weights, one after the other) and compare per example: log-likelihood differences, chosen "
+                    "answers, generations, aggregate metrics. Bundled offline tasks by default. Needs lm-eval: "
+                    "pip install \"qwen3-accel[eval]\".",
+    )
+    _add_model_args(ev, default_device)
+    ev.set_defaults(model="tiny")
+    ev.add_argument("--tasks", default="qwen3_accel_mc,qwen3_accel_ppl,qwen3_accel_gen",
+                    help="comma-separated lm-eval tasks; the bundled offline ones are %(default)s")
+    ev.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    ev.add_argument("--batch-size", type=int, default=4, help="lm-eval batch size (default: %(default)s)")
+    ev.add_argument("--tokenizer", default=None,
+                    help="tokenizer path/id; default: the checkpoint's own, or one trained here for named shapes")
+    ev.add_argument("--out", default="eval_out", help="folder for the JSON report (default: %(default)s)")
+
     sub.add_parser("info", help="versions, device and the kernels qwen3_accel would use")
     return parser
 
@@ -101,6 +118,43 @@ def _bench_kernels(args) -> None:
     print(format_kernel_table(report))
     for path in write_kernel_report(report, args.out):
         print(f"wrote {path}")
+
+
+def _eval(args) -> None:
+    import os
+
+    from . import eval as parity_eval
+    from .bench import load_model
+    from .configs import MODEL_NAMES
+
+    try:
+        parity_eval.require_lm_eval()
+    except ImportError as exc:
+        raise SystemExit(str(exc))
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, torch.device(args.device), dtype)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif args.model in MODEL_NAMES:
+        from .eval.tokenizer import train_tokenizer
+
+        tokenizer = train_tokenizer(min(384, model.config.vocab_size))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tasks = [t for t in args.tasks.split(",") if t]
+    comparison = parity_eval.parity(model, tokenizer, tasks, args.limit, args.batch_size, kernels=args.kernels)
+    print(parity_eval.format_comparison(comparison))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"eval_{os.path.basename(args.model.rstrip('/'))}.json")
+    with open(path, "w") as f:
+        json.dump(comparison.to_dict(), f, indent=2, default=str)
+    print(f"wrote {path}")
+    if not comparison.passed:
+        raise SystemExit(1)
 
 
 def _generate(args) -> None:
@@ -141,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         _bench(args)
     elif args.command == "bench-kernels":
         _bench_kernels(args)
+    elif args.command == "eval":
+        _eval(args)
     elif args.command == "generate":
         _generate(args)
     else:

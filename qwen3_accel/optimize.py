@@ -6,6 +6,7 @@ persistent cache passed in, when the request is one our cache serves). Everythin
 `Qwen3Accelerator` stored as `model.qwen3_accel`.
 """
 
+import contextlib
 import copy
 import functools
 import logging
@@ -161,6 +162,15 @@ class Qwen3Accelerator:
             self.cache = cache
         cache.reset()
         return cache
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run HF's own forward and generate (same weights) inside this block, e.g. for a baseline."""
+        self.model.forward, self.model.generate = self.hf_forward, self.hf_generate
+        try:
+            yield self.model
+        finally:
+            self.model.forward, self.model.generate = self.forward, self.generate
 
     def fast_state(self, rows: int, max_len: int) -> fast_generate.FastDecodeState:
         """The fast loop's static buffers for a batch bucket (allocated once per bucket and cache size)."""

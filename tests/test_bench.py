@@ -40,7 +40,7 @@ def test_bench_kernels_quick_run(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("command", ["bench", "bench-kernels", "generate"])
+@pytest.mark.parametrize("command", ["bench", "bench-kernels", "eval", "generate"])
 def test_help_explains_every_option(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])

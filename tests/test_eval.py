@@ -1,0 +1,56 @@
+"""lm-eval parity on the bundled offline tasks: passes for qwen3_accel, fails for a perturbed model."""
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+import qwen3_accel  # noqa: E402
+from qwen3_accel import eval as parity_eval  # noqa: E402
+from qwen3_accel.configs import build_model  # noqa: E402
+from qwen3_accel.eval.tokenizer import train_tokenizer  # noqa: E402
+from qwen3_accel.patches import qwen3 as dense_patches  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(384)
+
+
+def test_parity_passes_on_all_bundled_tasks(tokenizer, monkeypatch):
+    calls = []
+    original = dense_patches.forward_hidden
+    monkeypatch.setattr(dense_patches, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build_model("tiny")
+    comparison = parity_eval.parity(model, tokenizer, batch_size=3, compile=False)
+    assert comparison.passed, parity_eval.format_comparison(comparison)
+    assert set(comparison.tasks) == set(parity_eval.BUNDLED_TASKS)
+    assert calls, "the optimized run never went through qwen3_accel's forward"
+    for stats in comparison.tasks.values():
+        assert stats["loglikelihood_diff_max"] <= 1e-4
+    assert comparison.tasks["qwen3_accel_gen"]["generation_match"] == 1.0
+    assert comparison.tasks["qwen3_accel_mc"]["choice_agreement"] == 1.0
+    assert comparison.tasks["qwen3_accel_ppl"]["examples"] == 12
+
+
+def test_a_perturbed_model_fails_with_the_offending_examples(tokenizer):
+    model = qwen3_accel.optimize(build_model("tiny"), compile=False)
+    tasks = ["qwen3_accel_mc", "qwen3_accel_ppl"]
+    with model.qwen3_accel.disabled():
+        baseline = parity_eval.run_lm_eval(model, tokenizer, tasks, limit=6, batch_size=3)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.mul_(1.5)
+    candidate = parity_eval.run_lm_eval(model, tokenizer, tasks, limit=6, batch_size=3)
+    comparison = parity_eval.compare_runs(baseline, candidate, parity_eval.Thresholds())
+    assert not comparison.passed
+    assert any("log-likelihoods differ" in r for r in comparison.reasons)
+    assert {o["task"] for o in comparison.offending} == set(tasks)
+    assert "FAIL" in parity_eval.format_comparison(comparison)
+
+
+def test_missing_lm_eval_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ImportError, match=r'pip install "qwen3-accel\[eval\]"'):
+        parity_eval.require_lm_eval()
