@@ -88,8 +88,12 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]):
         if key in _HANDLED or value == defaults.get(key) or (key not in defaults and value in (None, False, {}, [])):
             continue
         return f"{key}={value!r}", None, None, None, None
-    if config.max_new_tokens is None and config.max_length is None:
-        return "no length limit", None, None, None, None
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
+        return "no 2-D input_ids tensor", None, None, None, None
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        return f"max_new_tokens={config.max_new_tokens}", None, None, None, None
+    if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
+        return f"max_length={config.max_length} does not exceed the prompt", None, None, None, None
     return None, config, inputs, attention_mask, streamer
 
 
@@ -127,8 +131,6 @@ def run_fast_generate(acc, config, input_ids: torch.Tensor, attention_mask, stre
     model = acc.model
     batch, prompt_len = input_ids.shape
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
-    if new_tokens <= 0:
-        raise ValueError(f"nothing to generate: max_length={config.max_length} <= prompt length {prompt_len}")
     sampling = Sampling.from_config(config)
     eos_ids = config.eos_token_id
     eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
