@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 # Without a GPU, Triton kernels run in Triton's interpreter; it must be on before any kernel is defined.
 if not torch.cuda.is_available():
@@ -38,3 +39,17 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0):
         ids[row, width - n :] = torch.randint(1, vocab, (n,), generator=g)
         mask[row, width - n :] = 1
     return ids, mask
+
+
+class CollectStreamer(BaseStreamer):
+    """Records what generate() streams."""
+
+    def __init__(self):
+        self.chunks = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.generation.streamers import BaseStreamer
 
-from conftest import left_padded_batch, model_pair
+from conftest import CollectStreamer, left_padded_batch, model_pair
 from qwen3_accel.fast_generate import Sampling, fast_path_reason, select_tokens
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -91,22 +90,13 @@ def test_sampling_follows_hf_warpers(temperature, top_k, top_p):
     assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.clone())
-
-    def end(self):
-        self.ended = True
 
 
 def test_streamer_receives_what_hf_streams(pair):
     reference, optimized = pair
     ids, mask = left_padded_batch([6], 512, seed=5)
     eos = _eos_hit_early(reference, ids, mask)
-    ours, theirs = _Collect(), _Collect()
+    ours, theirs = CollectStreamer(), CollectStreamer()
     kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=eos, **GREEDY)
     out = optimized.generate(ids, streamer=ours, **kwargs)
     assert torch.equal(out, reference.generate(ids, streamer=theirs, **kwargs))

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers.generation.streamers import BaseStreamer
 
-from conftest import left_padded_batch, model_pair
+from conftest import CollectStreamer, left_padded_batch, model_pair
 
 VOCAB = 512
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -75,21 +74,12 @@ def test_eos_stops_like_hf(pair):
     assert torch.equal(actual, expected)
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.clone())
-
-    def end(self):
-        pass
 
 
 def test_streamer_and_return_dict(pair):
     reference, optimized = pair
     ids, _ = left_padded_batch([6], VOCAB, seed=5)
-    streamer = _Collect()
+    streamer = CollectStreamer()
     out = optimized.generate(
         ids, max_new_tokens=8, streamer=streamer, return_dict_in_generate=True, output_scores=True, **GREEDY
     )
