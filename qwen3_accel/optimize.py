@@ -7,7 +7,6 @@ persistent cache passed in, when the request is one our cache serves). Everythin
 """
 
 import contextlib
-import copy
 import functools
 import logging
 import os
@@ -154,7 +153,7 @@ class Qwen3Accelerator:
                     "max_cache_len to qwen3_accel.optimize to size it once.",
                     stacklevel=3,
                 )
-            self.cache = cache = None
+            self.cache = cache = None  # drop the old tensors before allocating the new ones
             s = self.shape
             cache = Qwen3StaticCache(
                 s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.model.dtype, self.device
@@ -204,9 +203,9 @@ class Qwen3Accelerator:
         return self.hf_generate(*args, past_key_values=cache, **kwargs)
 
     def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
-        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
-        config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
-        return config
+        """The settings HF's generate will actually use (its defaults filled in), without changing anything."""
+        others = {k: v for k, v in kwargs.items() if k != "generation_config"}
+        return self.model._prepare_generation_config(kwargs.get("generation_config"), **others)[0]
 
     def _generate_fallback_reason(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))

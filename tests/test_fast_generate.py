@@ -137,3 +137,13 @@ def test_fast_loop_compiles_once():
         assert torch.equal(actual, reference.generate(ids, **kwargs))
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_hf_default_length_rules(fast):
+    """No length given: HF's default max_length (20 tokens in all) applies, also to prompts longer than that."""
+    reference, optimized = model_pair("tiny", compile=False, fast_generate=fast)
+    for lengths in ([6, 9], [26, 9]):
+        ids, mask = left_padded_batch(lengths, 512, seed=4)
+        expected = reference.generate(ids, attention_mask=mask, pad_token_id=0)
+        assert torch.equal(optimized.generate(ids, attention_mask=mask, pad_token_id=0), expected)
