@@ -79,6 +79,9 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]):
     for name in _GENERATE_ARGS:
         if kwargs.pop(name, None) is not None:
             return name, None, None, None, None
+    base = kwargs.get("generation_config") or model.generation_config
+    if all(kwargs.get(k) is None and getattr(base, k, None) is None for k in ("max_new_tokens", "max_length")):
+        return "no max_new_tokens/max_length: HF's default length rule applies", None, None, None, None
     config, model_kwargs = model._prepare_generation_config(kwargs.pop("generation_config", None), **kwargs)
     attention_mask = model_kwargs.pop("attention_mask", None)
     if model_kwargs:

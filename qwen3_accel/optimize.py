@@ -197,8 +197,10 @@ class Qwen3Accelerator:
         gen_config = self._generation_config(kwargs)
         batch, prompt_len = inputs.shape[:2]
         batch *= gen_config.num_return_sequences or 1
-        new_tokens = gen_config.max_new_tokens
-        total_len = prompt_len + new_tokens if new_tokens is not None else max(gen_config.max_length, prompt_len + 1)
+        # max_length is a total length when the user set it, and a count of new tokens when it is HF's default
+        # (in recent transformers): size for the larger reading.
+        new_tokens = gen_config.max_new_tokens if gen_config.max_new_tokens is not None else gen_config.max_length
+        total_len = prompt_len + new_tokens
         cache = self.cache_for(batch, total_len)
         return self.hf_generate(*args, past_key_values=cache, **kwargs)
 

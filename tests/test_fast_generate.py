@@ -145,5 +145,6 @@ def test_hf_default_length_rules(fast):
     reference, optimized = model_pair("tiny", compile=False, fast_generate=fast)
     for lengths in ([6, 9], [26, 9]):
         ids, mask = left_padded_batch(lengths, 512, seed=4)
-        expected = reference.generate(ids, attention_mask=mask, pad_token_id=0)
-        assert torch.equal(optimized.generate(ids, attention_mask=mask, pad_token_id=0), expected)
+        for length in ({}, {"max_length": 31}):  # a max_length the user sets is a total length
+            expected = reference.generate(ids, attention_mask=mask, pad_token_id=0, **length)
+            assert torch.equal(optimized.generate(ids, attention_mask=mask, pad_token_id=0, **length), expected)
