@@ -8,7 +8,7 @@ import qwen3_accel
 from conftest import left_padded_batch
 from qwen3_accel.configs import build_model, get_config
 from qwen3_accel.custom_ops.moe import (
-    align_slots, fused_moe_reference, fused_moe_triton, moe_route_reference, moe_route_triton,
+    align_slots, align_slots_reference, fused_moe_reference, fused_moe_triton, moe_route_reference, moe_route_triton,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,9 +36,17 @@ def test_route_matches_reference(n_experts, top_k, n_tokens):
         torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_tokens,n_experts,top_k,block_m", [(1, 128, 8, 16), (7, 16, 4, 4), (16, 128, 8, 16),
+                                                               (3, 8, 2, 64)])
+def test_single_launch_alignment_matches_reference(n_tokens, n_experts, top_k, block_m):
+    _, ids = _routing(n_tokens, n_experts, top_k, seed=n_tokens)
+    for ours, ref in zip(align_slots(ids, n_experts, block_m), align_slots_reference(ids, n_experts, block_m)):
+        assert torch.equal(ours, ref)
+
+
 def test_align_slots_groups_every_slot_once():
     _, ids = _routing(7, 16, 4, seed=0)
-    sorted_slots, block_expert, n_padded = align_slots(ids, 16, block_m=4)
+    sorted_slots, block_expert, n_padded = align_slots_reference(ids, 16, block_m=4)
     n_slots = ids.numel()
     used = sorted_slots[: int(n_padded)]
     real = used[used < n_slots]

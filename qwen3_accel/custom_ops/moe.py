@@ -78,15 +78,20 @@ def _(router_logits, top_k, renormalize):
 
 
 # -------------------------------------------------------------------------------------- alignment
-def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    """Group slots by expert, each group padded to `block_m`, in static-size device buffers.
+def _align_bounds(n_slots: int, n_experts: int, block_m: int) -> tuple[int, int]:
+    """Static sizes: every non-empty expert adds at most block_m - 1 padding rows."""
+    max_padded = n_slots + min(n_experts, n_slots) * (block_m - 1)
+    return max_padded, triton.cdiv(max_padded, block_m)
+
+
+def align_slots_reference(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    """Group slots by expert, each group padded to `block_m`, in static-size device buffers (torch ops).
 
     Returns `sorted_slots [max_padded]` (slot ids; `T * k` marks padding), `block_expert [max_blocks]`
     (the expert of each block of `block_m` rows; `n_experts` past the end) and `n_padded [1]`.
     """
     n_slots = topk_ids.numel()
-    max_padded = n_slots + min(n_experts, n_slots) * (block_m - 1)
-    max_blocks = triton.cdiv(max_padded, block_m)
+    max_padded, max_blocks = _align_bounds(n_slots, n_experts, block_m)
     flat = topk_ids.reshape(-1).long()
     counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -99,6 +104,52 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     block_start = torch.arange(max_blocks, device=flat.device) * block_m
     block_expert = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)  # n_experts past end
     return sorted_slots, block_expert, padded_end[-1:].to(torch.int32)
+
+
+@triton.jit
+def _align_small_kernel(ids_ptr, sorted_slots_ptr, block_expert_ptr, n_padded_ptr,
+                        n_slots, n_experts, max_blocks,
+                        SLOTS: tl.constexpr, EXPERTS: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    # ids: [n_slots] -> the outputs of `align_slots_reference`, in one program (few slots: decode).
+    s = tl.arange(0, SLOTS)
+    valid = s < n_slots
+    ids = tl.load(ids_ptr + s, mask=valid, other=EXPERTS)  # out-of-range slots match no expert
+    e = tl.arange(0, EXPERTS)
+    onehot = (ids[:, None] == e[None, :]).to(tl.int32)  # [S, E]
+    counts = tl.sum(onehot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    earlier_same = ((ids[:, None] == ids[None, :]) & (s[None, :] < s[:, None])).to(tl.int32)  # [S, S]
+    dest = tl.sum(onehot * starts[None, :], axis=1) + tl.sum(earlier_same, axis=1)
+    tl.store(sorted_slots_ptr + dest, s, mask=valid)  # padding rows were filled with n_slots by the launcher
+    tl.store(n_padded_ptr, tl.sum(padded, axis=0))
+    b = tl.arange(0, BLOCKS)
+    before = ((ends[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < n_experts)).to(tl.int32)
+    tl.store(block_expert_ptr + b, tl.sum(before, axis=1), mask=b < max_blocks)
+
+
+_SMALL_ALIGN_SLOTS = 128  # one program holds an S x S and an S x E comparison: fine up to 128 slots
+
+
+def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    """`align_slots_reference` in two launches (a fill and one Triton program) when there are few slots
+    (decode), where the ~20 small torch kernels of the reference would cost more than the GEMMs inside a
+    CUDA graph."""
+    n_slots = topk_ids.numel()
+    if n_slots > _SMALL_ALIGN_SLOTS:
+        return align_slots_reference(topk_ids, n_experts, block_m)
+    max_padded, max_blocks = _align_bounds(n_slots, n_experts, block_m)
+    device = topk_ids.device
+    sorted_slots = torch.full((max_padded,), n_slots, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    n_padded = torch.empty(1, dtype=torch.int32, device=device)
+    _align_small_kernel[(1,)](
+        topk_ids.reshape(-1).contiguous(), sorted_slots, block_expert, n_padded, n_slots, n_experts, max_blocks,
+        SLOTS=triton.next_power_of_2(n_slots), EXPERTS=triton.next_power_of_2(n_experts),
+        BLOCKS=triton.next_power_of_2(max_blocks), BLOCK_M=block_m, num_warps=4,
+    )
+    return sorted_slots, block_expert, n_padded
 
 
 # ----------------------------------------------------------------------------------- grouped GEMM
