@@ -162,6 +162,15 @@ class Qwen3Accelerator:
         cache.reset()
         return cache
 
+    def check_weights_shared(self) -> None:
+        """Raise if the model was moved or cast after `optimize` (its fused GEMM weights would go stale)."""
+        attn = self.model.model.layers[0].self_attn
+        if attn.q_proj.weight.data_ptr() != attn.qkv_weight.data_ptr():
+            raise RuntimeError(
+                "the model's weights were moved or converted after qwen3_accel.optimize (e.g. .to(), .half()), so "
+                "the fused projections no longer share memory with them; move or cast the model first, then optimize"
+            )
+
     @contextlib.contextmanager
     def disabled(self):
         """Run HF's own forward and generate (same weights) inside this block, e.g. for a baseline."""
@@ -182,6 +191,7 @@ class Qwen3Accelerator:
     # -------------------------------------------------------------------------------------- generate
     def generate(self, *args: Any, **kwargs: Any):
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
+        self.check_weights_shared()
         if self.options.fast_generate:
             reason, config, input_ids, attention_mask, streamer = fast_generate.fast_path_reason(
                 self.model, args, kwargs
@@ -259,6 +269,7 @@ class Qwen3Accelerator:
         ):
             return self.hf_forward(**all_args)
 
+        self.check_weights_shared()
         if inputs_embeds is None:
             inputs_embeds = self.model.model.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]

@@ -96,3 +96,11 @@ def test_state_dict_is_hf_loadable_and_weights_are_shared():
     optimized.load_state_dict(fresh.state_dict())
     expected = fresh.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
     assert torch.equal(optimized.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY), expected)
+
+
+def test_casting_after_optimize_is_caught():
+    model = qwen3_accel.optimize(build_model("tiny"), compile=False)
+    model.to(torch.float16)
+    ids, _ = left_padded_batch([5], 512)
+    with pytest.raises(RuntimeError, match="moved or converted after qwen3_accel.optimize"):
+        model.generate(ids, max_new_tokens=3, **GREEDY)
