@@ -50,3 +50,13 @@ def test_help_explains_every_option(command, capsys):
         if action.option_strings and action.dest != "help":
             assert action.help, f"{command} {action.option_strings} has no help"
             assert action.option_strings[-1] in text
+
+
+def test_generate_and_info_commands(capsys):
+    main(["generate", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--no-compile",
+          "--prompt-tokens", "5", "--max-new-tokens", "4"])
+    tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(tokens) == 4 and all(0 <= t < 512 for t in tokens)
+    main(["info"])
+    info = json.loads(capsys.readouterr().out)
+    assert {"qwen3_accel", "device", "torch", "transformers", "kernels_auto"} <= set(info)
