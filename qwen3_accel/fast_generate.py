@@ -125,7 +125,8 @@ def trim(generated: torch.Tensor, eos: torch.Tensor, steps_done: int) -> int:
     if eos.numel() == 0:
         return steps_done
     hit = torch.isin(generated[:, :steps_done], eos)
-    first = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), torch.full_like(hit[:, 0], steps_done, dtype=torch.long))
+    never = torch.full_like(hit[:, 0], steps_done, dtype=torch.long)
+    first = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), never)  # each row's first eos
     return min(steps_done, int(first.max()) + 1)
 
 

@@ -10,7 +10,7 @@ from qwen3_accel.cli import build_parser, main
 
 def test_bench_report_has_every_field(tmp_path):
     cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", batch_sizes=(1, 2), prompt_lengths=(8, 16),
-                      decode_prompt_length=8, decode_tokens=4, repeats=1)
+                      decode_prompt_length=8, decode_tokens=32, repeats=3)
     report = run_bench(cfg)
     paths = write_report(report, str(tmp_path))
     saved = json.loads((tmp_path / "bench_tiny.json").read_text())
