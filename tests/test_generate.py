@@ -116,3 +116,18 @@ def test_tied_embeddings_model():
     ids, mask = left_padded_batch([5, 8], 384, seed=2)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
     assert torch.equal(optimized.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY), expected)
+
+
+def test_inputs_embeds_and_multiple_return_sequences(pair):
+    """Requests outside the fast paths still give HF's answer."""
+    reference, optimized = pair
+    ids, mask = left_padded_batch([5, 7], VOCAB, seed=12)
+    embeds = reference.model.embed_tokens(ids).detach()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, **GREEDY)
+    assert torch.equal(optimized.generate(inputs_embeds=embeds, **kwargs),
+                       reference.generate(inputs_embeds=embeds, **kwargs))
+    sampled = dict(do_sample=True, top_k=5, num_return_sequences=2, max_new_tokens=6, pad_token_id=0)
+    torch.manual_seed(4)
+    expected = reference.generate(ids, attention_mask=mask, **sampled)
+    torch.manual_seed(4)
+    assert torch.equal(optimized.generate(ids, attention_mask=mask, **sampled), expected)
