@@ -41,6 +41,22 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0):
     return ids, mask
 
 
+def generate_without_recompiles(reference, optimized, cases, device="cpu") -> int:
+    """Greedy generate() for each (prompt lengths, new tokens) case: equal to HF, no graph break, and an error on
+    any recompile after the first call. Returns dynamo's count of compiled graphs (reset counters first)."""
+    from torch._dynamo.utils import counters
+
+    for call, (lengths, new_tokens) in enumerate(cases):
+        ids, mask = left_padded_batch(lengths, reference.config.vocab_size, seed=call)
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            actual = optimized.generate(ids, **kwargs)
+        assert torch.equal(actual, reference.generate(ids, **kwargs)), f"call {call}"
+    assert not counters["graph_break"]
+    return counters["stats"]["unique_graphs"]
+
+
 class CollectStreamer(BaseStreamer):
     """Records what generate() streams."""
 

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from conftest import CollectStreamer, left_padded_batch, model_pair
+from conftest import CollectStreamer, generate_without_recompiles, left_padded_batch, model_pair
 from qwen3_accel.fast_generate import Sampling, fast_path_reason, select_tokens
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -129,14 +129,7 @@ def test_fast_loop_compiles_once():
     torch._dynamo.reset()
     counters.clear()
     reference, optimized = model_pair("tiny", compile=True, max_batch_size=2, max_cache_len=64)
-    for call, (lengths, new_tokens) in enumerate([([9, 5], 11), ([14, 3], 20)]):
-        ids, mask = left_padded_batch(lengths, 512, seed=call)
-        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, **GREEDY)
-        with torch._dynamo.config.patch(error_on_recompile=call > 0):
-            actual = optimized.generate(ids, **kwargs)
-        assert torch.equal(actual, reference.generate(ids, **kwargs))
-    assert counters["stats"]["unique_graphs"] == 1
-    assert not counters["graph_break"]
+    assert generate_without_recompiles(reference, optimized, [([9, 5], 11), ([14, 3], 20)]) == 1
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -5,7 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import qwen3_accel
-from conftest import left_padded_batch
+from conftest import generate_without_recompiles, left_padded_batch
 from qwen3_accel.configs import build_model, get_config
 from qwen3_accel.custom_ops.moe import (
     align_slots, align_slots_reference, fused_moe_reference, fused_moe_triton, moe_route_reference, moe_route_triton,
@@ -122,12 +122,4 @@ def test_moe_decode_is_one_graph_with_no_recompiles():
     torch._dynamo.reset()
     counters.clear()
     reference, optimized = _moe_pair(True, compile=True, max_batch_size=2, max_cache_len=64)
-    for call, (lengths, new_tokens) in enumerate([([9, 5], 6), ([14, 3], 9)]):
-        ids, mask = left_padded_batch(lengths, 512, seed=call)
-        ids, mask = ids.to(DEVICE), mask.to(DEVICE)
-        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, **GREEDY)
-        with torch._dynamo.config.patch(error_on_recompile=call > 0):
-            actual = optimized.generate(ids, **kwargs)
-        assert torch.equal(actual, reference.generate(ids, **kwargs))
-    assert counters["stats"]["unique_graphs"] == 1
-    assert not counters["graph_break"]
+    assert generate_without_recompiles(reference, optimized, [([9, 5], 6), ([14, 3], 9)], DEVICE) == 1
