@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out", help="folder for the JSON, table and plots (default: %(default)s)")
 
     kern = sub.add_parser(
-        "bench-kernels", help="each op vs torch eager and torch.compile of its reference: us, GB/s, % of copy bw",
+        "bench-kernels", help="each op vs torch eager and torch.compile of its reference: µs, GB/s, %% of copy bandwidth",
         description="Time every qwen3_accel op against torch eager and torch.compile of the same reference, and "
                     "decode attention against SDPA over the static cache and FlexAttention. Writes JSON, a table "
                     "and a PNG.",

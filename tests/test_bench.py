@@ -40,6 +40,14 @@ def test_bench_kernels_quick_run(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("bench", "bench-kernels", "eval", "generate", "info"):
+        assert command in text
+
+
 @pytest.mark.parametrize("command", ["bench", "bench-kernels", "eval", "generate"])
 def test_help_explains_every_option(command, capsys):
     with pytest.raises(SystemExit):
