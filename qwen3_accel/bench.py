@@ -264,6 +264,7 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"bench_{report['model']}")
@@ -281,6 +282,9 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
     ax.plot([int(b) for b in bounds], [v["bound_tok_s"] for v in bounds.values()], "k--", label="bandwidth bound")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
            title=f"{report['model']} decode, {report['environment']['device']}")
+    batch_sizes = [int(b) for b in bounds]
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
