@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run: GPU tests, kernel benchmarks, end-to-end benchmarks.
 # Usage (repository root): scripts/gpu_suite.sh OUT_DIR [STAGE...]
-# Stages: tests kernels Qwen3-0.6B Qwen3-8B Qwen3-30B-A3B (default: all, ~13 minutes on one H100;
-# run it as two calls of a few stages each where one command is limited to 10 minutes).
+# Stages: tests kernels Qwen3-0.6B Qwen3-8B Qwen3-30B-A3B eval (default: all but eval, ~13 minutes on one
+# H100; run it as two calls of a few stages each where one command is limited to 10 minutes).
+# `eval` (bf16 lm-eval parity on Qwen3-0.6B shapes) needs lm-eval and its pure-Python dependencies importable.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_suite.sh OUT_DIR [STAGE...]}
 shift
@@ -30,6 +31,8 @@ for stage in "${stages[@]}"; do
     Qwen3-30B-A3B)
         timeout 300 python3 -m qwen3_accel.cli bench --model Qwen3-30B-A3B --contenders hf_eager,qwen3_accel \
             --batch-sizes 1,8 --prompt-lengths 128 --decode-tokens 16 --repeats 2 --out "$out" 2>&1 | quiet ;;
+    eval)
+        timeout 300 python3 -m qwen3_accel.cli eval --model Qwen3-0.6B --batch-size 8 --out "$out" 2>&1 | quiet ;;
     *) echo "unknown stage $stage" ;;
     esac
 done
