@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 CHECK_EVERY = 8  # decode steps between looks at the finished flags (each look is one host sync)
 
