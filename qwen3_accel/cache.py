@@ -73,6 +73,10 @@ class Qwen3StaticCache(Cache):
     def max_cache_len(self) -> int:
         return self._max_cache_len
 
+    def decode_rows(self, batch_size: int) -> int:
+        """Rows a decode step runs for `batch_size` sequences: the next power of two, at most max_batch_size."""
+        return min(self.max_batch_size, 1 << (batch_size - 1).bit_length())
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 

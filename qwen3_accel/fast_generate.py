@@ -68,35 +68,45 @@ def select_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
-def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]):
-    """(None, config, input_ids, attention_mask, streamer) when the fast loop serves the call, else (reason, ...)."""
+@dataclass(frozen=True)
+class FastRequest:
+    """A generate() call the fast loop serves: HF's effective settings and the inputs."""
+
+    config: Any  # transformers.GenerationConfig with HF's defaults filled in
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    streamer: Any
+
+
+def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | None, FastRequest | None]:
+    """(None, request) when the fast loop serves this generate() call, else (why not, None)."""
     kwargs = dict(kwargs)
     inputs = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
     if len(args) > 1:
-        return "positional arguments after the inputs", None, None, None, None
+        return "positional arguments after the inputs", None
     streamer = kwargs.pop("streamer", None)
     for name in _GENERATE_ARGS:
         if kwargs.pop(name, None) is not None:
-            return name, None, None, None, None
+            return name, None
     base = kwargs.get("generation_config") or model.generation_config
     if all(kwargs.get(k) is None and getattr(base, k, None) is None for k in ("max_new_tokens", "max_length")):
-        return "no max_new_tokens/max_length: HF's default length rule applies", None, None, None, None
+        return "no max_new_tokens/max_length: HF's default length rule applies", None
     config, model_kwargs = model._prepare_generation_config(kwargs.pop("generation_config", None), **kwargs)
     attention_mask = model_kwargs.pop("attention_mask", None)
     if model_kwargs:
-        return f"model arguments {sorted(model_kwargs)}", None, None, None, None
+        return f"model arguments {sorted(model_kwargs)}", None
     defaults = config._get_default_generation_params()
     for key, value in config.to_dict().items():
         if key in _HANDLED or value == defaults.get(key) or (key not in defaults and value in (None, False, {}, [])):
             continue
-        return f"{key}={value!r}", None, None, None, None
+        return f"{key}={value!r}", None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
-        return "no 2-D input_ids tensor", None, None, None, None
+        return "no 2-D input_ids tensor", None
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
-        return f"max_new_tokens={config.max_new_tokens}", None, None, None, None
+        return f"max_new_tokens={config.max_new_tokens}", None
     if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
-        return f"max_length={config.max_length} does not exceed the prompt", None, None, None, None
-    return None, config, inputs, attention_mask, streamer
+        return f"max_length={config.max_length} does not exceed the prompt", None
+    return None, FastRequest(config, inputs, attention_mask, streamer)
 
 
 class FastDecodeState:
@@ -129,9 +139,12 @@ def trim(generated: torch.Tensor, eos: torch.Tensor, steps_done: int) -> int:
     return min(steps_done, int(first.max()) + 1)
 
 
-def run_fast_generate(acc, config, input_ids: torch.Tensor, attention_mask, streamer) -> torch.Tensor:
+def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     """Prefill, then the device-side loop; returns exactly what HF's `generate` returns for this request."""
     model = acc.model
+    config, input_ids, attention_mask, streamer = (
+        request.config, request.input_ids, request.attention_mask, request.streamer
+    )
     batch, prompt_len = input_ids.shape
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     sampling = Sampling.from_config(config)
@@ -153,8 +166,7 @@ def run_fast_generate(acc, config, input_ids: torch.Tensor, attention_mask, stre
         embeds = model.model.embed_tokens(input_ids)
         hidden = acc._prefill(cache, embeds, attention_mask, position_ids)
         logits = model.lm_head(hidden[:, -1]).float()
-        bucket = min(cache.max_batch_size, 1 << (batch - 1).bit_length())
-        state = acc.fast_state(bucket, cache.max_cache_len)
+        state = acc.fast_state(cache.decode_rows(batch), cache.max_cache_len)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         first, unfinished = pick(logits, unfinished, eos, pad, sampling)
         state.out[:batch, 0] = first

@@ -193,18 +193,16 @@ class Qwen3Accelerator:
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
         self.check_weights_shared()
         if self.options.fast_generate:
-            reason, config, input_ids, attention_mask, streamer = fast_generate.fast_path_reason(
-                self.model, args, kwargs
-            )
-            if reason is None:
-                return fast_generate.run_fast_generate(self, config, input_ids, attention_mask, streamer)
+            reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
+            if request is not None:
+                return fast_generate.run_fast_generate(self, request)
             logger.debug("qwen3_accel: HF's generate loop (%s)", reason)
-        reason = self._generate_fallback_reason(args, kwargs)
+        gen_config = self._generation_config(kwargs)
+        reason = self._generate_fallback_reason(args, kwargs, gen_config)
         if reason is not None:
             logger.debug("qwen3_accel: HF generate with HF's own cache (%s)", reason)
             return self.hf_generate(*args, **kwargs)
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        gen_config = self._generation_config(kwargs)
         batch, prompt_len = inputs.shape[:2]
         batch *= gen_config.num_return_sequences or 1
         # max_length is a total length when the user set it, and a count of new tokens when it is HF's default
@@ -219,13 +217,12 @@ class Qwen3Accelerator:
         others = {k: v for k, v in kwargs.items() if k != "generation_config"}
         return self.model._prepare_generation_config(kwargs.get("generation_config"), **others)[0]
 
-    def _generate_fallback_reason(self, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    def _generate_fallback_reason(self, args: tuple, kwargs: dict[str, Any], config: GenerationConfig) -> str | None:
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
             return "no 2-D input_ids tensor (e.g. inputs_embeds only)"
         if kwargs.get("past_key_values") is not None:
             return "a cache was passed in"
-        config = self._generation_config(kwargs)
         if (config.num_beams or 1) > 1:
             return "beam search"
         if kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens is not None:
@@ -338,8 +335,7 @@ class Qwen3Accelerator:
         )
         position_ids = position_ids.clone(memory_format=torch.contiguous_format)
         # Rows are padded to a power of two: one CUDA graph per bucket serves every batch size in it.
-        bucket = min(cache.max_batch_size, 1 << (batch - 1).bit_length())
-        pad = bucket - batch
+        pad = cache.decode_rows(batch) - batch
         if pad:
             embeds = F.pad(embeds, (0, 0, 0, 0, 0, pad))
             position_ids = F.pad(position_ids, (0, 0, 0, pad))
