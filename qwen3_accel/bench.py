@@ -121,7 +121,7 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
     device = model.device
     timer = Timer(device)
     vocab = model.config.vocab_size
-    result: dict[str, Any] = {"ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {}}
+    result: dict[str, Any] = {"ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {}, "first_call_s": {}}
     static_caches: dict[int, Any] = {}
 
     def generate_fn(ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
@@ -146,7 +146,9 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
         ids = _prompts(batch, cfg.decode_prompt_length, vocab, device)
         first = generate_fn(ids, 1)
         full = generate_fn(ids, 1 + cfg.decode_tokens)
+        start = time.perf_counter()
         full()  # warm-up: compiles and records graphs for this shape
+        result["first_call_s"][str(batch)] = time.perf_counter() - start
         full()
         seconds = median_time(timer, full, cfg.repeats) - median_time(timer, first, cfg.repeats)
         if seconds <= 0:
@@ -250,6 +252,8 @@ def format_table(report: dict[str, Any]) -> str:
         share = report["roofline"][batch]["share"]
         row = "".join(f"{share[c] * 100:>19.1f}%" for c in contenders)
         lines.append(f"{'  % of bandwidth roofline':28}{row}")
+        row = "".join(f"{report['contenders'][c]['first_call_s'][batch]:>18.1f} s" for c in contenders)
+        lines.append(f"{'  first call (compiles)':28}{row}")
     if first["peak_memory_gib"] is not None:
         row = "".join(f"{report['contenders'][c]['peak_memory_gib']:>16.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")

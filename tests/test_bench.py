@@ -20,6 +20,7 @@ def test_bench_report_has_every_field(tmp_path):
     for result in saved["contenders"].values():
         assert set(result["ttft_s"]) == {"8", "16"} and all(v > 0 for v in result["ttft_s"].values())
         assert set(result["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in result["decode_tok_s"].values())
+        assert set(result["first_call_s"]) == {"1", "2"} and all(v > 0 for v in result["first_call_s"].values())
         assert "peak_memory_gib" in result
     for batch in ("1", "2"):
         roof = saved["roofline"][batch]
@@ -36,7 +37,7 @@ def test_bench_kernels_quick_run(tmp_path):
     ops = {row["op"] for row in report["cases"]}
     assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul", "decode_attention", "moe_block"}
     for row in report["cases"]:
-        assert "us" in row["results"]["qwen3_accel"], row
+        assert "us" in row["results"]["qwen3_accel"] and row["results"]["qwen3_accel"]["timer"] == "eager", row
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
