@@ -5,6 +5,8 @@ bandwidth measured in the same run. Decode attention is also compared with SDPA 
 cache and with FlexAttention's decode path.
 """
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,11 +25,24 @@ FLEX_CASES = [(1, 4096), (1, 32768), (32, 32768)]
 
 @dataclass
 class Case:
+    """One shape of one op. Every contender is called as `fn(*make_inputs())`; the timer cycles through several
+    input sets so that the bytes read per pass exceed the L2 cache and the figures are HBM figures."""
+
     op: str
     shape: str
     bytes_moved: int
-    contenders: dict[str, Callable[[], Any]]
+    make_inputs: Callable[[], tuple]
+    contenders: dict[str, Callable[..., Any]]
     host_synced: tuple[str, ...] = ()  # contenders that sync with the host, so no CUDA graph can hold them
+    rotate: bool = True  # False where the shared weights read per call already exceed the L2 cache
+
+
+def input_sets(case: Case, device: torch.device) -> list[tuple]:
+    """Enough input sets that one pass through them reads 4x the L2 cache (one set off CUDA or without rotation)."""
+    if device.type != "cuda" or not case.rotate:
+        return [case.make_inputs()]
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    return [case.make_inputs() for _ in range(min(256, -(-4 * l2_bytes // case.bytes_moved)))]
 
 
 def time_us(fn: Callable[[], Any], device: torch.device, graph: bool = True) -> tuple[float, str]:
@@ -58,72 +73,78 @@ def time_us(fn: Callable[[], Any], device: torch.device, graph: bool = True) -> 
     return 1e6 * statistics.median(samples), "eager"
 
 
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
 def norm_cases(device: torch.device, dtype: torch.dtype, shapes) -> list[Case]:
+    ref, fused_ref = rms_norm.rms_norm_reference, rms_norm.fused_add_rms_norm_reference
     cases = []
     for shape in shapes:
-        x = torch.randn(shape, device=device, dtype=dtype)
-        r = torch.randn(shape, device=device, dtype=dtype)
         w = torch.randn(shape[-1], device=device, dtype=dtype)
+
+        def make(shape=shape, w=w):
+            return torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype), w
+
         label = "x".join(map(str, shape))
-        ref, fused_ref = rms_norm.rms_norm_reference, rms_norm.fused_add_rms_norm_reference
+        x_bytes, w_bytes = math.prod(shape) * w.element_size(), w.numel() * w.element_size()
         compiled, fused_compiled = _compiled(ref), _compiled(fused_ref)
-        cases.append(Case("rms_norm", label, 2 * _nbytes(x) + _nbytes(w), {
-            "qwen3_accel": lambda x=x, w=w: torch.ops.qwen3_accel.rms_norm(x, w, 1e-6),
-            "torch_eager": lambda x=x, w=w: ref(x, w, 1e-6),
-            "torch_compile": lambda x=x, w=w, f=compiled: f(x, w, 1e-6),
+        cases.append(Case("rms_norm", label, 2 * x_bytes + w_bytes, make, {
+            "qwen3_accel": lambda x, r, w: torch.ops.qwen3_accel.rms_norm(x, w, 1e-6),
+            "torch_eager": lambda x, r, w: ref(x, w, 1e-6),
+            "torch_compile": lambda x, r, w, f=compiled: f(x, w, 1e-6),
         }))
-        cases.append(Case("fused_add_rms_norm", label, 4 * _nbytes(x) + _nbytes(w), {
-            "qwen3_accel": lambda x=x, r=r, w=w: torch.ops.qwen3_accel.fused_add_rms_norm(x, r, w, 1e-6),
-            "torch_eager": lambda x=x, r=r, w=w: fused_ref(x, r, w, 1e-6),
-            "torch_compile": lambda x=x, r=r, w=w, f=fused_compiled: f(x, r, w, 1e-6),
+        cases.append(Case("fused_add_rms_norm", label, 4 * x_bytes + w_bytes, make, {
+            "qwen3_accel": lambda x, r, w: torch.ops.qwen3_accel.fused_add_rms_norm(x, r, w, 1e-6),
+            "torch_eager": lambda x, r, w: fused_ref(x, r, w, 1e-6),
+            "torch_compile": lambda x, r, w, f=fused_compiled: f(x, r, w, 1e-6),
         }))
     return cases
 
 
 def rope_and_activation_cases(device: torch.device, dtype: torch.dtype, token_counts=(1, 32, 2048)) -> list[Case]:
+    """Qwen3-8B heads (32 query, 8 kv, head_dim 128) and MLP width (12288)."""
+    norm_weight = torch.randn(128, device=device, dtype=dtype)
+    cos_sin = torch.randn(40960, 128, device=device)
     cases = []
-    for tokens in token_counts:  # Qwen3-8B heads: 32 query, 8 kv, head_dim 128; MLP 12288
-        qkv = torch.randn(tokens, 48, 128, device=device, dtype=dtype)
-        q, k = qkv[:, :32], qkv[:, 32:40]
-        w = torch.randn(128, device=device, dtype=dtype)
-        cos_sin = torch.randn(40960, 128, device=device)
-        positions = torch.randint(0, 40960, (tokens,), device=device)
-        args = (q, k, w, w, cos_sin, positions, 1e-6)
+    for tokens in token_counts:
+        def make_rope(tokens=tokens):
+            qkv = torch.randn(tokens, 48, 128, device=device, dtype=dtype)
+            positions = torch.randint(0, 40960, (tokens,), device=device)
+            return qkv[:, :32], qkv[:, 32:40], norm_weight, norm_weight, cos_sin, positions, 1e-6
+
         compiled = _compiled(rope.qk_norm_rope_reference)
-        cases.append(Case("qk_norm_rope", f"{tokens}x(32+8)x128", 2 * (_nbytes(q) + _nbytes(k)), {
-            "qwen3_accel": lambda a=args: torch.ops.qwen3_accel.qk_norm_rope(*a),
-            "torch_eager": lambda a=args: rope.qk_norm_rope_reference(*a),
-            "torch_compile": lambda a=args, f=compiled: f(*a),
-        }))
-        gate_up = torch.randn(tokens, 2 * 12288, device=device, dtype=dtype)
+        cases.append(Case("qk_norm_rope", f"{tokens}x(32+8)x128", 2 * tokens * 40 * 128 * norm_weight.element_size(),
+                          make_rope, {
+                              "qwen3_accel": torch.ops.qwen3_accel.qk_norm_rope,
+                              "torch_eager": rope.qk_norm_rope_reference,
+                              "torch_compile": compiled,
+                          }))
         compiled = _compiled(activation.silu_and_mul_reference)
-        cases.append(Case("silu_and_mul", f"{tokens}x2x12288", _nbytes(gate_up) * 3 // 2, {
-            "qwen3_accel": lambda g=gate_up: torch.ops.qwen3_accel.silu_and_mul(g),
-            "torch_eager": lambda g=gate_up: activation.silu_and_mul_reference(g),
-            "torch_compile": lambda g=gate_up, f=compiled: f(g),
-        }))
+        cases.append(Case("silu_and_mul", f"{tokens}x2x12288", 3 * tokens * 12288 * norm_weight.element_size(),
+                          lambda tokens=tokens: (torch.randn(tokens, 2 * 12288, device=device, dtype=dtype),), {
+                              "qwen3_accel": torch.ops.qwen3_accel.silu_and_mul,
+                              "torch_eager": activation.silu_and_mul_reference,
+                              "torch_compile": compiled,
+                          }))
     return cases
 
 
-def _flex_decode(q, key_cache, value_cache, kv_valid, scale):
-    """FlexAttention's decode over the static cache, masking invalid slots with a block mask."""
+def _flex_decode(kv_valid: torch.Tensor) -> Callable[..., Any]:
+    """FlexAttention's decode over the static cache, with invalid slots masked by a block mask built once (every
+    input set of a case shares the valid-slot pattern)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     batch, slots = kv_valid.shape
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_valid[b, kv_idx], batch, None, 1, slots,
-                                   device=q.device)
+                                   device=kv_valid.device)
     flex = torch.compile(flex_attention, dynamic=False)
-    qt = q[:, :, None, :]
-    kt, vt = key_cache.transpose(1, 2), value_cache.transpose(1, 2)
-    return lambda: flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+    def run(q, key_cache, value_cache, valid, start, end, scale):
+        return flex(q[:, :, None, :], key_cache.transpose(1, 2), value_cache.transpose(1, 2), block_mask=block_mask,
+                    scale=scale, enable_gqa=True)
+
+    return run
 
 
 def attention_cases(device: torch.device, dtype: torch.dtype, cases=ATTENTION_CASES,
@@ -133,25 +154,27 @@ def attention_cases(device: torch.device, dtype: torch.dtype, cases=ATTENTION_CA
     n_q, n_kv, d = 32, 8, 128
     for batch, context in cases:
         slots = context + context // 4
-        q = torch.randn(batch, n_q, d, device=device, dtype=dtype)
-        k = torch.randn(batch, slots, n_kv, d, device=device, dtype=dtype)
-        v = torch.randn_like(k)
         valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
         valid[:, :context] = True
         start = torch.zeros(batch, dtype=torch.int32, device=device)
         end = torch.tensor([context], device=device)
-        scale = d**-0.5
+
+        def make(batch=batch, slots=slots, valid=valid, start=start, end=end):
+            q = torch.randn(batch, n_q, d, device=device, dtype=dtype)
+            k = torch.randn(batch, slots, n_kv, d, device=device, dtype=dtype)
+            return q, k, torch.randn_like(k), valid, start, end, d**-0.5
+
         contenders = {
-            "qwen3_accel": lambda a=(q, k, v, valid, start, end, scale): torch.ops.qwen3_accel.decode_attention(*a),
-            "sdpa_static_cache": lambda a=(q, k, v, valid, start, end, scale): attention.decode_attention_reference(*a),
+            "qwen3_accel": torch.ops.qwen3_accel.decode_attention,
+            "sdpa_static_cache": attention.decode_attention_reference,
         }
         if (batch, context) in flex_cases:
             try:
-                contenders["flex_attention"] = _flex_decode(q, k, v, valid, scale)
+                contenders["flex_attention"] = _flex_decode(valid)
             except Exception as exc:  # FlexAttention is young: report, never hide, when it cannot run a shape
                 print(f"flex_attention unavailable for batch {batch}, context {context}: {exc!r}")
-        out.append(Case("decode_attention", f"b{batch} ctx{context}", 2 * batch * context * n_kv * d * q.element_size(),
-                        contenders))
+        kv_bytes = 2 * batch * context * n_kv * d * torch.finfo(dtype).bits // 8
+        out.append(Case("decode_attention", f"b{batch} ctx{context}", kv_bytes, make, contenders))
     return out
 
 
@@ -160,6 +183,7 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
     """One MoE block of `model`'s shapes: ours against HF's experts implementations (same weights, same router).
 
     Bytes are the expert weights the routing actually touches plus the router: the bound a perfect kernel meets.
+    The input is not rotated: the expert weights (75 MB for one token of Qwen3-30B-A3B) already exceed the L2.
     """
     from transformers import AutoModelForCausalLM
 
@@ -184,11 +208,12 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
         with torch.no_grad():
             logits = torch.nn.functional.linear(x[0], block.gate.weight)
             touched = int(torch.topk(logits, config.num_experts_per_tok, dim=-1).indices.unique().numel())
-        contenders = {"qwen3_accel": lambda x=x: qwen3_moe.mlp(kernels, block, x)}
+        contenders = {"qwen3_accel": lambda x: qwen3_moe.mlp(kernels, block, x)}
         for impl, hf_block in blocks.items():
-            contenders[f"hf_{impl}"] = lambda x=x, b=hf_block: b(x)
+            contenders[f"hf_{impl}"] = hf_block
         cases.append(Case("moe_block", f"{model} T={tokens} ({touched} experts)",
-                          touched * per_expert + block.gate.weight.numel() * x.element_size(), contenders,
+                          touched * per_expert + block.gate.weight.numel() * x.element_size(), lambda x=x: (x,),
+                          contenders, rotate=False,
                           host_synced=("hf_eager",)))  # HF's eager loop asks the host which experts were hit
     return cases
 
@@ -205,11 +230,13 @@ def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool 
     cases += moe_cases(dev, dt, "tiny-moe" if quick else "Qwen3-30B-A3B", (3,) if quick else (1, 8, 64, 512))
     rows = []
     for case in tqdm(cases, desc="bench-kernels", unit="case"):
-        row = {"op": case.op, "shape": case.shape, "bytes": case.bytes_moved, "results": {}}
+        sets = input_sets(case, dev)
+        row = {"op": case.op, "shape": case.shape, "bytes": case.bytes_moved, "input_sets": len(sets), "results": {}}
         for name, fn in case.contenders.items():
+            rotation = itertools.cycle(sets)
             try:
                 with torch.no_grad():
-                    us, timer = time_us(fn, dev, graph=name not in case.host_synced)
+                    us, timer = time_us(lambda: fn(*next(rotation)), dev, graph=name not in case.host_synced)
             except Exception as exc:
                 row["results"][name] = {"error": repr(exc)[:200]}
                 continue

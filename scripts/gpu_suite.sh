@@ -23,7 +23,7 @@ for stage in "${stages[@]}"; do
     case $stage in
     tests)
         timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
-            tests/test_attention.py tests/test_moe.py 2>&1 | grep -v "^DEBUG" | tee "$out/pytest.txt" | tail -8 ;;
+            tests/test_attention.py tests/test_moe.py --durations=12 2>&1 | grep -v "^DEBUG" | tee "$out/pytest.txt" | tail -24 ;;
     kernels)
         timeout 120 python3 -m qwen3_accel.cli bench-kernels --out "$out" 2>&1 | quiet ;;
     Qwen3-0.6B)
