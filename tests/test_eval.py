@@ -45,9 +45,22 @@ def test_a_perturbed_model_fails_with_the_offending_examples(tokenizer):
     candidate = parity_eval.run_lm_eval(model, tokenizer, tasks, limit=6, batch_size=3)
     comparison = parity_eval.compare_runs(baseline, candidate, parity_eval.Thresholds())
     assert not comparison.passed
-    assert any("log-likelihoods differ" in r for r in comparison.reasons)
+    assert any("log-likelihoods of" in r for r in comparison.reasons)
     assert {o["task"] for o in comparison.offending} == set(tasks)
     assert "FAIL" in parity_eval.format_comparison(comparison)
+
+
+def test_half_precision_allows_one_rounding_step_of_the_compared_log_likelihoods():
+    def run(loglikelihoods):
+        samples = [{"doc_id": 0, "filtered_resps": [(x, False) for x in loglikelihoods]}]
+        return {"samples": {"mc": samples}, "results": {"mc": {}}}
+
+    bf16 = parity_eval.Thresholds.for_dtype(torch.bfloat16)
+    # lm-eval sums in bf16: between 32 and 64 consecutive values are 0.25 apart.
+    assert parity_eval.compare_runs(run([-46.25, -23.875]), run([-46.0, -23.875]), bf16).passed
+    three_steps = parity_eval.compare_runs(run([-46.25, -23.875]), run([-45.5, -23.875]), bf16)
+    assert not three_steps.passed and [o["doc_id"] for o in three_steps.offending] == [0]
+    assert not parity_eval.compare_runs(run([-46.25, -23.875]), run([-46.0, -23.875]), parity_eval.Thresholds()).passed
 
 
 def test_missing_lm_eval_is_a_clear_error(monkeypatch):

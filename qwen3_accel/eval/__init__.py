@@ -81,16 +81,21 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
 class Thresholds:
     """What counts as the same answers. Defaults by dtype: `Thresholds.for_dtype`."""
 
-    loglikelihood_atol: float = 1e-4  # per-example |log-likelihood difference|
+    loglikelihood_atol: float = 1e-4  # per-example |log-likelihood difference| ≤ atol + rtol·|log-likelihood|
+    loglikelihood_rtol: float = 0.0
     min_choice_agreement: float = 1.0  # fraction of multiple-choice examples with the same chosen answer
     min_generation_match: float = 1.0  # fraction of generations exactly equal
     metric_atol: float = 1e-4  # |aggregate metric difference| (perplexities: relative)
 
     @classmethod
     def for_dtype(cls, dtype: torch.dtype) -> "Thresholds":
+        """fp32: near-exact. Half precision: lm-eval sums log-probabilities in the model's dtype, so the numbers
+        compared are themselves rounded to it (steps of 0.25 above 32 in bf16); rtol allows one such step."""
         if dtype == torch.float32:
             return cls()
-        return cls(loglikelihood_atol=0.1, min_choice_agreement=0.9, min_generation_match=0.8, metric_atol=0.05)
+        rtol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        return cls(loglikelihood_atol=0.1, loglikelihood_rtol=rtol, min_choice_agreement=0.9,
+                   min_generation_match=0.8, metric_atol=0.05)
 
 
 @dataclass
@@ -131,13 +136,15 @@ def compare_runs(baseline: dict[str, Any], candidate: dict[str, Any], thresholds
     reasons, offending, per_task = [], [], {}
     for task, base_samples in baseline["samples"].items():
         cand = {s["doc_id"]: s for s in candidate["samples"][task]}
-        diffs, choices_same, choices_total, gens_same, gens_total = [], 0, 0, 0, 0
+        diffs, ll_outside, choices_same, choices_total, gens_same, gens_total = [], 0, 0, 0, 0, 0
         for sample in base_samples:
             other = cand[sample["doc_id"]]
             a, b = _loglikelihoods(sample["filtered_resps"]), _loglikelihoods(other["filtered_resps"])
             example_diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
             diffs.extend(abs(x - y) for x, y in zip(a, b))
-            bad = example_diff > thresholds.loglikelihood_atol
+            bad = any(abs(x - y) > thresholds.loglikelihood_atol + thresholds.loglikelihood_rtol * abs(x)
+                      for x, y in zip(a, b))
+            ll_outside += bad
             if len(a) > 1:
                 choices_total += 1
                 same = max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__)
@@ -170,9 +177,10 @@ def compare_runs(baseline: dict[str, Any], candidate: dict[str, Any], thresholds
             stats["generation_match"] = gens_same / gens_total
             if stats["generation_match"] < thresholds.min_generation_match:
                 reasons.append(f"{task}: generations equal on {stats['generation_match']:.1%} of examples")
-        if stats["loglikelihood_diff_max"] > thresholds.loglikelihood_atol:
-            reasons.append(f"{task}: log-likelihoods differ by up to {stats['loglikelihood_diff_max']:.3g} "
-                           f"(threshold {thresholds.loglikelihood_atol:g})")
+        if ll_outside:
+            reasons.append(f"{task}: log-likelihoods of {ll_outside} examples differ by more than "
+                           f"{thresholds.loglikelihood_atol:g} + {thresholds.loglikelihood_rtol:g}·|ll| "
+                           f"(largest difference {stats['loglikelihood_diff_max']:.3g})")
         per_task[task] = stats
     return Comparison(not reasons, reasons, per_task, offending, asdict(thresholds))
 
