@@ -117,11 +117,16 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -
 
 
 def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> dict[str, Any]:
-    """Time-to-first-token by prompt length and decode tokens/s by batch size for one contender."""
+    """Prefill latency and time to first token by prompt length, decode tokens/s by batch size, for one contender.
+
+    Prefill is one forward over a batch-1 prompt (no cache, last-position logits); time to first token is a whole
+    `generate` call with one new token (prefill, cache writes, token selection and HF's per-call set-up).
+    """
     device = model.device
     timer = Timer(device)
     vocab = model.config.vocab_size
-    result: dict[str, Any] = {"ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {}, "first_call_s": {}}
+    result: dict[str, Any] = {"prefill_s": {}, "ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {},
+                              "first_call_s": {}}
     static_caches: dict[int, Any] = {}
 
     def generate_fn(ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
@@ -137,7 +142,14 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
         torch.cuda.reset_peak_memory_stats(device)
     for length in cfg.prompt_lengths:
         progress.set_postfix_str(f"{contender} prefill {length}")
-        fn = generate_fn(_prompts(1, length, vocab, device), 1)
+        ids = _prompts(1, length, vocab, device)
+        with torch.no_grad():
+            def prefill():
+                return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+            prefill()
+            result["prefill_s"][str(length)] = median_time(timer, prefill, cfg.repeats)
+        fn = generate_fn(ids, 1)
         fn()
         result["ttft_s"][str(length)] = median_time(timer, fn, cfg.repeats)
         progress.update(1)
@@ -232,6 +244,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         f"qwen3_accel_vs_{base}": {n: tok_s["qwen3_accel"][n] / tok_s[base][n] for n in tok_s["qwen3_accel"]}
         for base in ("hf_eager", "hf_static_compile") if base in tok_s and "qwen3_accel" in tok_s
     }
+    report["notes"] = []
+    if "hf_static_compile" in cfg.contenders and device.type not in ("cuda", "xpu"):
+        report["notes"].append(f"transformers compiles the static-cache decode only on CUDA/XPU (and a few "
+                               f"accelerators): on {device.type} hf_static_compile ran uncompiled")
     return report
 
 
@@ -248,6 +264,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(header)
     first = report["contenders"][contenders[0]]
     for length in first["ttft_s"]:
+        row = "".join(f"{report['contenders'][c]['prefill_s'][length] * 1e3:>17.1f} ms" for c in contenders)
+        lines.append(f"{'prefill prompt ' + length:28}{row}")
         row = "".join(f"{report['contenders'][c]['ttft_s'][length] * 1e3:>17.1f} ms" for c in contenders)
         lines.append(f"{'TTFT prompt ' + length:28}{row}")
     for batch in first["decode_tok_s"]:
@@ -263,6 +281,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{'peak memory':28}{row}")
     for name, by_batch in report["speedup"].items():
         lines.append(f"{name}: " + ", ".join(f"batch {b}: {x:.2f}x" for b, x in by_batch.items()))
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 
 
