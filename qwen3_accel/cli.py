@@ -1,12 +1,14 @@
 """The `qwen3-accel` command: bench, bench-kernels, eval, generate, info."""
 
 import argparse
+import dataclasses
 import json
 import sys
 
 import torch
 
 from .bench import CONTENDERS, BenchConfig
+from .eval import Thresholds
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -88,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokenizer", default=None,
                     help="tokenizer path/id; default: the checkpoint's own, or one trained here for named shapes")
     ev.add_argument("--out", default="eval_out", help="folder for the JSON report (default: %(default)s)")
+    threshold_help = {
+        "loglikelihood_atol": "per-example |log-likelihood difference| allowed, plus rtol x |log-likelihood|",
+        "loglikelihood_rtol": "relative part of that allowance (half precision: one rounding step of the sums)",
+        "min_choice_agreement": "fraction of multiple-choice examples that must pick the same answer",
+        "min_generation_match": "fraction of generations that must be exactly equal",
+        "metric_atol": "allowed change of each aggregate metric (relative for perplexities)",
+    }
+    fp32, bf16 = Thresholds.for_dtype(torch.float32), Thresholds.for_dtype(torch.bfloat16)
+    for name, text in threshold_help.items():
+        ev.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                        help=f"{text} (default by dtype: fp32 {getattr(fp32, name):g}, bf16 {getattr(bf16, name):g})")
 
     sub.add_parser("info", help="versions, device and the kernels qwen3_accel would use")
     return parser
@@ -146,7 +159,11 @@ def _eval(args) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     tasks = [t for t in args.tasks.split(",") if t]
-    comparison = parity_eval.parity(model, tokenizer, tasks, args.limit, args.batch_size, kernels=args.kernels)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Thresholds)
+                 if getattr(args, f.name) is not None}
+    thresholds = dataclasses.replace(Thresholds.for_dtype(dtype), **overrides)
+    comparison = parity_eval.parity(model, tokenizer, tasks, args.limit, args.batch_size, thresholds,
+                                    kernels=args.kernels)
     print(parity_eval.format_comparison(comparison))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"eval_{os.path.basename(args.model.rstrip('/'))}.json")

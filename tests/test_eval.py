@@ -1,5 +1,6 @@
 """lm-eval parity on the bundled offline tasks: passes for qwen3_accel, fails for a perturbed model."""
 
+import json
 import sys
 
 import pytest
@@ -67,3 +68,14 @@ def test_missing_lm_eval_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match=r'pip install "qwen3-accel\[eval\]"'):
         parity_eval.require_lm_eval()
+
+
+def test_eval_command_writes_a_report_with_the_thresholds_asked_for(tmp_path):
+    from qwen3_accel.cli import main
+
+    main(["eval", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--tasks", "qwen3_accel_mc",
+          "--limit", "3", "--batch-size", "3", "--min-choice-agreement", "0.5", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "eval_tiny.json").read_text())
+    assert report["passed"] and report["tasks"]["qwen3_accel_mc"]["examples"] == 3
+    assert report["thresholds"]["min_choice_agreement"] == 0.5
+    assert report["thresholds"]["loglikelihood_atol"] == parity_eval.Thresholds().loglikelihood_atol
