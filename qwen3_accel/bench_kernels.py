@@ -2,7 +2,9 @@
 
 Reports microseconds, achieved GB/s (bytes each op must move / time) and the share of the copy
 bandwidth measured in the same run. Decode attention is also compared with SDPA over the whole static
-cache and with FlexAttention's decode path.
+cache and with FlexAttention's decode path, the MoE block with HF's experts implementations. On CUDA the
+calls replay from a CUDA graph over input sets larger than the L2 cache: GPU time at HBM speed, as the op
+costs inside the decode graph.
 """
 
 import itertools
