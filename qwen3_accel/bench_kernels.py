@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from .bench import Timer, copy_bandwidth, environment, median_time
 from .custom_ops import activation, attention, rms_norm, rope
 
 # Shapes used by published RMSNorm benchmarks, so the figures can sit beside theirs.
@@ -63,16 +64,8 @@ def time_us(fn: Callable[[], Any], device: torch.device, graph: bool = True) -> 
             except RuntimeError:
                 torch.cuda.synchronize()
         return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"), "eager"
-    import statistics
-    import time
-
     fn()
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(samples), "eager"
+    return 1e6 * median_time(Timer(device), fn, 5), "eager"
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -222,8 +215,6 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
 
 def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool = False) -> dict[str, Any]:
     """Every case, every contender; `quick` keeps one shape per op (for CPU smoke runs)."""
-    from .bench import copy_bandwidth, environment
-
     dev, dt = torch.device(device), getattr(torch, dtype)
     bandwidth = copy_bandwidth(dev, nbytes=1 << (24 if quick else 30))
     norms = RMS_NORM_SHAPES[:1] if quick else RMS_NORM_SHAPES

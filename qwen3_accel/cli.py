@@ -15,15 +15,19 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
 
 
+def _add_device_args(p: argparse.ArgumentParser, default_device: str) -> None:
+    p.add_argument("--device", default=default_device, help="torch device to run on (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight and activation dtype (default: %(default)s)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, default_device: str) -> None:
     from .configs import MODEL_NAMES
 
     p.add_argument("--model", default="Qwen3-0.6B",
                    help=f"a shape from qwen3_accel.configs, built with random weights offline ({', '.join(MODEL_NAMES)}), "
                         "or a local checkpoint path / hub id (default: %(default)s)")
-    p.add_argument("--device", default=default_device, help="torch device to run on (default: %(default)s)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="weight and activation dtype (default: %(default)s)")
+    _add_device_args(p, default_device)
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="qwen3_accel kernels: auto = Triton on CUDA, torch on CPU (default: %(default)s)")
 
@@ -59,9 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "decode attention against SDPA over the static cache and FlexAttention. Writes JSON, a table "
                     "and a PNG.",
     )
-    kern.add_argument("--device", default=default_device, help="torch device (default: %(default)s)")
-    kern.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                      help="tensor dtype (default: %(default)s)")
+    _add_device_args(kern, default_device)
     kern.add_argument("--quick", action="store_true", help="one small shape per op (a smoke run, e.g. on CPU)")
     kern.add_argument("--out", default="bench_out", help="folder for the JSON, table and plot (default: %(default)s)")
 
