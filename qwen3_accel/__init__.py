@@ -1,5 +1,6 @@
 """qwen3_accel: serving-engine decode speed for Hugging Face Qwen3 models, behind the Transformers API."""
 
+from . import compat  # raises on an unsupported torch / transformers before anything else is imported
 from . import custom_ops  # registers torch.ops.qwen3_accel.*
 from .cache import Qwen3StaticCache
 from .optimize import OptimizeOptions, optimize

@@ -20,6 +20,8 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from .compat import CACHE_ARG
+
 CONTENDERS = ("hf_eager", "hf_static_compile", "qwen3_accel")
 
 
@@ -111,7 +113,7 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -
         # HF's recipe: a StaticCache reused across calls (reset, same shape), and Transformers compiles the
         # decode forward itself (mode="reduce-overhead") because the cache is compileable.
         static_cache.reset()
-        return model.generate(ids, past_key_values=static_cache, **kwargs)
+        return model.generate(ids, **{CACHE_ARG: static_cache}, **kwargs)
 
     return run
 

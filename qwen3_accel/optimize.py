@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import Cache, DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-from . import fast_generate
+from . import compat, fast_generate
 from .cache import Qwen3StaticCache
 from .custom_ops import KERNEL_MODES, select_kernels
 from .custom_ops.attention import prefill_attention
@@ -210,7 +209,7 @@ class Qwen3Accelerator:
         new_tokens = gen_config.max_new_tokens if gen_config.max_new_tokens is not None else gen_config.max_length
         total_len = prompt_len + new_tokens
         cache = self.cache_for(batch, total_len)
-        return self.hf_generate(*args, past_key_values=cache, **kwargs)
+        return self.hf_generate(*args, **{compat.CACHE_ARG: cache}, **kwargs)
 
     def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
         """The settings HF's generate will actually use (its defaults filled in), without changing anything."""
@@ -221,7 +220,7 @@ class Qwen3Accelerator:
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
             return "no 2-D input_ids tensor (e.g. inputs_embeds only)"
-        if kwargs.get("past_key_values") is not None:
+        if any(kwargs.get(name) is not None for name in compat.CACHE_ARG_NAMES):
             return "a cache was passed in"
         if (config.num_beams or 1) > 1:
             return "beam search"
@@ -241,26 +240,34 @@ class Qwen3Accelerator:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ):
-        """`Qwen3ForCausalLM.forward`'s signature; our kernels where they apply, HF's forward otherwise."""
+        """`Qwen3ForCausalLM.forward`'s signature; our kernels where they apply, HF's forward otherwise.
+
+        The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older releases), whichever the
+        caller uses.
+        """
+        kwargs["cache"] = cache
+        cache = compat.pop_cache_arg(kwargs)
+        stray = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
+        if stray:
+            raise ValueError(f"got a cache as {stray}; qwen3_accel's forward takes it as `cache` or `past_key_values`")
         all_args = dict(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **{compat.CACHE_ARG: cache}, **kwargs,
         )
         use_cache = self.model.config.use_cache if use_cache is None else use_cache
-        ours = isinstance(past_key_values, Qwen3StaticCache)
+        ours = isinstance(cache, Qwen3StaticCache)
         if (
             labels is not None
             or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
             or kwargs.get("output_router_logits", getattr(self.model.config, "output_router_logits", False))
-            or (past_key_values is not None and not ours)
+            or (cache is not None and not ours)
             or (attention_mask is not None and attention_mask.dim() != 2)
             or (torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad)
         ):
@@ -270,16 +277,15 @@ class Qwen3Accelerator:
         if inputs_embeds is None:
             inputs_embeds = self.model.model.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
-        if ours and seq_len == 1 and past_key_values.seq_length > 0:
-            logits = self._decode(past_key_values, input_ids, inputs_embeds, attention_mask, position_ids)
-            new_cache = past_key_values
+        if ours and seq_len == 1 and cache.seq_length > 0:
+            logits = self._decode(cache, input_ids, inputs_embeds, attention_mask, position_ids)
         else:
-            cache = past_key_values if ours else (DynamicCache(config=self.model.config) if use_cache else None)
+            if not ours:
+                cache = DynamicCache(config=self.model.config) if use_cache else None
             hidden = self._prefill(cache, inputs_embeds, attention_mask, position_ids)
             hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
             logits = self.model.lm_head(hidden)
-            new_cache = cache
-        output = CausalLMOutputWithPast(logits=logits, past_key_values=new_cache if use_cache else None)
+        output = compat.causal_lm_output(logits, cache if use_cache else None)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _prefill(self, cache, embeds, attention_mask, position_ids) -> torch.Tensor:

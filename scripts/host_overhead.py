@@ -57,7 +57,7 @@ def main() -> None:
 
     cache = acc.cache_for(1, 64)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
         step_inputs = (model.model.embed_tokens(ids[:, -1:]), torch.full((1, 1), 16, device=args.device),
                        torch.ones(1, dtype=torch.bool, device=args.device))
 

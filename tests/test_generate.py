@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import CollectStreamer, left_padded_batch, model_pair
+from qwen3_accel.compat import CACHE_ARG, CACHE_ARG_NAMES, OUTPUT_CACHE_FIELD
 
 VOCAB = 512
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -24,17 +25,30 @@ def test_forward_logits_match(pair):
     torch.testing.assert_close(actual[valid], expected[valid], atol=1e-4, rtol=1e-4)
 
 
-def test_forward_returns_a_cache_hf_can_continue(pair):
-    """A user's own loop: forward with use_cache, then feed the returned cache back in."""
+@pytest.mark.parametrize("name", CACHE_ARG_NAMES)
+def test_forward_returns_a_cache_hf_can_continue(pair, name):
+    """A user's own loop: forward with use_cache, then feed the returned cache back in, under either name."""
     reference, optimized = pair
     ids, _ = left_padded_batch([7], VOCAB)
     with torch.no_grad():
         ref_out = reference(ids, use_cache=True)
         opt_out = optimized(ids, use_cache=True)
         nxt = ids[:, -1:]
-        ref_next = reference(nxt, past_key_values=ref_out.past_key_values).logits
-        opt_next = optimized(nxt, past_key_values=opt_out.past_key_values).logits
+        ref_next = reference(nxt, **{CACHE_ARG: getattr(ref_out, OUTPUT_CACHE_FIELD)}).logits
+        opt_next = optimized(nxt, **{name: getattr(opt_out, OUTPUT_CACHE_FIELD)}).logits
     torch.testing.assert_close(opt_next, ref_next, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_rejects_two_caches_or_a_cache_under_another_name(pair):
+    _, optimized = pair
+    ids, _ = left_padded_batch([4], VOCAB)
+    with torch.no_grad():
+        first = getattr(optimized(ids, use_cache=True), OUTPUT_CACHE_FIELD)
+        second = getattr(optimized(ids, use_cache=True), OUTPUT_CACHE_FIELD)
+        with pytest.raises(ValueError, match="two different caches"):
+            optimized(ids[:, -1:], cache=first, past_key_values=second)
+        with pytest.raises(ValueError, match=r"got a cache as \['cache_params'\]"):
+            optimized(ids[:, -1:], cache_params=first)
 
 
 @pytest.mark.parametrize("lengths", [[9], [12, 5, 8]], ids=["batch1", "batch3-left-padded"])

@@ -77,7 +77,7 @@ def test_direct_forward_beyond_the_cache_is_an_error():
     cache = model.qwen3_accel.cache_for(1, 16)
     ids, _ = left_padded_batch([17], 512)
     with torch.no_grad(), pytest.raises(ValueError, match="exceed the KV cache's max_cache_len=16"):
-        model(ids, past_key_values=cache)
+        model(ids, cache=cache)
 
 
 def test_state_dict_is_hf_loadable_and_weights_are_shared():

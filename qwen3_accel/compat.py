@@ -1,0 +1,69 @@
+"""The torch / transformers releases we support, and the names that differ between them.
+
+The range below is what CI runs (`.ci/run`: one leg on the oldest pins, one on the newest releases). Outside it,
+`import qwen3_accel` raises; a transformers 5.x newer than the newest tested minor release only warns, because
+most releases change nothing we touch and the user should not be blocked, only told.
+"""
+
+import dataclasses
+import inspect
+import warnings
+
+import torch
+import transformers
+from packaging.version import Version
+
+MIN_TORCH = Version("2.11")
+MIN_TRANSFORMERS = Version("5.17")
+NEWEST_TESTED_TRANSFORMERS = Version("5.24")  # the newest minor release CI has run
+NEXT_MAJOR_TRANSFORMERS = Version("6.0")
+
+
+def supported_range() -> str:
+    return (
+        f"torch>={MIN_TORCH}, transformers>={MIN_TRANSFORMERS},<{NEXT_MAJOR_TRANSFORMERS} "
+        f"(tested up to {NEWEST_TESTED_TRANSFORMERS}.x)"
+    )
+
+
+def check_versions(torch_version: str = torch.__version__, transformers_version: str = transformers.__version__) -> None:
+    """Raise ImportError outside the supported range; warn on a transformers minor release newer than tested."""
+    installed = f"installed: torch {torch_version}, transformers {transformers_version}"
+    torch_version = Version(Version(str(torch_version)).base_version)
+    tf_version = Version(Version(transformers_version).base_version)
+    if torch_version < MIN_TORCH or not MIN_TRANSFORMERS <= tf_version < NEXT_MAJOR_TRANSFORMERS:
+        raise ImportError(f"qwen3_accel supports {supported_range()}; {installed}")
+    if (tf_version.major, tf_version.minor) > (NEWEST_TESTED_TRANSFORMERS.major, NEWEST_TESTED_TRANSFORMERS.minor):
+        warnings.warn(
+            f"qwen3_accel is tested with transformers {MIN_TRANSFORMERS} to {NEWEST_TESTED_TRANSFORMERS}.x; "
+            f"{installed}. It should work; please report anything that does not.",
+            stacklevel=3,
+        )
+
+
+check_versions()  # before the imports below, which an unsupported release may not have
+
+from transformers import Qwen3ForCausalLM  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+# transformers 5.24 renamed the cache argument of `generate`, `prepare_inputs_for_generation` and the models'
+# `forward` from `past_key_values` to `cache` (the old name warns until 5.40), and the output field with it.
+CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
+CACHE_ARG_NAMES = ("cache", "past_key_values")
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+OUTPUT_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+def causal_lm_output(logits: torch.Tensor, cache) -> CausalLMOutputWithPast:
+    """`CausalLMOutputWithPast(logits, <cache field>)` under this release's name for the cache field."""
+    return CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE_FIELD: cache})
+
+
+def pop_cache_arg(kwargs: dict) -> object:
+    """Remove and return the cache a caller passed under either name; both names with different caches is an error."""
+    given = {name: kwargs.pop(name) for name in CACHE_ARG_NAMES if kwargs.get(name) is not None}
+    for name in CACHE_ARG_NAMES:
+        kwargs.pop(name, None)
+    if len(given) == 2 and given["cache"] is not given["past_key_values"]:
+        raise ValueError("got two different caches, as `cache` and as `past_key_values`; pass one")
+    return next(iter(given.values()), None)
