@@ -8,7 +8,7 @@ power-of-two number of rows, so one graph serves every batch size of its bucket.
 """
 
 import torch
-from transformers import Cache
+from transformers import Cache, DynamicCache
 
 
 class Qwen3StaticCache(Cache):
@@ -64,6 +64,15 @@ class Qwen3StaticCache(Cache):
                 f"{self.seq_length} cached + {new_tokens} new tokens exceed the KV cache's "
                 f"max_cache_len={self.max_cache_len}; pass a larger max_cache_len to qwen3_accel.optimize"
             )
+
+    def to_dynamic(self, config) -> DynamicCache:
+        """A copy of what this cache holds as HF's `DynamicCache` (layout [B, kv_heads, T, head_dim]), for a caller
+        who keeps it beyond the next `generate()` (which resets this cache)."""
+        copy = DynamicCache(config=config)
+        rows, length = self.batch_size_in_use, self.seq_length
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            copy.update(keys[:rows, :length].transpose(1, 2).clone(), values[:rows, :length].transpose(1, 2).clone(), layer)
+        return copy
 
     @property
     def max_batch_size(self) -> int:

@@ -32,6 +32,9 @@ _GENERATE_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_token
                   "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
 
 
+EOS_SLOTS = 8  # eos ids a request may list (a static buffer size); more go to HF's loop
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Token selection, as HF's warpers apply it: temperature, then top-k, then top-p."""
@@ -49,20 +52,25 @@ class Sampling:
                    config.top_k or 0, config.top_p if config.top_p is not None else 1.0)
 
 
-def select_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Next token per row of fp32 logits [B, V], on the device and without a host sync."""
-    if not sampling.do_sample:
+def select_tokens(logits: torch.Tensor, do_sample: bool, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Next token per row of fp32 logits [B, V], on the device and without a host sync.
+
+    The sampling settings are device tensors of shape [1] (top_k 0 = off, top_p 1 = off), so one compiled graph
+    serves every request of a mode; neutral values leave the distribution unchanged.
+    """
+    if not do_sample:
         return logits.argmax(dim=-1)
-    if sampling.temperature != 1.0:
-        logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)
-        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
-        remove_sorted[:, -1] = False  # keep at least the most likely token
-        logits = logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+    vocab = logits.shape[-1]
+    logits = logits / temperature
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [1]
+    kth = sorted_logits.index_select(-1, vocab - k)  # [B, 1]: the k-th largest logit
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    remove_sorted[:, -1] = False  # keep at least the most likely token
+    logits = logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, with no multinomial and no sync.
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
@@ -76,6 +84,7 @@ class FastRequest:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     streamer: Any
+    eos_ids: list[int]
 
 
 def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | None, FastRequest | None]:
@@ -106,11 +115,23 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | 
         return f"max_new_tokens={config.max_new_tokens}", None
     if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
         return f"max_length={config.max_length} does not exceed the prompt", None
-    return None, FastRequest(config, inputs, attention_mask, streamer)
+    eos_ids = config.eos_token_id
+    eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    if len(eos_ids) > EOS_SLOTS:
+        return f"{len(eos_ids)} eos ids (the fast loop holds {EOS_SLOTS})", None
+    if attention_mask is None:
+        if config.pad_token_id is not None and bool((inputs == config.pad_token_id).any()):
+            return "no attention_mask and the prompt holds the pad token (HF infers the mask from it)", None
+    elif attention_mask.dim() != 2 or attention_mask.shape != inputs.shape:
+        return "an attention_mask that is not [batch, prompt length]", None
+    elif not bool(attention_mask[:, -1].bool().all()):
+        return "a right-padded attention_mask", None
+    return None, FastRequest(config, inputs, attention_mask, streamer, eos_ids)
 
 
 class FastDecodeState:
-    """Static buffers of the fast loop for one batch bucket: the step's inputs, outputs and flags."""
+    """Static buffers of the fast loop for one batch bucket: the step's inputs, outputs, flags and the request's
+    settings (device tensors, so that a new pad id, eos list or sampling setting never needs a new graph)."""
 
     def __init__(self, rows: int, max_len: int, device: torch.device):
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # last token of each row
@@ -118,15 +139,33 @@ class FastDecodeState:
         self.unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         self.out = torch.zeros(rows, max_len, dtype=torch.long, device=device)  # generated tokens
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # next column of `out`
-        for t in (self.tokens, self.positions, self.unfinished, self.out, self.step):
+        self.eos = torch.full((EOS_SLOTS,), -1, dtype=torch.long, device=device)  # the request's eos ids, -1 after
+        self.pad = torch.zeros(1, dtype=torch.long, device=device)
+        self.temperature = torch.ones(1, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(1, dtype=torch.long, device=device)
+        self.top_p = torch.ones(1, dtype=torch.float32, device=device)
+        for t in self.tensors():
             torch._dynamo.mark_static_address(t)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.tokens, self.positions, self.unfinished, self.out, self.step, self.eos, self.pad,
+                self.temperature, self.top_k, self.top_p)
 
-def pick(logits: torch.Tensor, unfinished: torch.Tensor, eos: torch.Tensor, pad: int, sampling: Sampling):
+    def set_request(self, eos_ids: list[int], pad: int, sampling: Sampling) -> None:
+        self.eos.fill_(-1)
+        if eos_ids:
+            self.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+        self.pad.fill_(pad)
+        self.temperature.fill_(sampling.temperature)
+        self.top_k.fill_(sampling.top_k)
+        self.top_p.fill_(sampling.top_p)
+
+
+def pick(logits: torch.Tensor, unfinished: torch.Tensor, state: FastDecodeState, do_sample: bool):
     """HF's bookkeeping for one step: finished rows get the pad token; rows that emit an eos finish."""
-    tokens = select_tokens(logits, sampling)
-    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-    return tokens, unfinished & ~torch.isin(tokens, eos)
+    tokens = select_tokens(logits, do_sample, state.temperature, state.top_k, state.top_p)
+    tokens = torch.where(unfinished, tokens, state.pad)
+    return tokens, unfinished & ~torch.isin(tokens, state.eos)
 
 
 def trim(generated: torch.Tensor, eos: torch.Tensor, steps_done: int) -> int:
@@ -148,8 +187,7 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     batch, prompt_len = input_ids.shape
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     sampling = Sampling.from_config(config)
-    eos_ids = config.eos_token_id
-    eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    eos_ids = request.eos_ids
     pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     device = input_ids.device
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -166,15 +204,18 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
         embeds = model.model.embed_tokens(input_ids)
         hidden = acc._prefill(cache, embeds, attention_mask, position_ids)
         logits = model.lm_head(hidden[:, -1]).float()
-        state = acc.fast_state(cache.decode_rows(batch), cache.max_cache_len)
+        rows = cache.decode_rows(batch)
+        state = acc.fast_state(rows, cache.max_cache_len)
+        state.set_request(eos_ids, pad, sampling)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        first, unfinished = pick(logits, unfinished, eos, pad, sampling)
+        first, unfinished = pick(logits, unfinished, state, sampling.do_sample)
         state.out[:batch, 0] = first
         state.tokens[:batch] = first
         state.positions[:batch] = position_ids[:, -1] + 1
         state.unfinished[:batch] = unfinished
         state.unfinished[batch:] = False
         state.step.fill_(1)
+        key = ("fast", rows, cache.max_batch_size, cache.max_cache_len, sampling.do_sample)
         steps_done, streamed = 1, 0
         while True:
             done = steps_done >= new_tokens or (eos.numel() > 0 and not bool(state.unfinished[:batch].any()))
@@ -187,11 +228,8 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
                 break
             chunk = min(CHECK_EVERY, new_tokens - steps_done)
             for _ in range(chunk):  # no host sync in here: the GPU runs behind the queued replays
-                if acc.options.compile:
-                    torch.compiler.cudagraph_mark_step_begin()
-                acc.fast_step(state.tokens, state.positions, state.unfinished, state.out, state.step,
-                              cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos, eos,
-                              pad=pad, sampling=sampling)
+                acc.fast_step(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos,
+                              do_sample=sampling.do_sample)
             steps_done += chunk
             cache.seq_length += chunk
         generated = state.out[:batch, : trim(state.out[:batch], eos, steps_done)]
@@ -200,16 +238,15 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     return torch.cat([input_ids, generated], dim=1)
 
 
-def fast_step(acc, tokens, positions, unfinished, out, step, keys, values, kv_valid, seq_start, write_pos, eos,
-              *, pad: int, sampling: Sampling) -> None:
+def fast_step(acc, state: FastDecodeState, keys, values, kv_valid, seq_start, write_pos, *, do_sample: bool) -> None:
     """One decode step for a bucket of rows, all on the device: forward, pick, write, advance."""
-    rows = tokens.shape[0]
-    embeds = acc.model.model.embed_tokens(tokens)[:, None]
-    new_valid = torch.ones(rows, dtype=torch.bool, device=tokens.device)
-    logits = acc._decode_step(embeds, positions[:, None], new_valid, keys, values, kv_valid, seq_start, write_pos)
-    next_tokens, still = pick(logits[:, 0].float(), unfinished, eos, pad, sampling)
-    out[torch.arange(rows, device=tokens.device)[:, None], step[None, :]] = next_tokens[:, None]
-    tokens.copy_(next_tokens)
-    positions.add_(1)
-    unfinished.copy_(still)
-    step.add_(1)
+    rows = state.tokens.shape[0]
+    embeds = acc.model.model.embed_tokens(state.tokens)[:, None]
+    new_valid = torch.ones(rows, dtype=torch.bool, device=state.tokens.device)
+    logits = acc._decode_step(embeds, state.positions[:, None], new_valid, keys, values, kv_valid, seq_start, write_pos)
+    next_tokens, still = pick(logits[:, 0].float(), state.unfinished, state, do_sample)
+    state.out[torch.arange(rows, device=state.tokens.device)[:, None], state.step[None, :]] = next_tokens[:, None]
+    state.tokens.copy_(next_tokens)
+    state.positions.add_(1)
+    state.unfinished.copy_(still)
+    state.step.add_(1)

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import os
+import types
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import Cache, DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from transformers.utils import ModelOutput
 
 from . import compat, fast_generate
 from .cache import Qwen3StaticCache
+from .graphs import CompiledSteps
 from .custom_ops import KERNEL_MODES, select_kernels
 from .custom_ops.attention import prefill_attention
 from .patches import qwen3 as dense
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 PATCHES = {Qwen3ForCausalLM: dense, Qwen3MoeForCausalLM: qwen3_moe}
 SUPPORTED_CLASSES = tuple(PATCHES)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CACHE_LEN_ROUNDING = 256  # automatic cache sizes are rounded up to this many slots
+_CACHE_LEN_ROUNDING = 256  # automatic cache sizes are 256 slots times a power of two (a bounded set of sizes)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
             warnings.warn("model is already optimized; the new options are ignored", stacklevel=2)
         return model
     _check_model(model)
+    if options.compile and options.kernels == "triton" and next(model.parameters()).device.type != "cuda":
+        raise ValueError(
+            "kernels='triton' on the CPU runs Triton's interpreter, which torch.compile cannot trace: pass "
+            "compile=False with it (the CPU's compiled path uses kernels='auto')"
+        )
     model.qwen3_accel = Qwen3Accelerator(model, options)
     return model
 
@@ -97,36 +105,62 @@ def _check_model(model: torch.nn.Module) -> None:
         getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
     ):
         raise ValueError("qwen3_accel.optimize supports full attention only; this config enables sliding windows")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"qwen3_accel.optimize supports hidden_act='silu' (Qwen3's); this config has {config.hidden_act!r}")
 
 
 class Qwen3Accelerator:
-    """The state of one optimized model: kernels, RoPE table, persistent cache, compiled decode step."""
+    """The state of one optimized model: kernels, RoPE table, persistent cache, compiled decode steps.
+
+    `copy.deepcopy` and `pickle` of the model carry only the options: the copy rebuilds its own state (fused
+    weights, kernels, cache, graphs) on its first call, so it is optimized and independent of the original.
+    """
 
     def __init__(self, model: Qwen3ForCausalLM | Qwen3MoeForCausalLM, options: OptimizeOptions):
         self.model = model
-        self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
         self.options = options
+        self.hf_forward = model.forward
+        self.hf_generate = model.generate
+        self._setup()
+        model.forward = self.forward
+        model.generate = self.generate
+
+    def _setup(self) -> None:
+        model, options = self.model, self.options
+        self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
         self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
         self.kernels = select_kernels(options.kernels, self.device, options.attention)
         self.shape = dense.model_shape(model)
         self.scale = model.model.layers[0].self_attn.scaling
-        self.patches.prepare(model)
+        self.fused = self.patches.prepare(model)
         self.cos_sin = dense.rope_table(model, model.config.max_position_embeddings)
         self.cache: Qwen3StaticCache | None = None
-        self.decode_step = (
-            torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            if options.compile
-            else self._decode_step
-        )
-        step = functools.partial(fast_generate.fast_step, self)
-        self.fast_step = (
-            torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False) if options.compile else step
-        )
+        # Graph keys: ("decode", rows, cache rows, cache length) for HF's loop and ("fast", rows, cache rows,
+        # cache length, do_sample) for the fast loop; rows is a power of two up to the cache's max_batch_size.
+        self.decode_steps = CompiledSteps(self._decode_step, options.compile)
+        self.fast_steps = CompiledSteps(functools.partial(fast_generate.fast_step, self), options.compile)
         self._fast_states: dict[tuple[int, int], fast_generate.FastDecodeState] = {}
-        self.hf_forward = model.forward
-        self.hf_generate = model.generate
-        model.forward = self.forward
-        model.generate = self.generate
+        self._ready = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.model, "options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _ready=False)  # the model is not restored yet: set up on first use
+
+    def _ensure_ready(self) -> None:
+        if not self._ready:
+            self.hf_forward = types.MethodType(type(self.model).forward, self.model)
+            self.hf_generate = types.MethodType(type(self.model).generate, self.model)
+            self._setup()
+
+    def fast_step(self, key, *args: Any, **kwargs: Any) -> None:
+        self.fast_steps(key, *args, **kwargs)
+
+    def graph_count(self) -> int:
+        """Compiled graphs this model holds now (at most 3 per batch bucket of the current cache)."""
+        return len(self.decode_steps) + len(self.fast_steps)
 
     # ----------------------------------------------------------------------------------------- cache
     def cache_for(self, batch_size: int, total_len: int) -> Qwen3StaticCache:
@@ -142,9 +176,11 @@ class Qwen3Accelerator:
                     f"this call needs {name}={need} but the KV cache was fixed at {fixed} by qwen3_accel.optimize"
                 )
         if cache is None or batch_size > cache.max_batch_size or total_len > cache.max_cache_len:
-            new_batch = opts.max_batch_size or max(batch_size, cache.max_batch_size if cache else 0)
-            rounded = -(-total_len // _CACHE_LEN_ROUNDING) * _CACHE_LEN_ROUNDING
-            new_len = opts.max_cache_len or min(limit, max(rounded, cache.max_cache_len if cache else 0))
+            # Powers of two (times 256 slots for the length): growth visits a bounded set of sizes.
+            new_batch = opts.max_batch_size or 1 << (max(batch_size, cache.max_batch_size if cache else 0) - 1).bit_length()
+            need_len = max(total_len, cache.max_cache_len if cache else 0)
+            rounded = _CACHE_LEN_ROUNDING << max(0, (-(-need_len // _CACHE_LEN_ROUNDING) - 1).bit_length())
+            new_len = opts.max_cache_len or min(limit, rounded)
             if cache is not None:
                 warnings.warn(
                     f"growing the KV cache from {cache.max_batch_size}x{cache.max_cache_len} to "
@@ -152,27 +188,34 @@ class Qwen3Accelerator:
                     "max_cache_len to qwen3_accel.optimize to size it once.",
                     stacklevel=3,
                 )
-            self.cache = cache = None  # drop the old tensors before allocating the new ones
+            self.cache = cache = None  # drop the old tensors (and the graphs that captured them) first
+            self.decode_steps.keep_only(lambda key: False)
+            self.fast_steps.keep_only(lambda key: False)
+            self._fast_states.clear()
             s = self.shape
-            cache = Qwen3StaticCache(
-                s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.model.dtype, self.device
-            )
+            cache = Qwen3StaticCache(s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.dtype, self.device)
             self.cache = cache
         cache.reset()
         return cache
 
     def check_weights_shared(self) -> None:
-        """Raise if the model was moved or cast after `optimize` (its fused GEMM weights would go stale)."""
-        attn = self.model.model.layers[0].self_attn
-        if attn.q_proj.weight.data_ptr() != attn.qkv_weight.data_ptr():
-            raise RuntimeError(
-                "the model's weights were moved or converted after qwen3_accel.optimize (e.g. .to(), .half()), so "
-                "the fused projections no longer share memory with them; move or cast the model first, then optimize"
-            )
+        """Keep the fused GEMM weights equal to the model's: a weight replaced since `optimize` (any layer, any
+        fused projection) is copied into the fused buffer; a model moved or cast since is an error."""
+        for group in self.fused:
+            if group.fused.device != self.device or group.fused.dtype != self.dtype:
+                raise RuntimeError(
+                    "the model's weights were moved or converted after qwen3_accel.optimize (e.g. .to(), .half()), "
+                    "so the fused projections no longer share memory with them; move or cast the model first, then "
+                    "optimize"
+                )
+            if not group.in_sync():
+                logger.debug("qwen3_accel: a fused weight was replaced; copying it into the fused buffer")
+                group.resync()
 
     @contextlib.contextmanager
     def disabled(self):
         """Run HF's own forward and generate (same weights) inside this block, e.g. for a baseline."""
+        self._ensure_ready()
         self.model.forward, self.model.generate = self.hf_forward, self.hf_generate
         try:
             yield self.model
@@ -183,14 +226,17 @@ class Qwen3Accelerator:
         """The fast loop's static buffers for a batch bucket (allocated once per bucket and cache size)."""
         key = (rows, max_len)
         if key not in self._fast_states:
-            self._fast_states = {k: v for k, v in self._fast_states.items() if k[1] == max_len}
             self._fast_states[key] = fast_generate.FastDecodeState(rows, max_len, self.device)
         return self._fast_states[key]
 
     # -------------------------------------------------------------------------------------- generate
     def generate(self, *args: Any, **kwargs: Any):
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
+        self._ensure_ready()
         self.check_weights_shared()
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[1] == 0:
+            raise ValueError(f"input_ids holds no tokens (shape {list(inputs.shape)}); give at least one per sequence")
         if self.options.fast_generate:
             reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
             if request is not None:
@@ -209,7 +255,12 @@ class Qwen3Accelerator:
         new_tokens = gen_config.max_new_tokens if gen_config.max_new_tokens is not None else gen_config.max_length
         total_len = prompt_len + new_tokens
         cache = self.cache_for(batch, total_len)
-        return self.hf_generate(*args, **{compat.CACHE_ARG: cache}, **kwargs)
+        output = self.hf_generate(*args, **{compat.CACHE_ARG: cache}, **kwargs)
+        if isinstance(output, ModelOutput):
+            # The persistent cache is reset by the next call: hand the caller a copy of its contents instead.
+            for key in [key for key, value in output.items() if value is cache]:
+                output[key] = cache.to_dynamic(self.model.config)
+        return output
 
     def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
         """The settings HF's generate will actually use (its defaults filled in), without changing anything."""
@@ -230,8 +281,9 @@ class Qwen3Accelerator:
             return f"cache_implementation={config.cache_implementation!r}"
         if config.use_cache is False:
             return "use_cache=False"
-        if config.output_attentions:
-            return "output_attentions"
+        for flag in ("output_attentions", "output_hidden_states", "output_router_logits"):
+            if getattr(config, flag, False) or getattr(self.model.config, flag, False):
+                return flag
         return None
 
     # --------------------------------------------------------------------------------------- forward
@@ -252,6 +304,7 @@ class Qwen3Accelerator:
         The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older releases), whichever the
         caller uses.
         """
+        self._ensure_ready()
         kwargs["cache"] = cache
         cache = compat.pop_cache_arg(kwargs)
         stray = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
@@ -261,19 +314,27 @@ class Qwen3Accelerator:
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **{compat.CACHE_ARG: cache}, **kwargs,
         )
-        use_cache = self.model.config.use_cache if use_cache is None else use_cache
+        config = self.model.config
+        use_cache = config.use_cache if use_cache is None else use_cache
         ours = isinstance(cache, Qwen3StaticCache)
-        if (
-            labels is not None
-            or kwargs.get("output_attentions") or kwargs.get("output_hidden_states")
-            or kwargs.get("output_router_logits", getattr(self.model.config, "output_router_logits", False))
-            or (cache is not None and not ours)
-            or (attention_mask is not None and attention_mask.dim() != 2)
-            or (torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad)
-        ):
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 0:
+            raise ValueError(f"the input holds no tokens (shape {list(tokens.shape)}); give at least one per sequence")
+        hf_only = [flag for flag in ("output_attentions", "output_hidden_states", "output_router_logits")
+                   if kwargs.get(flag, getattr(config, flag, False))]
+        if labels is not None:
+            hf_only.append("labels")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            hf_only.append("a 4-D attention mask")
+        if torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad:
+            hf_only.append("gradients")
+        if hf_only and ours:
+            raise ValueError(f"qwen3_accel's own cache cannot serve {hf_only}: run without a cache or with HF's")
+        if hf_only or (cache is not None and not ours):
             return self.hf_forward(**all_args)
 
-        self.check_weights_shared()
+        if not (ours and cache.seq_length > 0):
+            self.check_weights_shared()  # once per sequence, not per decoded token
         if inputs_embeds is None:
             inputs_embeds = self.model.model.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
@@ -346,10 +407,10 @@ class Qwen3Accelerator:
             embeds = F.pad(embeds, (0, 0, 0, 0, 0, pad))
             position_ids = F.pad(position_ids, (0, 0, 0, pad))
             new_valid = F.pad(new_valid, (0, pad), value=True)
-        if self.options.compile:
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = self.decode_step(
-            embeds, position_ids, new_valid, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos
+        key = ("decode", embeds.shape[0], cache.max_batch_size, cache.max_cache_len)
+        logits = self.decode_steps(
+            key, embeds, position_ids, new_valid, cache.keys, cache.values, cache.kv_valid, cache.seq_start,
+            cache.write_pos,
         )
         cache.seq_length += 1
         return logits[:batch].clone()  # graph outputs are overwritten by the next replay

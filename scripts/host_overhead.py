@@ -63,11 +63,10 @@ def main() -> None:
 
         def bare(n):
             def run():
+                key = ("decode", 1, cache.max_batch_size, cache.max_cache_len)  # the key `_decode` uses
                 for _ in range(n):
-                    if acc.options.compile:
-                        torch.compiler.cudagraph_mark_step_begin()
-                    acc.decode_step(*step_inputs, cache.keys, cache.values, cache.kv_valid, cache.seq_start,
-                                    cache.write_pos)
+                    acc.decode_steps(key, *step_inputs, cache.keys, cache.values, cache.kv_valid, cache.seq_start,
+                                     cache.write_pos)
                     cache.write_pos.fill_(16)
             return run
 

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import CollectStreamer, generate_without_recompiles, left_padded_batch, model_pair
-from qwen3_accel.fast_generate import Sampling, fast_path_reason, select_tokens
+from qwen3_accel.fast_generate import fast_path_reason, select_tokens
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
@@ -81,7 +81,8 @@ def test_sampling_follows_hf_warpers(temperature, top_k, top_p):
     expected = scores.softmax(dim=-1)[0]
     torch.manual_seed(0)
     draws = 40_000
-    tokens = select_tokens(logits.expand(draws, -1), Sampling(True, temperature, top_k, top_p))
+    settings = (torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]))
+    tokens = select_tokens(logits.expand(draws, -1), True, *settings)
     counts = torch.bincount(tokens, minlength=8).double()
     assert (counts[expected == 0] == 0).all(), "a token outside top-k / top-p was drawn"
     kept = expected > 0

@@ -17,8 +17,9 @@ import triton.language as tl
 # ------------------------------------------------------------------------------------------------ routing
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, logits_row_stride, n_experts,
-                  TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+                  TOP_K: tl.constexpr, BLOCK_TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
     # logits: [T, E] -> weights: [T, TOP_K] fp32, ids: [T, TOP_K] int32. One program per token.
+    # BLOCK_TOP_K is TOP_K rounded up to a power of two (tl.arange's rule); the extra lanes are never stored.
     token = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + token * logits_row_stride + e, mask=e < n_experts, other=float("-inf"))
@@ -26,9 +27,9 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, logits_row_stride, n_experts
     probs = tl.exp(logits - tl.max(logits, axis=0))
     probs = probs / tl.sum(probs, axis=0)
     remaining = tl.where(e < n_experts, probs, -1.0)
-    k_offs = tl.arange(0, TOP_K)
-    top_weights = tl.zeros([TOP_K], tl.float32)
-    top_ids = tl.zeros([TOP_K], tl.int32)
+    k_offs = tl.arange(0, BLOCK_TOP_K)
+    top_weights = tl.zeros([BLOCK_TOP_K], tl.float32)
+    top_ids = tl.zeros([BLOCK_TOP_K], tl.int32)
     for k in tl.static_range(TOP_K):
         best = tl.max(remaining, axis=0)
         best_id = tl.min(tl.where(remaining == best, e, BLOCK_E), axis=0)  # lowest index among ties
@@ -37,19 +38,19 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, logits_row_stride, n_experts
         remaining = tl.where(e == best_id, -1.0, remaining)
     if RENORMALIZE:
         top_weights = top_weights / tl.sum(top_weights, axis=0)
-    tl.store(weights_ptr + token * TOP_K + k_offs, top_weights)
-    tl.store(ids_ptr + token * TOP_K + k_offs, top_ids)
+    tl.store(weights_ptr + token * TOP_K + k_offs, top_weights, mask=k_offs < TOP_K)
+    tl.store(ids_ptr + token * TOP_K + k_offs, top_ids, mask=k_offs < TOP_K)
 
 
 def moe_route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     n_tokens, n_experts = router_logits.shape
     assert router_logits.stride(-1) == 1 and top_k <= n_experts
-    assert top_k == triton.next_power_of_2(top_k), "top_k must be a power of two for the routing kernel"
     weights = torch.empty((n_tokens, top_k), dtype=torch.float32, device=router_logits.device)
     ids = torch.empty((n_tokens, top_k), dtype=torch.int32, device=router_logits.device)
     if n_tokens:
         _route_kernel[(n_tokens,)](router_logits, weights, ids, router_logits.stride(0), n_experts,
-                                   TOP_K=top_k, RENORMALIZE=renormalize,
+                                   TOP_K=top_k, BLOCK_TOP_K=triton.next_power_of_2(top_k),
+                                   RENORMALIZE=renormalize,
                                    BLOCK_E=triton.next_power_of_2(n_experts), num_warps=1)
     return weights, ids
 

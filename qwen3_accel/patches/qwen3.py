@@ -12,7 +12,7 @@ The fused weights are non-persistent buffers, so `state_dict()` keys and values 
 HF's modules stay in place, so HF's own forward still runs for what the fast path does not cover.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -42,7 +42,54 @@ def model_shape(model: nn.Module) -> Shape:
     return Shape(len(model.model.layers), config.num_attention_heads, config.num_key_value_heads, attn.head_dim)
 
 
-def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> None:
+@dataclass
+class FusedLinears:
+    """Linears of one module whose weights (and biases) are views of one fused buffer each."""
+
+    parent: nn.Module
+    names: list[str]
+    fused_name: str  # the buffers are `parent.<fused_name>_weight` / `_bias`
+    _pointers: list[int] = field(default_factory=list)  # data_ptr of every view, as fused
+
+    @property
+    def fused(self) -> torch.Tensor:
+        return getattr(self.parent, f"{self.fused_name}_weight")
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for name in self.names for attr in ("weight", "bias")
+                if (p := getattr(getattr(self.parent, name), attr)) is not None]
+
+    def in_sync(self) -> bool:
+        """Whether every linear still uses its view (cheap: one pointer per parameter)."""
+        return [p.data_ptr() for p in self._params()] == self._pointers
+
+    def resync(self) -> None:
+        """Copy replaced weights into the fused buffers and make them views again (addresses kept for graphs)."""
+        for attr in ("weight", "bias"):
+            fused = getattr(self.parent, f"{self.fused_name}_{attr}")
+            offset = 0
+            for name in self.names:
+                linear = getattr(self.parent, name)
+                param = getattr(linear, attr)
+                if fused is None or param is None:
+                    if fused is not None or param is not None:
+                        raise ValueError(f"{name}.{attr} was added or removed after qwen3_accel.optimize")
+                    continue
+                view = fused[offset : offset + param.shape[0]]
+                if param.data_ptr() != view.data_ptr():
+                    if param.shape != view.shape or param.dtype != view.dtype or param.device != view.device:
+                        raise ValueError(
+                            f"{name}.{attr} was replaced by a {param.dtype} tensor of shape {list(param.shape)} on "
+                            f"{param.device}; the model's is {view.dtype}, {list(view.shape)}, on {view.device}"
+                        )
+                    with torch.no_grad():
+                        view.copy_(param)
+                    setattr(linear, attr, nn.Parameter(view, requires_grad=param.requires_grad))
+                offset += param.shape[0]
+        self._pointers = [p.data_ptr() for p in self._params()]
+
+
+def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> FusedLinears:
     """Concatenate the weights (and biases) of `parent.<names>` into one buffer; the originals become views."""
     linears = [getattr(parent, name) for name in names]
     for attr in ("weight", "bias"):
@@ -58,14 +105,19 @@ def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> None:
             offset += p.shape[0]
         parent.register_buffer(f"{fused_name}_{attr}", fused, persistent=False)
         torch._dynamo.mark_static_address(fused)
+    group = FusedLinears(parent, names, fused_name)
+    group._pointers = [p.data_ptr() for p in group._params()]
+    return group
 
 
-def prepare(model: Qwen3ForCausalLM) -> None:
+def prepare(model: Qwen3ForCausalLM) -> list[FusedLinears]:
     """Fuse q/k/v and (dense MLPs') gate/up of every layer, in place, without copying any weight twice."""
+    groups = []
     for layer in model.model.layers:
-        _fuse_linears(layer.self_attn, ["q_proj", "k_proj", "v_proj"], "qkv")
+        groups.append(_fuse_linears(layer.self_attn, ["q_proj", "k_proj", "v_proj"], "qkv"))
         if hasattr(layer.mlp, "gate_proj"):
-            _fuse_linears(layer.mlp, ["gate_proj", "up_proj"], "gate_up")
+            groups.append(_fuse_linears(layer.mlp, ["gate_proj", "up_proj"], "gate_up"))
+    return groups
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""A bounded, known set of compiled decode steps per optimized model.
+
+Dynamo keeps compiled graphs, and counts recompiles against `recompile_limit` (8), per *code object*, shared by
+every caller in the process: one `torch.compile(fn)` reused by several models or many request settings would hit
+the limit and, with `fullgraph=True`, raise. So each graph key of each model gets its own copy of the step
+function's code: it is compiled once, on its first call, and never shares a cache entry. The keys are chosen so
+that everything that varies per request is a device tensor (see fast_generate.py), which bounds the set.
+"""
+
+import functools
+import logging
+import types
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _own_code(fn: Callable) -> Callable:
+    """`fn` (a function, bound method or partial of one) with a fresh code object, so Dynamo caches it apart."""
+    if isinstance(fn, functools.partial):
+        return functools.partial(_own_code(fn.func), *fn.args, **fn.keywords)
+    if isinstance(fn, types.MethodType):
+        return types.MethodType(_own_code(fn.__func__), fn.__self__)
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class CompiledSteps:
+    """`fn` compiled with mode="reduce-overhead" (CUDA graphs), one compilation per key; eager when disabled.
+
+    A key whose compilation or replay fails runs eagerly from then on, with a debug log: a request never fails
+    because a graph could not be built.
+    """
+
+    def __init__(self, fn: Callable, enabled: bool):
+        self.fn = fn
+        self.enabled = enabled
+        self.compiled: dict[Hashable, Callable] = {}
+        self.eager_keys: set[Hashable] = set()
+
+    def __call__(self, key: Hashable, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled or key in self.eager_keys:
+            return self.fn(*args, **kwargs)
+        step = self.compiled.get(key)
+        if step is None:
+            step = torch.compile(_own_code(self.fn), mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.compiled[key] = step
+        torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return step(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any compile or replay failure: run this key eagerly instead
+            logger.debug("qwen3_accel: running graph key %s eagerly (%s: %s)", key, type(error).__name__, error)
+            del self.compiled[key]
+            self.eager_keys.add(key)
+            return self.fn(*args, **kwargs)
+
+    def keep_only(self, keep: Callable[[Hashable], bool]) -> None:
+        """Drop the graphs whose key fails `keep` (e.g. those of a cache that was re-allocated)."""
+        self.compiled = {key: step for key, step in self.compiled.items() if keep(key)}
+        self.eager_keys = {key for key in self.eager_keys if keep(key)}
+
+    def __len__(self) -> int:
+        return len(self.compiled)
