@@ -204,7 +204,9 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
         embeds = model.model.embed_tokens(input_ids)
         hidden = acc._prefill(cache, embeds, attention_mask, position_ids)
         logits = model.lm_head(hidden[:, -1]).float()
-        rows = cache.decode_rows(batch)
+        # Compiled, rows are padded to the bucket's power of two (one graph per bucket). Eager, they are not, so
+        # the random draws are exactly HF's: seeded sampling then gives HF's tokens.
+        rows = cache.decode_rows(batch) if acc.options.compile else batch
         state = acc.fast_state(rows, cache.max_cache_len)
         state.set_request(eos_ids, pad, sampling)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)

@@ -177,8 +177,8 @@ class Qwen3Accelerator:
                 )
         if cache is None or batch_size > cache.max_batch_size or total_len > cache.max_cache_len:
             # Powers of two (times 256 slots for the length): growth visits a bounded set of sizes.
-            new_batch = opts.max_batch_size or 1 << (max(batch_size, cache.max_batch_size if cache else 0) - 1).bit_length()
-            need_len = max(total_len, cache.max_cache_len if cache else 0)
+            new_batch = opts.max_batch_size or 1 << (max(batch_size, cache.max_batch_size if cache is not None else 0) - 1).bit_length()
+            need_len = max(total_len, cache.max_cache_len if cache is not None else 0)
             rounded = _CACHE_LEN_ROUNDING << max(0, (-(-need_len // _CACHE_LEN_ROUNDING) - 1).bit_length())
             new_len = opts.max_cache_len or min(limit, rounded)
             if cache is not None:

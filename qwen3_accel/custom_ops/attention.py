@@ -34,8 +34,10 @@ def prefill_attention(
         key_pos = torch.arange(k.shape[1], device=q.device)[None, :]
         mask = (key_pos <= query_pos)[None, None]  # [1, 1, L, S]
         if key_valid is not None:
-            # A padded query would see no key at all; letting it see itself keeps its row finite.
-            mask = (mask & key_valid[:, None, None, :]) | (key_pos == query_pos)[None, None]
+            # As in HF: a query sees the real tokens up to its position (a right-padding query included). A query
+            # that would see none (left padding) sees itself, which keeps its row finite; its output is unused.
+            mask = mask & key_valid[:, None, None, :]
+            mask = mask | ((key_pos == query_pos)[None, None] & ~mask.any(dim=-1, keepdim=True))
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(batch, q_len, n_heads * head_dim)
 

@@ -49,6 +49,7 @@ class FusedLinears:
     parent: nn.Module
     names: list[str]
     fused_name: str  # the buffers are `parent.<fused_name>_weight` / `_bias`
+    rows: list[int]  # output rows of each linear, in order
     _pointers: list[int] = field(default_factory=list)  # data_ptr of every view, as fused
 
     @property
@@ -68,14 +69,14 @@ class FusedLinears:
         for attr in ("weight", "bias"):
             fused = getattr(self.parent, f"{self.fused_name}_{attr}")
             offset = 0
-            for name in self.names:
+            for name, rows in zip(self.names, self.rows):
                 linear = getattr(self.parent, name)
                 param = getattr(linear, attr)
                 if fused is None or param is None:
                     if fused is not None or param is not None:
                         raise ValueError(f"{name}.{attr} was added or removed after qwen3_accel.optimize")
                     continue
-                view = fused[offset : offset + param.shape[0]]
+                view = fused[offset : offset + rows]
                 if param.data_ptr() != view.data_ptr():
                     if param.shape != view.shape or param.dtype != view.dtype or param.device != view.device:
                         raise ValueError(
@@ -85,7 +86,7 @@ class FusedLinears:
                     with torch.no_grad():
                         view.copy_(param)
                     setattr(linear, attr, nn.Parameter(view, requires_grad=param.requires_grad))
-                offset += param.shape[0]
+                offset += rows
         self._pointers = [p.data_ptr() for p in self._params()]
 
 
@@ -105,7 +106,7 @@ def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> Fused
             offset += p.shape[0]
         parent.register_buffer(f"{fused_name}_{attr}", fused, persistent=False)
         torch._dynamo.mark_static_address(fused)
-    group = FusedLinears(parent, names, fused_name)
+    group = FusedLinears(parent, names, fused_name, [linear.weight.shape[0] for linear in linears])
     group._pointers = [p.data_ptr() for p in group._params()]
     return group
 

@@ -1,0 +1,166 @@
+"""Request shapes and model changes a long-lived process meets: each gives HF's answer or a clear error."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qwen3_accel
+from conftest import left_padded_batch, model_pair
+from qwen3_accel.compat import CACHE_ARG, OUTPUT_CACHE_FIELD
+from qwen3_accel.configs import build_model, get_config
+from qwen3_accel.custom_ops import moe
+
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return model_pair("tiny", compile=False)
+
+
+def both(reference, optimized, *args, **kwargs):
+    """generate() on both models: the same tokens."""
+    expected = reference.generate(*args, **kwargs)
+    actual = optimized.generate(*args, **kwargs)
+    if not isinstance(expected, torch.Tensor):  # a config that asks for extra outputs makes generate return a dict
+        expected, actual = expected.sequences, actual.sequences
+    assert torch.equal(actual, expected)
+    return actual
+
+
+def test_missing_mask_with_pad_tokens_in_the_prompt(pair):
+    """HF infers the mask from the pad token when none is given (a left-padded batch without its mask)."""
+    reference, optimized = pair
+    ids, _ = left_padded_batch([9, 5, 7], 512, seed=1)
+    both(reference, optimized, ids, max_new_tokens=6, **GREEDY)
+
+
+def test_right_padded_mask(pair):
+    reference, optimized = pair
+    ids, mask = left_padded_batch([8, 5], 512, seed=2)
+    ids, mask = ids.flip(1), mask.flip(1)  # padding on the right
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
+
+
+def test_a_replaced_weight_in_any_layer_is_used():
+    reference, optimized = model_pair("tiny", compile=False)
+    ids, mask = left_padded_batch([6, 9], 512, seed=3)
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=5, **GREEDY)
+    for model in (reference, optimized):
+        torch.manual_seed(5)
+        model.model.layers[1].mlp.up_proj.weight = nn.Parameter(torch.randn(128, 64) * 0.5)
+        torch.manual_seed(6)
+        model.model.layers[1].self_attn.v_proj.weight = nn.Parameter(torch.randn(64, 64) * 0.5)
+    out = both(reference, optimized, ids, attention_mask=mask, max_new_tokens=5, **GREEDY)
+    assert optimized.model.layers[1].self_attn.v_proj.weight.data_ptr() != 0
+    with torch.no_grad():  # a user's forward sees it too
+        torch.testing.assert_close(optimized(out).logits, reference(out).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_weight_of_another_shape_is_a_clear_error():
+    _, optimized = model_pair("tiny", compile=False)
+    optimized.model.layers[1].mlp.gate_proj.weight = nn.Parameter(torch.randn(64, 64))
+    with pytest.raises(ValueError, match=r"gate_proj.weight was replaced by a torch.float32 tensor of shape \[64, 64\]"):
+        optimized.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, **GREEDY)
+
+
+def test_a_returned_cache_stays_valid_after_the_next_call(pair):
+    """A cache returned by generate() can be continued later, whatever ran in between."""
+    reference, optimized = pair
+    ids, mask = left_padded_batch([7, 4], 512, seed=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True, **GREEDY)
+    ref_first, opt_first = reference.generate(ids, **kwargs), optimized.generate(ids, **kwargs)
+    assert torch.equal(opt_first.sequences, ref_first.sequences)
+    other, other_mask = left_padded_batch([5, 11], 512, seed=5)
+    optimized.generate(other, attention_mask=other_mask, max_new_tokens=9, return_dict_in_generate=True, **GREEDY)
+
+    def continue_from(model, first):
+        cache = getattr(first, OUTPUT_CACHE_FIELD)
+        seq = first.sequences
+        full_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+        with torch.no_grad():
+            return model(seq[:, -1:], attention_mask=full_mask, **{CACHE_ARG: cache}).logits
+
+    torch.testing.assert_close(continue_from(optimized, opt_first), continue_from(reference, ref_first),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [3, 6])
+def test_moe_top_k_that_is_not_a_power_of_two(top_k):
+    config = get_config("tiny-moe", num_experts_per_tok=top_k)
+    reference = build_model(config)
+    optimized = qwen3_accel.optimize(copy.deepcopy(reference), compile=False)
+    ids, mask = left_padded_batch([6, 3], 512, seed=6)
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=5, **GREEDY)
+    logits = torch.randn(5, 8)
+    expected = moe.moe_route_reference(logits, top_k, True)
+    actual = moe.moe_route_triton(logits, top_k, True)  # Triton's interpreter on the CPU
+    torch.testing.assert_close(actual[0], expected[0])
+    assert torch.equal(actual[1], expected[1])
+
+
+def test_triton_kernels_with_compile_on_cpu_are_refused_up_front():
+    with pytest.raises(ValueError, match="pass compile=False"):
+        qwen3_accel.optimize(build_model("tiny"), kernels="triton", compile=True)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_are_optimized_and_independent(pair, how):
+    reference, optimized = pair
+    ids, mask = left_padded_batch([5, 8], 512, seed=7)
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
+    clone = copy.deepcopy(optimized) if how == "deepcopy" else pickle.loads(pickle.dumps(optimized))
+    assert isinstance(clone.qwen3_accel, qwen3_accel.optimize.__globals__["Qwen3Accelerator"])
+    assert clone.qwen3_accel is not optimized.qwen3_accel
+    both(reference, clone, ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
+    assert clone.qwen3_accel.cache is not optimized.qwen3_accel.cache
+    assert clone.model.layers[0].self_attn.q_proj.weight.data_ptr() != optimized.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    with torch.no_grad():
+        clone.model.layers[0].mlp.down_proj.weight.mul_(2)  # changing the copy leaves the original alone
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
+    assert set(clone.state_dict()) == set(reference.state_dict())
+
+
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+def test_output_flags_set_on_the_config(flag):
+    config = get_config("tiny")
+    setattr(config, flag, True)
+    reference = build_model(config, attn_implementation="eager")
+    optimized = qwen3_accel.optimize(copy.deepcopy(reference), compile=False)
+    ids, mask = left_padded_batch([6, 4], 512, seed=8)
+    with torch.no_grad():
+        expected, actual = reference(ids, attention_mask=mask), optimized(ids, attention_mask=mask)
+    name = "hidden_states" if flag == "output_hidden_states" else "attentions"
+    assert getattr(actual, name) is not None and len(getattr(actual, name)) == len(getattr(expected, name))
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, **GREEDY)
+    both(reference, optimized, ids, **kwargs)
+
+
+def test_moe_router_logits_set_on_the_config():
+    config = get_config("tiny-moe", output_router_logits=True)
+    reference = build_model(config)
+    optimized = qwen3_accel.optimize(copy.deepcopy(reference), compile=False)
+    ids, mask = left_padded_batch([6, 4], 512, seed=9)
+    with torch.no_grad():
+        expected, actual = reference(ids, attention_mask=mask), optimized(ids, attention_mask=mask)
+    assert actual.router_logits is not None
+    torch.testing.assert_close(actual.logits, expected.logits)
+    # (HF's own generate fails on a padded batch with this flag, in its load-balancing loss: one unpadded prompt)
+    both(reference, optimized, ids[:1, -6:], max_new_tokens=4, **GREEDY)
+
+
+def test_an_activation_other_than_silu_is_refused():
+    with pytest.raises(ValueError, match="hidden_act='silu'.*'gelu'"):
+        qwen3_accel.optimize(build_model(get_config("tiny", hidden_act="gelu")), compile=False)
+
+
+def test_empty_prompt_is_a_clear_error(pair):
+    _, optimized = pair
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"holds no tokens \(shape \[1, 0\]\)"):
+        optimized.generate(empty, max_new_tokens=3, **GREEDY)
+    with pytest.raises(ValueError, match=r"holds no tokens \(shape \[1, 0\]\)"), torch.no_grad():
+        optimized(empty)
