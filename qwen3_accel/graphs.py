@@ -7,7 +7,6 @@ function's code: it is compiled once, on its first call, and never shares a cach
 that everything that varies per request is a device tensor (see fast_generate.py), which bounds the set.
 """
 
-import functools
 import logging
 import types
 from collections.abc import Callable, Hashable
@@ -19,9 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def _own_code(fn: Callable) -> Callable:
-    """`fn` (a function, bound method or partial of one) with a fresh code object, so Dynamo caches it apart."""
-    if isinstance(fn, functools.partial):
-        return functools.partial(_own_code(fn.func), *fn.args, **fn.keywords)
+    """`fn` (a function or bound method) with a fresh code object, so Dynamo caches it apart.
+
+    (Not a functools.partial: torch.compile wraps those in one shared wrapper function, whose code object all
+    partials would share again.)
+    """
     if isinstance(fn, types.MethodType):
         return types.MethodType(_own_code(fn.__func__), fn.__self__)
     code = fn.__code__.replace()

@@ -7,7 +7,6 @@ persistent cache passed in, when the request is one our cache serves). Everythin
 """
 
 import contextlib
-import functools
 import logging
 import os
 import types
@@ -139,7 +138,7 @@ class Qwen3Accelerator:
         # Graph keys: ("decode", rows, cache rows, cache length) for HF's loop and ("fast", rows, cache rows,
         # cache length, do_sample) for the fast loop; rows is a power of two up to the cache's max_batch_size.
         self.decode_steps = CompiledSteps(self._decode_step, options.compile)
-        self.fast_steps = CompiledSteps(functools.partial(fast_generate.fast_step, self), options.compile)
+        self.fast_steps = CompiledSteps(types.MethodType(fast_generate.fast_step, self), options.compile)
         self._fast_states: dict[tuple[int, int], fast_generate.FastDecodeState] = {}
         self._ready = True
 
