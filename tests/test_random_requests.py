@@ -18,7 +18,7 @@ def _prompt(rng: random.Random, seed: int):
     ids, mask = left_padded_batch([rng.randint(1, longest) for _ in range(batch)], VOCAB, seed=seed)
     pad = rng.choice([0, 0, 7, VOCAB - 1])
     ids = ids.masked_fill(mask == 0, pad)
-    return ids, mask, pad
+    return ids, mask.to(rng.choice([torch.long, torch.long, torch.bool, torch.float32])), pad
 
 
 def _request(rng: random.Random, reference, seed: int) -> tuple[str, tuple, dict]:
