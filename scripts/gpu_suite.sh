@@ -5,6 +5,8 @@
 #   optional:       eval             bf16 lm-eval parity on Qwen3-0.6B shapes (needs lm-eval importable)
 #                   kernels-in-graph qwen3_accel's decode with kernels="torch": Inductor fuses the reference
 #                                    ops inside the CUDA graph instead of calling our Triton ops
+#                   soak             8 minutes of mixed generate() requests on one Qwen3-0.6B model: crashes,
+#                                    graphs held, memory after warm-up and at the end (scripts/soak.py)
 # Each stage has its own time limit; $OUT_DIR/timing.txt records how long each one took.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_suite.sh OUT_DIR [STAGE...]}
@@ -46,6 +48,8 @@ for stage in "${stages[@]}"; do
         mkdir -p "$out/kernels_in_graph"
         timeout 150 "${bench[@]}" --out "$out/kernels_in_graph" --model Qwen3-0.6B \
             --contenders qwen3_accel --kernels torch --batch-sizes 1,8 --prompt-lengths 128 2>&1 | quiet ;;
+    soak)
+        timeout 570 python3 scripts/soak.py --model Qwen3-0.6B --minutes 8 2>&1 | tee "$out/soak.txt" ;;
     *) echo "unknown stage $stage" ;;
     esac
     echo "$stage $((SECONDS - stage_start)) s" | tee -a "$out/timing.txt"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, model_pair
+from test_random_requests import run_stream
 from qwen3_accel.custom_ops import activation, rms_norm, rope
 
 pytestmark = pytest.mark.gpu
@@ -70,3 +71,14 @@ def test_bf16_greedy_parity_on_qwen3_0_6b_shapes():
         logits = expected.logits[step][row].float()
         gap = logits.max() - logits[actual[row, prompt_len + step]]
         assert gap <= near_tie, f"prompt {row} diverged at step {step} on a token {gap:.3f} below HF's best"
+
+
+def test_random_request_stream_compiled_on_cuda():
+    """The CPU suite's long-lived-process stream with CUDA kernels and CUDA graphs (fp32: greedy tokens exact;
+    sampled ones from Inductor's random numbers, checked for shape only), dense and MoE models alternating."""
+    pairs = [model_pair(name, device="cuda", compile=True) for name in ("tiny", "tiny-moe")]
+    failures = run_stream(pairs, calls=120, seed=5, device="cuda", exact_sampling=False)
+    assert not failures, "\n".join(failures)
+    for _, optimized in pairs:
+        acc = optimized.qwen3_accel
+        assert not acc.decode_steps.eager_keys and not acc.fast_steps.eager_keys
