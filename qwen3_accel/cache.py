@@ -71,7 +71,8 @@ class Qwen3StaticCache(Cache):
         copy = DynamicCache(config=config)
         rows, length = self.batch_size_in_use, self.seq_length
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
-            copy.update(keys[:rows, :length].transpose(1, 2).clone(), values[:rows, :length].transpose(1, 2).clone(), layer)
+            layer_keys, layer_values = keys[:rows, :length].transpose(1, 2), values[:rows, :length].transpose(1, 2)
+            copy.update(layer_keys.clone(), layer_values.clone(), layer)
         return copy
 
     @property

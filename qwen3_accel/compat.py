@@ -26,7 +26,9 @@ def supported_range() -> str:
     )
 
 
-def check_versions(torch_version: str = torch.__version__, transformers_version: str = transformers.__version__) -> None:
+def check_versions(
+    torch_version: str = torch.__version__, transformers_version: str = transformers.__version__
+) -> None:
     """Raise ImportError outside the supported range; warn on a transformers minor release newer than tested."""
     installed = f"installed: torch {torch_version}, transformers {transformers_version}"
     torch_version = Version(Version(str(torch_version)).base_version)

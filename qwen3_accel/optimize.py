@@ -105,7 +105,9 @@ def _check_model(model: torch.nn.Module) -> None:
     ):
         raise ValueError("qwen3_accel.optimize supports full attention only; this config enables sliding windows")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"qwen3_accel.optimize supports hidden_act='silu' (Qwen3's); this config has {config.hidden_act!r}")
+        raise ValueError(
+            f"qwen3_accel.optimize supports hidden_act='silu' (Qwen3's); this config has {config.hidden_act!r}"
+        )
 
 
 class Qwen3Accelerator:
@@ -176,8 +178,9 @@ class Qwen3Accelerator:
                 )
         if cache is None or batch_size > cache.max_batch_size or total_len > cache.max_cache_len:
             # Powers of two (times 256 slots for the length): growth visits a bounded set of sizes.
-            new_batch = opts.max_batch_size or 1 << (max(batch_size, cache.max_batch_size if cache is not None else 0) - 1).bit_length()
+            need_batch = max(batch_size, cache.max_batch_size if cache is not None else 0)
             need_len = max(total_len, cache.max_cache_len if cache is not None else 0)
+            new_batch = opts.max_batch_size or 1 << (need_batch - 1).bit_length()
             rounded = _CACHE_LEN_ROUNDING << max(0, (-(-need_len // _CACHE_LEN_ROUNDING) - 1).bit_length())
             new_len = opts.max_cache_len or min(limit, rounded)
             if cache is not None:
@@ -192,7 +195,9 @@ class Qwen3Accelerator:
             self.fast_steps.keep_only(lambda key: False)
             self._fast_states.clear()
             s = self.shape
-            cache = Qwen3StaticCache(s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.dtype, self.device)
+            cache = Qwen3StaticCache(
+                s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.dtype, self.device
+            )
             self.cache = cache
         cache.reset()
         return cache
