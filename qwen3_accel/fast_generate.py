@@ -230,8 +230,8 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
                 break
             chunk = min(CHECK_EVERY, new_tokens - steps_done)
             for _ in range(chunk):  # no host sync in here: the GPU runs behind the queued replays
-                acc.fast_step(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos,
-                              do_sample=sampling.do_sample)
+                acc.fast_steps(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos,
+                               do_sample=sampling.do_sample)
             steps_done += chunk
             cache.seq_length += chunk
         generated = state.out[:batch, : trim(state.out[:batch], eos, steps_done)]

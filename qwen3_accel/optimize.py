@@ -156,9 +156,6 @@ class Qwen3Accelerator:
             self.hf_generate = types.MethodType(type(self.model).generate, self.model)
             self._setup()
 
-    def fast_step(self, key, *args: Any, **kwargs: Any) -> None:
-        self.fast_steps(key, *args, **kwargs)
-
     def graph_count(self) -> int:
         """Compiled graphs this model holds now (at most 3 per batch bucket of the current cache)."""
         return len(self.decode_steps) + len(self.fast_steps)
