@@ -94,6 +94,13 @@ def _check_model(model: torch.nn.Module) -> None:
             f"qwen3_accel.optimize needs all weights in one of {[str(d) for d in SUPPORTED_DTYPES]}; "
             f"got {sorted(str(d) for d in dtypes)} (quantized checkpoints are not supported)"
         )
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if len({str(d) for d in device_map.values()}) > 1 or any(str(d) in ("disk", "meta") for d in device_map.values()):
+        raise ValueError(
+            "qwen3_accel.optimize needs the whole model on one device; accelerate placed it on "
+            f"{sorted({str(d) for d in device_map.values()})} (device_map={device_map!r}). Load it with "
+            "device_map='cuda' (or one device), without offloading"
+        )
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1 or next(iter(devices)).type not in ("cuda", "cpu"):
         raise ValueError(
