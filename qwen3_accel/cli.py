@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{text} (default by dtype: fp32 {getattr(fp32, name):g}, bf16 {getattr(bf16, name):g})")
 
     sub.add_parser("info", help="versions, device and the kernels qwen3_accel would use")
+    sub.add_parser(
+        "lm-eval", help="lm-eval's own command line, with the model type `qwen3_accel` registered",
+        description="Runs lm-eval's CLI with every argument after `lm-eval` passed through unchanged, after "
+                    "registering the model type `qwen3_accel` (lm-eval's HFLM with the loaded model optimized). "
+                    "Example: qwen3-accel lm-eval --model qwen3_accel --model_args pretrained=PATH,dtype=bfloat16 "
+                    "--tasks hellaswag. qwen3_accel options (kernels, attention, compile, fast_generate, "
+                    "max_batch_size, max_cache_len) go in --model_args. Needs pip install 'qwen3-accel[eval]'.",
+        add_help=False,
+    )
     return parser
 
 
@@ -208,7 +217,24 @@ def _info() -> None:
     print(json.dumps(info, indent=2))
 
 
+def _lm_eval(argv: list[str]) -> None:
+    """lm-eval's CLI on `argv`, with our model type registered."""
+    from .eval import require_lm_eval
+
+    require_lm_eval()
+    from lm_eval.__main__ import cli_evaluate
+
+    from .eval import lm_eval_model  # noqa: F401 - registers --model qwen3_accel
+
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, --help included
+        _lm_eval(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         _bench(args)

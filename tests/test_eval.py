@@ -79,3 +79,35 @@ def test_eval_command_writes_a_report_with_the_thresholds_asked_for(tmp_path):
     assert report["passed"] and report["tasks"]["qwen3_accel_mc"]["examples"] == 3
     assert report["thresholds"]["min_choice_agreement"] == 0.5
     assert report["thresholds"]["loglikelihood_atol"] == parity_eval.Thresholds().loglikelihood_atol
+
+
+def test_lm_eval_cli_with_the_qwen3_accel_model_type(tokenizer, tmp_path, monkeypatch):
+    """`qwen3-accel lm-eval` is lm-eval's CLI with `--model qwen3_accel` registered: on a saved checkpoint, every
+    request type (loglikelihood, rolling, generate_until) runs through our forward and gives `--model hf`'s
+    per-example results."""
+    from qwen3_accel import cli
+
+    build_model("tiny").save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    calls = []
+    original = dense_patches.forward_hidden
+    monkeypatch.setattr(dense_patches, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.chdir(parity_eval.TASKS_DIR)  # the bundled tasks name their data files relative to their folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    runs = {}
+    for model_type, extra in (("hf", ""), ("qwen3_accel", ",compile=False")):
+        cli.main(["lm-eval", "--model", model_type, "--model_args", f"pretrained={tmp_path / 'ckpt'},dtype=float32{extra}",
+                  "--tasks", ",".join(parity_eval.BUNDLED_TASKS), "--include_path", str(parity_eval.TASKS_DIR),
+                  "--limit", "4", "--batch_size", "2", "--log_samples", "--output_path", str(tmp_path / model_type)])
+        samples = {}
+        for path in (tmp_path / model_type).glob("**/samples_*.jsonl"):
+            task = next(name for name in parity_eval.BUNDLED_TASKS if f"samples_{name}_" in path.name)
+            samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
+        runs[model_type] = {"samples": samples, "results": {task: {} for task in samples}}
+        if model_type == "hf":
+            assert not calls, "the hf model type must not run qwen3_accel"
+    assert set(runs["hf"]["samples"]) == set(parity_eval.BUNDLED_TASKS)
+    assert calls, "--model qwen3_accel never went through qwen3_accel's forward"
+    comparison = parity_eval.compare_runs(runs["hf"], runs["qwen3_accel"], parity_eval.Thresholds())
+    assert comparison.passed, parity_eval.format_comparison(comparison)
