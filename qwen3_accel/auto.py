@@ -22,8 +22,8 @@ def _optimize_if_qwen3(model: Any, options: OptimizeOptions) -> Any:
 class _OptimizingLoader:
     """A `from_pretrained` that runs the class's own and optimizes the result (one per patched class)."""
 
-    def __init__(self, cls: type, original: Any, options: OptimizeOptions):
-        self.cls, self.original, self.options = cls, original, options
+    def __init__(self, original: Any, options: OptimizeOptions):
+        self.original, self.options = original, options
 
     def __get__(self, instance: Any, owner: type):
         loader = self.original.__get__(instance, owner)  # the class's own from_pretrained, bound as usual
@@ -51,7 +51,7 @@ def patch_transformers(**options: Any) -> None:
     """
     opts = OptimizeOptions(**options)
     for cls in PATCHED_CLASSES:
-        cls.from_pretrained = _OptimizingLoader(cls, _original_from_pretrained(cls), opts)
+        cls.from_pretrained = _OptimizingLoader(_original_from_pretrained(cls), opts)
 
 
 def unpatch_transformers() -> None:
