@@ -338,7 +338,15 @@ class Qwen3Accelerator:
             hf_only.append("gradients")
         if hf_only and ours:
             raise ValueError(f"qwen3_accel's own cache cannot serve {hf_only}: run without a cache or with HF's")
-        if hf_only or (cache is not None and not ours):
+        # HF's DynamicCache (beam search, assisted decoding, a user's own loop) runs on our kernels too, through
+        # the Cache API; any other cache class, or a mask that does not cover the cache, runs HF's forward.
+        if cache is not None and not ours and type(cache) is not DynamicCache:
+            hf_only.append(f"a {type(cache).__name__}")
+        elif type(cache) is DynamicCache and attention_mask is not None and tokens is not None and (
+            attention_mask.shape[-1] != cache.get_seq_length() + tokens.shape[1]
+        ):
+            hf_only.append("an attention mask that does not cover the cache")
+        if hf_only:
             return self.hf_forward(**all_args)
 
         if not (ours and cache.seq_length > 0):
@@ -349,8 +357,8 @@ class Qwen3Accelerator:
         if ours and seq_len == 1 and cache.seq_length > 0:
             logits = self._decode(cache, input_ids, inputs_embeds, attention_mask, position_ids)
         else:
-            if not ours:
-                cache = DynamicCache(config=self.model.config) if use_cache else None
+            if cache is None and use_cache:
+                cache = DynamicCache(config=self.model.config)
             hidden = self._prefill(cache, inputs_embeds, attention_mask, position_ids)
             hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
             logits = self.model.lm_head(hidden)
@@ -358,7 +366,7 @@ class Qwen3Accelerator:
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _prefill(self, cache, embeds, attention_mask, position_ids) -> torch.Tensor:
-        """Eager forward over a prompt (or a cache-less sequence); fills `cache` when given."""
+        """Eager forward over new tokens (a prompt, or steps on HF's DynamicCache); extends `cache` when given."""
         batch, seq_len = embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -379,12 +387,13 @@ class Qwen3Accelerator:
                 if key_valid is None:
                     keys, values = k, v
                 return prefill_attention(q, keys, values, key_valid, self.scale)
-        else:
+        else:  # no cache, or HF's DynamicCache: `update` returns every key so far, [B, kv_heads, past + L, D]
             key_valid = attention_mask.bool() if padded else None
 
             def attend(i, q, k, v):
                 if cache is not None:
-                    cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+                    keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+                    k, v = keys.transpose(1, 2), values.transpose(1, 2)
                 return prefill_attention(q, k, v, key_valid, self.scale)
 
         hidden = dense.forward_hidden(

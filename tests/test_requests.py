@@ -166,3 +166,32 @@ def test_empty_prompt_is_a_clear_error(pair):
         optimized.generate(empty, max_new_tokens=3, **GREEDY)
     with pytest.raises(ValueError, match=r"holds no tokens \(shape \[1, 0\]\)"), torch.no_grad():
         optimized(empty)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2), dict(prompt_lookup_num_tokens=3),
+     dict(assistant="plain"), dict(use_cache=False), dict(repetition_penalty=1.3)],
+    ids=["beams", "beams-returns", "prompt-lookup", "assisted", "no-cache", "penalty"],
+)
+def test_hf_loop_requests_run_our_kernels(name, request_kwargs, monkeypatch):
+    """Requests that run HF's generation loop (HF's DynamicCache, or ours) still go through our forward and
+    kernels, with HF eager's tokens."""
+    from qwen3_accel.patches import qwen3 as dense_patches
+
+    reference, optimized = model_pair(name, compile=False)
+    kwargs = dict(request_kwargs)
+    if kwargs.pop("assistant", None):
+        kwargs["assistant_model"] = build_model(name, seed=3)
+    ids, mask = left_padded_batch([7] if "assistant_model" in kwargs or "prompt_lookup_num_tokens" in kwargs
+                                  else [7, 4], 512, seed=10)
+    ids = torch.cat([ids, ids[:, -4:], ids[:, -4:]], dim=1)  # repeats for prompt lookup to find
+    mask = torch.cat([mask, torch.ones(mask.shape[0], 8, dtype=mask.dtype)], dim=1)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs, **GREEDY)
+    calls = []
+    original = dense_patches.forward_hidden
+    monkeypatch.setattr(dense_patches, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    actual = optimized.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs, **GREEDY)
+    assert torch.equal(actual, expected)
+    assert calls, "HF's loop did not run through qwen3_accel's forward"
