@@ -195,3 +195,23 @@ def test_hf_loop_requests_run_our_kernels(name, request_kwargs, monkeypatch):
     actual = optimized.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs, **GREEDY)
     assert torch.equal(actual, expected)
     assert calls, "HF's loop did not run through qwen3_accel's forward"
+
+
+def test_hf_forward_of_an_optimized_moe_uses_our_experts():
+    """Requests our forward hands to HF's (here output_hidden_states, and a training step) run the experts through
+    transformers' ExpertsInterface entry "qwen3_accel": fused_moe without gradients, the torch reference with."""
+    reference, optimized = model_pair("tiny-moe", compile=False)
+    assert optimized.config._experts_implementation == "qwen3_accel"
+    ids, mask = left_padded_batch([6, 4], 512, seed=11)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        actual = optimized(ids, attention_mask=mask, output_hidden_states=True)
+    assert sum(event.name == "qwen3_accel::fused_moe" for event in profile.events()) == 2  # one per MoE layer
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    for model in (reference, optimized):
+        model.train()
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+    name = "model.layers.1.mlp.experts.down_proj"
+    torch.testing.assert_close(optimized.get_parameter(name).grad, reference.get_parameter(name).grad,
+                               atol=1e-5, rtol=1e-4)

@@ -5,17 +5,41 @@
   Qwen3MoeMLP             (layers in `mlp_only_layers` or off `decoder_sparse_step`) -> the dense path
 
 Expert weights are read in place: no copies, `state_dict()` unchanged.
+
+HF's own forward (which still runs for requests our forward hands it: output_attentions / output_hidden_states /
+output_router_logits, labels, gradients, caches other than ours and HF's DynamicCache) also gets the fused experts:
+they are registered in transformers' `ExpertsInterface` as `"qwen3_accel"` and selected on the optimized model.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.integrations.moe import ExpertsInterface
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from ..custom_ops import Kernels
+from ..custom_ops.moe import fused_moe_reference
 from . import qwen3
 
-prepare = qwen3.prepare
+EXPERTS_IMPLEMENTATION = "qwen3_accel"
+
+
+def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`Qwen3MoeExperts.forward` through `fused_moe`; the torch reference (differentiable) when gradients are on."""
+    args = (hidden_states, experts.gate_up_proj, experts.down_proj, top_k_weights, top_k_index)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
+        return fused_moe_reference(*args)
+    return torch.ops.qwen3_accel.fused_moe(*args)
+
+
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+
+
+def prepare(model: nn.Module) -> list[qwen3.FusedLinears]:
+    """The dense fusions, and our experts selected for HF's own forward."""
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return qwen3.prepare(model)
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
