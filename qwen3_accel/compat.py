@@ -63,9 +63,7 @@ def causal_lm_output(logits: torch.Tensor, cache) -> CausalLMOutputWithPast:
 
 def pop_cache_arg(kwargs: dict) -> object:
     """Remove and return the cache a caller passed under either name; both names with different caches is an error."""
-    given = {name: kwargs.pop(name) for name in CACHE_ARG_NAMES if kwargs.get(name) is not None}
-    for name in CACHE_ARG_NAMES:
-        kwargs.pop(name, None)
-    if len(given) == 2 and given["cache"] is not given["past_key_values"]:
+    caches = [cache for name in CACHE_ARG_NAMES if (cache := kwargs.pop(name, None)) is not None]
+    if len(caches) == 2 and caches[0] is not caches[1]:
         raise ValueError("got two different caches, as `cache` and as `past_key_values`; pass one")
-    return next(iter(given.values()), None)
+    return caches[0] if caches else None

@@ -58,10 +58,10 @@ class CompiledSteps:
             self.eager_keys.add(key)
             return self.fn(*args, **kwargs)
 
-    def keep_only(self, keep: Callable[[Hashable], bool]) -> None:
-        """Drop the graphs whose key fails `keep` (e.g. those of a cache that was re-allocated)."""
-        self.compiled = {key: step for key, step in self.compiled.items() if keep(key)}
-        self.eager_keys = {key for key in self.eager_keys if keep(key)}
+    def clear(self) -> None:
+        """Drop every graph (their inputs, e.g. the cache tensors, were re-allocated)."""
+        self.compiled.clear()
+        self.eager_keys.clear()
 
     def __len__(self) -> int:
         return len(self.compiled)

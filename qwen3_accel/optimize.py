@@ -117,6 +117,12 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
+def _require_tokens(tokens: Any) -> None:
+    """HF fails deep inside on an empty prompt; say what is wrong instead."""
+    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[1] == 0:
+        raise ValueError(f"the input holds no tokens (shape {list(tokens.shape)}); give at least one per sequence")
+
+
 class Qwen3Accelerator:
     """The state of one optimized model: kernels, RoPE table, persistent cache, compiled decode steps.
 
@@ -195,8 +201,8 @@ class Qwen3Accelerator:
                     stacklevel=3,
                 )
             self.cache = cache = None  # drop the old tensors (and the graphs that captured them) first
-            self.decode_steps.keep_only(lambda key: False)
-            self.fast_steps.keep_only(lambda key: False)
+            self.decode_steps.clear()
+            self.fast_steps.clear()
             self._fast_states.clear()
             s = self.shape
             cache = Qwen3StaticCache(
@@ -242,9 +248,7 @@ class Qwen3Accelerator:
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
         self._ensure_ready()
         self.check_weights_shared()
-        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 and inputs.shape[1] == 0:
-            raise ValueError(f"input_ids holds no tokens (shape {list(inputs.shape)}); give at least one per sequence")
+        _require_tokens(args[0] if args else kwargs.get("input_ids", kwargs.get("inputs")))
         if self.options.fast_generate:
             reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
             if request is not None:
@@ -326,8 +330,8 @@ class Qwen3Accelerator:
         use_cache = config.use_cache if use_cache is None else use_cache
         ours = isinstance(cache, Qwen3StaticCache)
         tokens = input_ids if input_ids is not None else inputs_embeds
-        if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] == 0:
-            raise ValueError(f"the input holds no tokens (shape {list(tokens.shape)}); give at least one per sequence")
+        _require_tokens(tokens)
+        past = cache.get_seq_length() if cache is not None else 0
         hf_only = [flag for flag in ("output_attentions", "output_hidden_states", "output_router_logits")
                    if kwargs.get(flag, getattr(config, flag, False))]
         if labels is not None:
@@ -343,18 +347,18 @@ class Qwen3Accelerator:
         if cache is not None and not ours and type(cache) is not DynamicCache:
             hf_only.append(f"a {type(cache).__name__}")
         elif type(cache) is DynamicCache and attention_mask is not None and tokens is not None and (
-            attention_mask.shape[-1] != cache.get_seq_length() + tokens.shape[1]
+            attention_mask.shape[-1] != past + tokens.shape[1]
         ):
             hf_only.append("an attention mask that does not cover the cache")
         if hf_only:
             return self.hf_forward(**all_args)
 
-        if not (ours and cache.seq_length > 0):
+        if past == 0:
             self.check_weights_shared()  # once per sequence, not per decoded token
         if inputs_embeds is None:
             inputs_embeds = self.model.model.embed_tokens(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
-        if ours and seq_len == 1 and cache.seq_length > 0:
+        if ours and seq_len == 1 and past > 0:
             logits = self._decode(cache, input_ids, inputs_embeds, attention_mask, position_ids)
         else:
             if cache is None and use_cache:
