@@ -247,11 +247,11 @@ class Qwen3Accelerator:
     def generate(self, *args: Any, **kwargs: Any):
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
         self._ensure_ready()
-        self.check_weights_shared()
         _require_tokens(args[0] if args else kwargs.get("input_ids", kwargs.get("inputs")))
         if self.options.fast_generate:
             reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
             if request is not None:
+                self.check_weights_shared()  # HF's loop reaches our forward, which checks at its first step
                 return fast_generate.run_fast_generate(self, request)
             logger.debug("qwen3_accel: HF's generate loop (%s)", reason)
         gen_config = self._generation_config(kwargs)
