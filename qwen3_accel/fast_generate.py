@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .parallel import SingleDevice, fingerprint
+
 CHECK_EVERY = 8  # decode steps between looks at the finished flags (each look is one host sync)
 
 # Generation settings the fast loop implements; everything else must be at HF's default.
@@ -161,9 +163,14 @@ class FastDecodeState:
         self.top_p.fill_(sampling.top_p)
 
 
-def pick(logits: torch.Tensor, unfinished: torch.Tensor, state: FastDecodeState, do_sample: bool):
-    """HF's bookkeeping for one step: finished rows get the pad token; rows that emit an eos finish."""
+def pick(logits: torch.Tensor, unfinished: torch.Tensor, state: FastDecodeState, do_sample: bool, tp: SingleDevice):
+    """HF's bookkeeping for one step: finished rows get the pad token; rows that emit an eos finish.
+
+    Under tensor parallelism every rank has the same logits; a sampled token is rank 0's draw, broadcast.
+    """
     tokens = select_tokens(logits, do_sample, state.temperature, state.top_k, state.top_p)
+    if do_sample:
+        tokens = tp.broadcast(tokens)
     tokens = torch.where(unfinished, tokens, state.pad)
     return tokens, unfinished & ~torch.isin(tokens, state.eos)
 
@@ -197,20 +204,21 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids = position_ids.masked_fill(attention_mask == 0, 1)
 
+    acc.tp.check_same_request(("generate", fingerprint(input_ids, attention_mask), new_tokens, sampling, eos_ids, pad))
     cache = acc.cache_for(batch, prompt_len + new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     with torch.no_grad():
-        embeds = model.model.embed_tokens(input_ids)
+        embeds = acc.embed(input_ids)
         hidden = acc._prefill(cache, embeds, attention_mask, position_ids)
-        logits = model.lm_head(hidden[:, -1]).float()
+        logits = acc.logits(hidden[:, -1]).float()
         # Compiled, rows are padded to the bucket's power of two (one graph per bucket). Eager, they are not, so
         # the random draws are exactly HF's: seeded sampling then gives HF's tokens.
         rows = cache.decode_rows(batch) if acc.options.compile else batch
         state = acc.fast_state(rows, cache.max_cache_len)
         state.set_request(eos_ids, pad, sampling)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        first, unfinished = pick(logits, unfinished, state, sampling.do_sample)
+        first, unfinished = pick(logits, unfinished, state, sampling.do_sample, acc.tp)
         state.out[:batch, 0] = first
         state.tokens[:batch] = first
         state.positions[:batch] = position_ids[:, -1] + 1
@@ -243,10 +251,10 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
 def fast_step(acc, state: FastDecodeState, keys, values, kv_valid, seq_start, write_pos, *, do_sample: bool) -> None:
     """One decode step for a bucket of rows, all on the device: forward, pick, write, advance."""
     rows = state.tokens.shape[0]
-    embeds = acc.model.model.embed_tokens(state.tokens)[:, None]
+    embeds = acc.embed(state.tokens)[:, None]
     new_valid = torch.ones(rows, dtype=torch.bool, device=state.tokens.device)
     logits = acc._decode_step(embeds, state.positions[:, None], new_valid, keys, values, kv_valid, seq_start, write_pos)
-    next_tokens, still = pick(logits[:, 0].float(), state.unfinished, state, do_sample)
+    next_tokens, still = pick(logits[:, 0].float(), state.unfinished, state, do_sample, acc.tp)
     state.out[torch.arange(rows, device=state.tokens.device)[:, None], state.step[None, :]] = next_tokens[:, None]
     state.tokens.copy_(next_tokens)
     state.positions.add_(1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Cache, DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.utils import ModelOutput
 
-from . import compat, fast_generate
+from . import compat, fast_generate, parallel
 from .cache import Qwen3StaticCache
 from .graphs import CompiledSteps
 from .custom_ops import KERNEL_MODES, select_kernels
@@ -142,6 +142,8 @@ class Qwen3Accelerator:
     def _setup(self) -> None:
         model, options = self.model, self.options
         self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
+        self.tp = parallel.describe(model)  # before any change: a layout we do not support leaves the model as is
+        self.tp.check_same_request(("optimize options", options))
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.kernels = select_kernels(options.kernels, self.device, options.attention)
@@ -332,6 +334,8 @@ class Qwen3Accelerator:
         tokens = input_ids if input_ids is not None else inputs_embeds
         _require_tokens(tokens)
         past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:  # tensor parallel: every rank must run this sequence (a no-op on one device)
+            self.tp.check_same_request(parallel.fingerprint(tokens, attention_mask, position_ids, logits_to_keep))
         hf_only = [flag for flag in ("output_attentions", "output_hidden_states", "output_router_logits")
                    if kwargs.get(flag, getattr(config, flag, False))]
         if labels is not None:
@@ -356,7 +360,7 @@ class Qwen3Accelerator:
         if past == 0:
             self.check_weights_shared()  # once per sequence, not per decoded token
         if inputs_embeds is None:
-            inputs_embeds = self.model.model.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]
         if ours and seq_len == 1 and past > 0:
             logits = self._decode(cache, input_ids, inputs_embeds, attention_mask, position_ids)
@@ -365,7 +369,7 @@ class Qwen3Accelerator:
                 cache = DynamicCache(config=self.model.config)
             hidden = self._prefill(cache, inputs_embeds, attention_mask, position_ids)
             hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
-            logits = self.model.lm_head(hidden)
+            logits = self.logits(hidden)
         output = compat.causal_lm_output(logits, cache if use_cache else None)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
@@ -401,7 +405,7 @@ class Qwen3Accelerator:
                 return prefill_attention(q, k, v, key_valid, self.scale)
 
         hidden = dense.forward_hidden(
-            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp
+            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp
         )
         if isinstance(cache, Qwen3StaticCache):
             cache.seq_length = end
@@ -453,10 +457,22 @@ class Qwen3Accelerator:
             return out.reshape(batch, 1, -1)
 
         hidden = dense.forward_hidden(
-            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp
+            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp
         )
         write_pos.add_(1)
-        return self.model.lm_head(hidden)
+        return self.logits(hidden)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (this rank's vocabulary rows summed over ranks under tensor parallelism)."""
+        if self.tp.world_size == 1:
+            return self.model.model.embed_tokens(input_ids)
+        return self.tp.embed(parallel.local(self.model.model.embed_tokens.weight), input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head (every rank's vocabulary slice gathered under tensor parallelism)."""
+        if self.tp.world_size == 1:
+            return self.model.lm_head(hidden)
+        return self.tp.gather_last_dim(F.linear(hidden, parallel.local(self.model.lm_head.weight)))
 
 
 __all__ = ["KERNEL_MODES", "OptimizeOptions", "optimize", "Qwen3Accelerator"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import Qwen3ForCausalLM
 
 from ..custom_ops import Kernels
+from ..parallel import SingleDevice, local, shard_like
 
 # Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D].
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,9 +38,10 @@ class Shape:
 
 
 def model_shape(model: nn.Module) -> Shape:
+    """The heads this process holds: all of them, or its shard's under tensor parallelism."""
     attn = model.model.layers[0].self_attn
-    config = model.config
-    return Shape(len(model.model.layers), config.num_attention_heads, config.num_key_value_heads, attn.head_dim)
+    heads = [local(proj.weight).shape[0] // attn.head_dim for proj in (attn.q_proj, attn.k_proj)]
+    return Shape(len(model.model.layers), *heads, attn.head_dim)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class FusedLinears:
         return getattr(self.parent, f"{self.fused_name}_weight")
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for name in self.names for attr in ("weight", "bias")
+        return [local(p) for name in self.names for attr in ("weight", "bias")
                 if (p := getattr(getattr(self.parent, name), attr)) is not None]
 
     def in_sync(self) -> bool:
@@ -71,7 +73,8 @@ class FusedLinears:
             offset = 0
             for name, rows in zip(self.names, self.rows):
                 linear = getattr(self.parent, name)
-                param = getattr(linear, attr)
+                original = getattr(linear, attr)
+                param = local(original) if original is not None else None
                 if fused is None or param is None:
                     if fused is not None or param is not None:
                         raise ValueError(f"{name}.{attr} was added or removed after qwen3_accel.optimize")
@@ -85,28 +88,33 @@ class FusedLinears:
                         )
                     with torch.no_grad():
                         view.copy_(param)
-                    setattr(linear, attr, nn.Parameter(view, requires_grad=param.requires_grad))
+                    setattr(linear, attr, nn.Parameter(shard_like(view, original), requires_grad=param.requires_grad))
                 offset += rows
         self._pointers = [p.data_ptr() for p in self._params()]
 
 
 def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> FusedLinears:
-    """Concatenate the weights (and biases) of `parent.<names>` into one buffer; the originals become views."""
+    """Concatenate the weights (and biases) of `parent.<names>` into one buffer; the originals become views.
+
+    Under tensor parallelism the buffer holds this rank's shards, and each parameter stays a DTensor (a view of
+    its shard in the buffer), so `state_dict()` is still transformers' sharded one.
+    """
     linears = [getattr(parent, name) for name in names]
     for attr in ("weight", "bias"):
         params = [getattr(linear, attr) for linear in linears]
         if all(p is None for p in params):
             parent.register_buffer(f"{fused_name}_{attr}", None, persistent=False)
             continue
-        fused = torch.cat([p.detach() for p in params])
+        fused = torch.cat([local(p).detach() for p in params])
         offset = 0
         for linear, p in zip(linears, params):
-            view = fused[offset : offset + p.shape[0]]
-            setattr(linear, attr, nn.Parameter(view, requires_grad=p.requires_grad))
-            offset += p.shape[0]
+            rows = local(p).shape[0]
+            view = fused[offset : offset + rows]
+            setattr(linear, attr, nn.Parameter(shard_like(view, p), requires_grad=p.requires_grad))
+            offset += rows
         parent.register_buffer(f"{fused_name}_{attr}", fused, persistent=False)
         torch._dynamo.mark_static_address(fused)
-    group = FusedLinears(parent, names, fused_name, [linear.weight.shape[0] for linear in linears])
+    group = FusedLinears(parent, names, fused_name, [local(linear.weight).shape[0] for linear in linears])
     group._pointers = [p.data_ptr() for p in group._params()]
     return group
 
@@ -122,8 +130,16 @@ def prepare(model: Qwen3ForCausalLM) -> list[FusedLinears]:
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Qwen3MLP: one GEMM for gate/up, SiLU * up, down projection."""
-    return F.linear(kernels.silu_and_mul(F.linear(x, module.gate_up_weight)), module.down_proj.weight)
+    """Qwen3MLP: one GEMM for gate/up, SiLU * up, down projection (a partial sum under tensor parallelism)."""
+    return F.linear(kernels.silu_and_mul(F.linear(x, module.gate_up_weight)), local(module.down_proj.weight))
+
+
+def row_parallel_linear(tp: SingleDevice, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """`linear(x)` for a layer split by input columns: local partial products summed over ranks, bias once."""
+    if tp.world_size == 1:
+        return F.linear(x, linear.weight, linear.bias)
+    out = tp.all_reduce(F.linear(x, local(linear.weight)))
+    return out if linear.bias is None else out + local(linear.bias)
 
 
 def rope_table(model: Qwen3ForCausalLM, max_positions: int) -> torch.Tensor:
@@ -148,10 +164,13 @@ def forward_hidden(
     positions: torch.Tensor,
     attend: AttendFn,
     mlp_fn: MlpFn = mlp,
+    tp: SingleDevice = SingleDevice(),
 ) -> torch.Tensor:
     """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
 
-    `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe).
+    `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe). Under
+    tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are partial
+    sums, reduced over the ranks.
     """
     batch, seq_len, _ = hidden.shape
     shape = model_shape(model)
@@ -177,11 +196,11 @@ def forward_hidden(
             i, q.view(batch, seq_len, n_q, head_dim), k.view(batch, seq_len, n_kv, head_dim),
             v.reshape(batch, seq_len, n_kv, head_dim),
         )
-        hidden = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        hidden = row_parallel_linear(tp, out, attn.o_proj)
 
         norm = layer.post_attention_layernorm
         x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-        hidden = mlp_fn(kernels, layer.mlp, x)
+        hidden = tp.all_reduce(mlp_fn(kernels, layer.mlp, x))
 
     norm = model.model.norm
     hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)

@@ -19,6 +19,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from ..custom_ops import Kernels
 from ..custom_ops.moe import fused_moe_reference
+from ..parallel import local
 from . import qwen3
 
 EXPERTS_IMPLEMENTATION = "qwen3_accel"
@@ -27,7 +28,7 @@ EXPERTS_IMPLEMENTATION = "qwen3_accel"
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """`Qwen3MoeExperts.forward` through `fused_moe`; the torch reference (differentiable) when gradients are on."""
-    args = (hidden_states, experts.gate_up_proj, experts.down_proj, top_k_weights, top_k_index)
+    args = (hidden_states, local(experts.gate_up_proj), local(experts.down_proj), top_k_weights, top_k_index)
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
         return fused_moe_reference(*args)
     return torch.ops.qwen3_accel.fused_moe(*args)
@@ -43,7 +44,8 @@ def prepare(model: nn.Module) -> list[qwen3.FusedLinears]:
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A sparse MoE block through the fused kernels; dense MLP layers as in Qwen3."""
+    """A sparse MoE block through the fused kernels (this rank's slice of every expert under tensor parallelism,
+    a partial sum); dense MLP layers as in Qwen3."""
     if not isinstance(module, Qwen3MoeSparseMoeBlock):
         return qwen3.mlp(kernels, module, x)
     router = module.gate
@@ -51,4 +53,4 @@ def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     router_logits = F.linear(x2d, router.weight)
     weights, ids = kernels.moe_route(router_logits, router.top_k, router.norm_topk_prob)
     experts = module.experts
-    return kernels.fused_moe(x2d, experts.gate_up_proj, experts.down_proj, weights, ids).view(x.shape)
+    return kernels.fused_moe(x2d, local(experts.gate_up_proj), local(experts.down_proj), weights, ids).view(x.shape)
