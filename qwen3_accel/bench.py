@@ -76,14 +76,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
 
 def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> int:
     """Bytes one decode step must read: every weight once (embeddings only for the batch rows; for MoE only the
-    experts the batch can be expected to touch) + the valid KV cache."""
+    experts the batch can be expected to touch) + the valid KV cache. Under tensor parallelism: per rank (its
+    shards, the replicated weights, its KV heads)."""
+    from .parallel import local
+
     config = model.config
-    embed = model.get_input_embeddings().weight
+    embed = local(model.get_input_embeddings().weight)
+    world = _world_size()
     weights = 0
     n_experts = getattr(config, "num_experts", 0)
     # Expected distinct experts hit by batch * top_k independent picks out of n_experts.
     active = n_experts * (1 - (1 - config.num_experts_per_tok / n_experts) ** batch) if n_experts else 0
     for name, p in model.named_parameters():
+        p = local(p)
         if p is embed:
             continue
         fraction = active / n_experts if ".experts." in name else 1.0
@@ -91,7 +96,7 @@ def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> i
     if config.tie_word_embeddings:
         weights += embed.numel() * embed.element_size()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context * batch * embed.element_size()
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads // world * head_dim * context * batch * embed.element_size()
     return weights + kv
 
 
@@ -198,15 +203,52 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints and writes."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
-    """A named shape from `qwen3_accel.configs` (random weights) or a checkpoint path / hub id."""
+    """A named shape from `qwen3_accel.configs` (random weights) or a checkpoint path / hub id.
+
+    Under `torchrun` (WORLD_SIZE > 1) the model is sharded over the ranks by transformers' tensor-parallel plan;
+    a named shape is first written once, by rank 0, to a temporary folder of this machine (one node only).
+    """
     from .configs import MODEL_NAMES, build_model
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _load_sharded(name_or_path, device, dtype)
     if name_or_path in MODEL_NAMES:
         return build_model(name_or_path, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, device_map=str(device)).eval()
+
+
+def _load_sharded(name_or_path: str, device: torch.device, dtype: torch.dtype):
+    import hashlib
+    import tempfile
+
+    from .configs import MODEL_NAMES, build_model, get_config
+    from .parallel import load_tensor_parallel
+
+    dist = torch.distributed
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if name_or_path in MODEL_NAMES:
+        shape = hashlib.sha256(get_config(name_or_path).to_json_string().encode()).hexdigest()[:12]
+        folder = os.path.join(tempfile.gettempdir(), f"qwen3_accel-{name_or_path}-{str(dtype).split('.')[-1]}-{shape}")
+        if dist.get_rank() == 0 and not os.path.exists(os.path.join(folder, "config.json")):
+            build_model(name_or_path, dtype=dtype).save_pretrained(folder)
+        dist.barrier()
+        name_or_path = folder
+    return load_tensor_parallel(name_or_path, dtype=dtype).eval()
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -218,11 +260,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     model = load_model(cfg.model, device, dtype)
     bandwidth = copy_bandwidth(device)
     report: dict[str, Any] = {
-        "model": cfg.model, "dtype": cfg.dtype, "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
+        "model": cfg.model, "dtype": cfg.dtype, "tensor_parallel": _world_size(), "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
         "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
     }
     steps = len(cfg.contenders) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
-    with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case") as progress:
+    with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case", disable=not is_main_process()) as progress:
         # qwen3_accel patches the model in place, so it runs last; the HF contenders share its weights.
         for contender in sorted(cfg.contenders, key=CONTENDERS.index):
             if contender == "qwen3_accel":
@@ -261,6 +303,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{env['transformers']}, triton {env['triton']}; {env['date']}",
         f"copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s",
     ]
+    if report.get("tensor_parallel", 1) > 1:
+        lines.append(f"tensor parallel over {report['tensor_parallel']} ranks: bytes and roofline per rank")
     contenders = list(report["contenders"])
     header = f"{'':28}" + "".join(f"{c:>20}" for c in contenders)
     lines.append(header)

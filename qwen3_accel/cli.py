@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="decode and prefill speed: HF eager vs HF static cache + compile vs qwen3_accel",
         description="Measure HF eager, HF's static-cache + compile recipe and qwen3_accel on one model in one "
                     "process: time to first token by prompt length, decode tokens/s by batch size, peak memory, "
-                    "speedups, and decode's share of the memory-bandwidth roofline. Writes JSON, a table and PNG plots.",
+                    "speedups, and decode's share of the memory-bandwidth roofline. Writes JSON, a table and PNG plots. "
+                    "Under `torchrun --nproc-per-node N` the model is sharded by transformers' tensor-parallel plan "
+                    "and rank 0 prints and writes (bytes and roofline per GPU).",
     )
     _add_model_args(bench, default_device)
     bench.add_argument("--contenders", default=",".join(CONTENDERS),
@@ -69,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate with an optimized model",
                          description="Generate greedily with qwen3_accel. With a named shape (random weights, no "
-                                     "tokenizer) the prompt is random token ids and the output is token ids.")
+                                     "tokenizer) the prompt is random token ids and the output is token ids. "
+                                     "Under `torchrun --nproc-per-node N` the model is sharded by transformers' "
+                                     "tensor-parallel plan and rank 0 prints.")
     _add_model_args(gen, default_device)
     gen.add_argument("--prompt", default="Hello, Qwen3!", help="prompt text (checkpoints with a tokenizer)")
     gen.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length for named shapes")
@@ -118,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> None:
-    from .bench import format_table, run_bench, write_report
+    from .bench import format_table, is_main_process, run_bench, write_report
 
     contenders = tuple(c for c in args.contenders.split(",") if c)
     unknown = set(contenders) - set(CONTENDERS)
@@ -130,6 +134,8 @@ def _bench(args) -> None:
         decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels,
     )
     report = run_bench(cfg)
+    if not is_main_process():
+        return
     print(format_table(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")
@@ -188,22 +194,26 @@ def _eval(args) -> None:
 def _generate(args) -> None:
     import qwen3_accel
 
-    from .bench import load_model
+    from .bench import is_main_process, load_model
     from .configs import MODEL_NAMES
 
     model = load_model(args.model, torch.device(args.device), getattr(torch, args.dtype))
     qwen3_accel.optimize(model, kernels=args.kernels, compile=not args.no_compile)
+    device = model.qwen3_accel.device
     if args.model in MODEL_NAMES:
-        ids = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), device=args.device)
+        g = torch.Generator().manual_seed(0)  # the same prompt on every rank
+        ids = torch.randint(1, model.config.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
-        print(out[0, ids.shape[1]:].tolist())
+        if is_main_process():
+            print(out[0, ids.shape[1]:].tolist())
         return
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    inputs = tok(args.prompt, return_tensors="pt").to(args.device)
+    inputs = tok(args.prompt, return_tensors="pt").to(device)
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    if is_main_process():
+        print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
 def _info() -> None:
@@ -246,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         _generate(args)
     else:
         _info()
+    if torch.distributed.is_initialized():  # a torchrun job (bench, generate): leave the group cleanly
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

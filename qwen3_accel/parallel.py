@@ -58,18 +58,18 @@ class TensorParallel(SingleDevice):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of the ranks' partial outputs (after o_proj, down_proj, the experts, a sharded embedding)."""
-        return funcol.all_reduce(x, "sum", self.group)
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", self.group))
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's slice of the last dimension, in rank order (the LM head's vocabulary slices)."""
         if not self.head_sharded:
             return x
-        gathered = _all_gather_dim0(x.movedim(-1, 0).contiguous(), 0, self.group)
+        gathered = funcol.wait_tensor(_all_gather_dim0(x.movedim(-1, 0).contiguous(), 0, self.group))
         return gathered.movedim(0, -1)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's tensor on every rank: sampled tokens, so that all ranks decode the same sequence."""
-        return funcol.broadcast(x, 0, self.group)
+        return funcol.wait_tensor(funcol.broadcast(x, 0, self.group))
 
     def embed(self, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup on this rank's vocabulary rows (zeros elsewhere), summed over ranks."""

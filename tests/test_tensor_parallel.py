@@ -47,3 +47,16 @@ def test_ranks_with_different_requests_all_raise(checkpoints):
 
 def test_kv_heads_split_across_ranks_is_refused(checkpoints):
     run_ranks("refused", checkpoints["one-kv-head"])
+
+
+def test_cli_generate_under_torchrun_prints_once_and_matches_one_process():
+    command = ["-m", "qwen3_accel.cli", "generate", "--model", "tiny-moe", "--device", "cpu", "--dtype", "float32",
+               "--no-compile", "--max-new-tokens", "6"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *command], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-4000:]
+    tokens = one.stdout.strip().splitlines()[-1]
+    assert tokens.startswith("[") and len(tokens.split(",")) == 6
+    assert [line for line in two.stdout.splitlines() if line.startswith("[")] == [tokens]  # rank 0 only
