@@ -257,6 +257,8 @@ class Qwen3Accelerator:
                 return fast_generate.run_fast_generate(self, request)
             logger.debug("qwen3_accel: HF's generate loop (%s)", reason)
         gen_config = self._generation_config(kwargs)
+        if gen_config.do_sample:
+            self.tp.share_random_state(self.device)  # tensor parallel: HF's sampler draws the same on every rank
         reason = self._generate_fallback_reason(args, kwargs, gen_config)
         if reason is not None:
             logger.debug("qwen3_accel: HF generate with HF's own cache (%s)", reason)

@@ -44,6 +44,9 @@ class SingleDevice:
     def check_same_request(self, fingerprint: Any) -> None:
         pass
 
+    def share_random_state(self, device: torch.device) -> None:
+        pass
+
 
 class TensorParallel(SingleDevice):
     """One rank of a tensor-parallel group: sums partial outputs, gathers logits, shares sampled tokens.
@@ -92,6 +95,16 @@ class TensorParallel(SingleDevice):
                 f"tensor-parallel ranks were given different requests (ranks {differ} differ from rank 0): every "
                 "rank must call generate()/forward() with the same inputs and settings"
             )
+
+
+    def share_random_state(self, device: torch.device) -> None:
+        """Set every rank's random generators (CPU, and `device`'s) to rank 0's: HF's loop then samples the same
+        tokens on every rank, rank 0's draws, as a single process seeded like rank 0 would."""
+        states = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+        dist.broadcast_object_list(states, src=0, group=self.group)
+        torch.set_rng_state(states[0])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(states[1], device)
 
 
 def fingerprint(*values: Any) -> tuple:

@@ -45,10 +45,12 @@ def check_tokens(path: str, rank: int) -> None:
         real = mask.bool()  # padding positions attend to nothing real: HF's values there are arbitrary
         torch.testing.assert_close(logits[real], want[real], rtol=1e-5, atol=1e-5)
         torch.manual_seed(1234 + rank)  # different seeds per rank: the ranks must still agree (rank 0's draws)
-        sampled = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
-        gathered = [torch.empty_like(sampled) for _ in range(2)]
-        dist.all_gather(gathered, sampled)
-        assert torch.equal(gathered[0], gathered[1]), "ranks sampled different tokens"
+        sampling = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+        for loop, kwargs in (("fast", sampling), ("hf", dict(sampling, repetition_penalty=1.2))):
+            sampled = model.generate(ids, **kwargs)
+            gathered = [torch.empty_like(sampled) for _ in range(2)]
+            dist.all_gather(gathered, sampled)
+            assert torch.equal(gathered[0], gathered[1]), f"ranks sampled different tokens in the {loop} loop"
         if compile:
             assert not acc.fast_steps.eager_keys and not acc.decode_steps.eager_keys, "a step fell back to eager"
             assert len(acc.fast_steps) == 2 and len(acc.decode_steps) == 1
