@@ -190,8 +190,9 @@ def describe(model: torch.nn.Module) -> SingleDevice:
                         ("num_key_value_heads", config.num_key_value_heads)):
         if count % world:
             raise ValueError(
-                f"tensor parallelism over {world} ranks needs {what} ({count}) divisible by the world size: each "
-                "rank must hold whole heads"
+                f"tensor parallelism over {world} ranks needs {what} ({count}) divisible by the world size: "
+                "transformers' plan would give a rank part of a head. Use a number of ranks that divides it "
+                "(see docs/SCALING.md)"
             )
     uneven = [name for name, p in sharded.items() if p.shape[_shard_dim(p)] % (world * _split(p))]
     if uneven:
