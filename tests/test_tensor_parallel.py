@@ -30,13 +30,14 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     paths = {}
     for name, config in (("tiny", get_config("tiny")), ("tiny-moe", get_config("tiny-moe")),
+                         ("tiny-tied", get_config("tiny-tied")),
                          ("one-kv-head", get_config("tiny", num_key_value_heads=1))):
         paths[name] = str(root / name)
         build_model(config, dtype=torch.float32, seed=4).save_pretrained(paths[name])
     return paths
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe", "tiny-tied"])
 def test_sharded_model_gives_the_unsharded_tokens(checkpoints, name):
     run_ranks("tokens", checkpoints[name])
 
@@ -45,8 +46,8 @@ def test_ranks_with_different_requests_all_raise(checkpoints):
     run_ranks("mismatch", checkpoints["tiny"])
 
 
-def test_kv_heads_split_across_ranks_is_refused(checkpoints):
-    run_ranks("refused", checkpoints["one-kv-head"])
+def test_kv_heads_split_across_ranks_and_foreign_plans_are_refused(checkpoints):
+    run_ranks("refused", f"{checkpoints['one-kv-head']},{checkpoints['tiny']}")
 
 
 def test_cli_generate_under_torchrun_prints_once_and_matches_one_process():

@@ -4,8 +4,10 @@
 
 CASE `tokens`: transformers shards the checkpoint (tp_plan="auto", gloo on the CPU); the optimized shards must give
 the tokens of the same checkpoint unsharded in one process (fp32), through the fast loop and HF's loop, compiled
-and eager, with every rank agreeing on sampled tokens. CASE `mismatch`: ranks that send different prompts get a
-clear error on every rank. CASE `refused`: a model whose KV heads do not divide over the ranks is refused.
+and eager, with every rank agreeing on sampled tokens; beam search and HF's own forward on the shards too.
+CASE `mismatch`: ranks that send different prompts get a clear error on every rank. CASE `refused` (two
+comma-separated checkpoints): KV heads that do not divide over the ranks, and a plan other than transformers' Qwen3
+one, are refused on every rank with nothing patched.
 Each rank prints `rank R ok` at the end.
 """
 
@@ -14,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DistributedConfig
 
 import qwen3_accel
 from qwen3_accel.parallel import load_tensor_parallel
@@ -44,6 +46,12 @@ def check_tokens(path: str, rank: int) -> None:
             want = reference(ids, attention_mask=mask, use_cache=False).logits
         real = mask.bool()  # padding positions attend to nothing real: HF's values there are arbitrary
         torch.testing.assert_close(logits[real], want[real], rtol=1e-5, atol=1e-5)
+        if not compile:  # HF's loop on HF's cache (beam search) and HF's own forward (hidden states) on the shards
+            beams = dict(greedy, num_beams=2)
+            assert torch.equal(model.generate(ids, **beams), reference.generate(ids, **beams)), "beam search"
+            with torch.no_grad():
+                hf_path = model(ids, attention_mask=mask, output_hidden_states=True).logits
+            torch.testing.assert_close(hf_path[real], want[real], rtol=1e-5, atol=1e-5)
         torch.manual_seed(1234 + rank)  # different seeds per rank: the ranks must still agree (rank 0's draws)
         sampling = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
         for loop, kwargs in (("fast", sampling), ("hf", dict(sampling, repetition_penalty=1.2))):
@@ -69,15 +77,24 @@ def check_mismatch(path: str, rank: int) -> None:
             raise AssertionError("different prompts on the ranks were not refused")
 
 
-def check_refused(path: str, rank: int) -> None:
-    model = load_tensor_parallel(path, dtype=torch.float32)
-    try:
-        qwen3_accel.optimize(model)
-    except ValueError as error:
-        assert "num_key_value_heads" in str(error), error
-    else:
-        raise AssertionError("a KV head split across ranks was not refused")
-    assert not hasattr(model, "qwen3_accel") and "forward" not in vars(model)  # nothing half-patched
+def check_refused(paths: str, rank: int) -> None:
+    one_kv_head, plain = paths.split(",")
+    mlp_transposed = {"model.layers.*.mlp.gate_proj": "rowwise", "model.layers.*.mlp.up_proj": "rowwise",
+                      "model.layers.*.mlp.down_proj": "colwise"}
+    cases = [
+        (load_tensor_parallel(one_kv_head, dtype=torch.float32), "num_key_value_heads"),
+        (AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32,
+                                              distributed_config=DistributedConfig(tp_plan=mlp_transposed)),
+         "unexpected placements"),
+    ]
+    for model, message in cases:
+        try:
+            qwen3_accel.optimize(model)
+        except ValueError as error:
+            assert message in str(error), error
+        else:
+            raise AssertionError(f"not refused: expected an error about {message}")
+        assert not hasattr(model, "qwen3_accel") and "forward" not in vars(model)  # nothing half-patched
 
 
 def main() -> None:
