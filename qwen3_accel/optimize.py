@@ -88,6 +88,15 @@ def _check_model(model: torch.nn.Module) -> None:
     if not isinstance(model, SUPPORTED_CLASSES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
         raise TypeError(f"qwen3_accel.optimize supports {names}; got {type(model).__name__}")
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None or getattr(model, "hf_quantizer", None) is not None:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None))
+        raise TypeError(
+            f"qwen3_accel.optimize runs unquantized weights (fp32, fp16 or bf16); this model was loaded with "
+            f"quantization method {str(getattr(method, 'value', method))!r}. Load the unquantized checkpoint "
+            "(e.g. Qwen/Qwen3-8B rather than Qwen/Qwen3-8B-FP8) to optimize it"
+        )
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
         raise TypeError(

@@ -26,6 +26,23 @@ def test_rejects_unsupported_dtype():
         qwen3_accel.optimize(model)
 
 
+def test_rejects_quantized_models_naming_the_method():
+    """A quantized model (here carrying the FP8 config that Qwen's -FP8 checkpoints load with; loading one needs a
+    GPU) is refused before anything changes; raw int8 weights hit the dtype check."""
+    from transformers import FineGrainedFP8Config
+
+    model = build_model("tiny")
+    model.config.quantization_config = FineGrainedFP8Config()
+    with pytest.raises(TypeError, match="quantization method 'fp8'.*unquantized checkpoint"):
+        qwen3_accel.optimize(model)
+    assert not hasattr(model, "qwen3_accel") and "forward" not in vars(model)
+    model = build_model("tiny")
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.weight = torch.nn.Parameter(proj.weight.to(torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="one of.*torch.int8"):
+        qwen3_accel.optimize(model)
+
+
 def test_rejects_unknown_kernel_mode():
     with pytest.raises(ValueError, match="kernels='cuda' is not supported"):
         qwen3_accel.optimize(build_model("tiny"), kernels="cuda")
