@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .parallel import SingleDevice, fingerprint
+from .parallel import SingleDevice
 
 CHECK_EVERY = 8  # decode steps between looks at the finished flags (each look is one host sync)
 
@@ -187,7 +187,6 @@ def trim(generated: torch.Tensor, eos: torch.Tensor, steps_done: int) -> int:
 
 def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     """Prefill, then the device-side loop; returns exactly what HF's `generate` returns for this request."""
-    model = acc.model
     config, input_ids, attention_mask, streamer = (
         request.config, request.input_ids, request.attention_mask, request.streamer
     )
@@ -204,7 +203,7 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids = position_ids.masked_fill(attention_mask == 0, 1)
 
-    acc.tp.check_same_request(("generate", fingerprint(input_ids, attention_mask), new_tokens, sampling, eos_ids, pad))
+    acc.tp.check_same_request("generate", input_ids, attention_mask, new_tokens, sampling, eos_ids, pad)
     cache = acc.cache_for(batch, prompt_len + new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())

@@ -152,7 +152,7 @@ class Qwen3Accelerator:
         model, options = self.model, self.options
         self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
         self.tp = parallel.describe(model)  # before any change: a layout we do not support leaves the model as is
-        self.tp.check_same_request(("optimize options", options))
+        self.tp.check_same_request("optimize", options)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.kernels = select_kernels(options.kernels, self.device, options.attention)
@@ -346,7 +346,7 @@ class Qwen3Accelerator:
         _require_tokens(tokens)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:  # tensor parallel: every rank must run this sequence (a no-op on one device)
-            self.tp.check_same_request(parallel.fingerprint(tokens, attention_mask, position_ids, logits_to_keep))
+            self.tp.check_same_request("forward", tokens, attention_mask, position_ids, logits_to_keep)
         hf_only = [flag for flag in ("output_attentions", "output_hidden_states", "output_router_logits")
                    if kwargs.get(flag, getattr(config, flag, False))]
         if labels is not None:

@@ -41,7 +41,7 @@ class SingleDevice:
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def check_same_request(self, fingerprint: Any) -> None:
+    def check_same_request(self, *values: Any) -> None:
         pass
 
     def share_random_state(self, device: torch.device) -> None:
@@ -84,9 +84,12 @@ class TensorParallel(SingleDevice):
         out = F.embedding(local.clamp(0, rows - 1), weight) * inside.unsqueeze(-1).to(weight.dtype)
         return self.all_reduce(out)
 
-    def check_same_request(self, fingerprint: Any) -> None:
-        """Raise on every rank when the ranks were given different requests (they would hang or diverge)."""
-        digest = hashlib.sha256(repr(fingerprint).encode()).hexdigest()
+    def check_same_request(self, *values: Any) -> None:
+        """Raise on every rank when the ranks were given different requests (they would hang or diverge).
+
+        `values`: what must agree (tensors are compared by shape and content); one host all-gather of a hash.
+        """
+        digest = hashlib.sha256(repr(_fingerprint(values)).encode()).hexdigest()
         digests: list[str | None] = [None] * self.world_size
         dist.all_gather_object(digests, digest, group=self.group)
         if len(set(digests)) > 1:
@@ -107,8 +110,8 @@ class TensorParallel(SingleDevice):
             torch.cuda.set_rng_state(states[1], device)
 
 
-def fingerprint(*values: Any) -> tuple:
-    """What must be equal on every rank for a request: the values, with tensors as shape and content hash."""
+def _fingerprint(values: tuple) -> tuple:
+    """The values, with tensors as shape and content hash."""
     return tuple(
         (tuple(v.shape), hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest())
         if isinstance(v, torch.Tensor) else v
@@ -234,4 +237,4 @@ def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     )
 
 
-__all__ = ["SingleDevice", "TensorParallel", "describe", "fingerprint", "load_tensor_parallel", "local", "shard_like"]
+__all__ = ["SingleDevice", "TensorParallel", "describe", "load_tensor_parallel", "local", "shard_like"]
