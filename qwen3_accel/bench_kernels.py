@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import Timer, copy_bandwidth, environment, median_time
-from .custom_ops import activation, attention, rms_norm, rope
+from .custom_ops import activation, attention, moe, rms_norm, rope
 
 # Shapes used by published RMSNorm benchmarks, so the figures can sit beside theirs.
 RMS_NORM_SHAPES = [(1, 128, 4096), (1, 512, 4096), (1, 1024, 4096), (1, 2048, 4096), (1, 4096, 4096),
@@ -204,6 +204,9 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
             logits = torch.nn.functional.linear(x[0], block.gate.weight)
             touched = int(torch.topk(logits, config.num_experts_per_tok, dim=-1).indices.unique().numel())
         contenders = {"qwen3_accel": lambda x: qwen3_moe.mlp(kernels, block, x)}
+        if device.type == "cuda":  # each of our two expert paths forced, to place moe.MOE_GEMV_MAX_TOKENS
+            for name, path in (("gemv", moe.fused_moe_gemv), ("grouped", moe.fused_moe_grouped)):
+                contenders[f"qwen3_accel_{name}"] = lambda x, path=path: _moe_block_with(path, kernels, block, x)
         for impl, hf_block in blocks.items():
             contenders[f"hf_{impl}"] = hf_block
         cases.append(Case("moe_block", f"{model} T={tokens} ({touched} experts)",
@@ -213,6 +216,14 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
     return cases
 
 
+def _moe_block_with(experts_path: Callable, kernels, block, x: torch.Tensor) -> torch.Tensor:
+    """Our MoE block (router, routing, experts) with the experts computed by `experts_path`."""
+    x2d = x.reshape(-1, x.shape[-1])
+    weights, ids = kernels.moe_route(torch.nn.functional.linear(x2d, block.gate.weight), block.gate.top_k,
+                                     block.gate.norm_topk_prob)
+    return experts_path(x2d, block.experts.gate_up_proj, block.experts.down_proj, weights, ids).view(x.shape)
+
+
 def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool = False) -> dict[str, Any]:
     """Every case, every contender; `quick` keeps one shape per op (for CPU smoke runs)."""
     dev, dt = torch.device(device), getattr(torch, dtype)
@@ -220,7 +231,7 @@ def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool 
     norms = RMS_NORM_SHAPES[:1] if quick else RMS_NORM_SHAPES
     cases = norm_cases(dev, dt, norms) + rope_and_activation_cases(dev, dt, (4,) if quick else (1, 32, 2048))
     cases += attention_cases(dev, dt, [(1, 256)], [(1, 256)]) if quick else attention_cases(dev, dt)
-    cases += moe_cases(dev, dt, "tiny-moe" if quick else "Qwen3-30B-A3B", (3,) if quick else (1, 8, 64, 512))
+    cases += moe_cases(dev, dt, "tiny-moe" if quick else "Qwen3-30B-A3B", (3,) if quick else (1, 2, 4, 8, 64, 512))
     rows = []
     for case in tqdm(cases, desc="bench-kernels", unit="case"):
         sets = input_sets(case, dev)

@@ -3,9 +3,13 @@
 import json
 
 import pytest
+import torch
 
 from qwen3_accel.bench import BenchConfig, run_bench, write_report
+from qwen3_accel.bench_kernels import _moe_block_with
 from qwen3_accel.cli import build_parser, main
+from qwen3_accel.configs import build_model
+from qwen3_accel.custom_ops import moe, select_kernels
 
 
 def test_bench_report_has_every_field(tmp_path):
@@ -71,3 +75,14 @@ def test_generate_and_info_commands(capsys):
     main(["info"])
     info = json.loads(capsys.readouterr().out)
     assert {"qwen3_accel", "device", "torch", "transformers", "kernels_auto"} <= set(info)
+
+
+def test_kernel_bench_forced_moe_paths_compute_the_block():
+    """The bench's forced-path MoE contenders (GPU only there) compute HF's block: checked here interpreted."""
+    block = build_model("tiny-moe").model.layers[0].mlp
+    kernels = select_kernels("torch", torch.device("cpu"))
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        expected = block(x)
+        for path in (moe.fused_moe_gemv, moe.fused_moe_grouped):
+            torch.testing.assert_close(_moe_block_with(path, kernels, block, x), expected, rtol=1e-5, atol=1e-5)

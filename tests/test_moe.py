@@ -1,14 +1,18 @@
-"""Qwen3-MoE: routing, alignment and the fused grouped GEMM against references; tiny MoE models against HF."""
+"""Qwen3-MoE: routing, alignment, the grouped GEMMs and the decode GEMVs against references; tiny MoE models
+against HF."""
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from triton.runtime.errors import OutOfResources
 
 import qwen3_accel
 from conftest import generate_without_recompiles, left_padded_batch
 from qwen3_accel.configs import build_model, get_config
+from qwen3_accel.custom_ops import moe
 from qwen3_accel.custom_ops.moe import (
-    align_slots, align_slots_reference, fused_moe_reference, fused_moe_triton, moe_route_reference, moe_route_triton,
+    align_slots, align_slots_reference, fused_moe_gemv, fused_moe_grouped, fused_moe_reference, fused_moe_triton,
+    moe_route_reference, moe_route_triton,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,6 +79,43 @@ def test_fused_moe_matches_reference(n_experts, top_k, n_tokens, dtype):
     expected = fused_moe_reference(x, gate_up, down, weights, ids)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(out, expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_tokens,top_k", [(1, 1), (1, 8), (3, 2), (17, 3)])
+@pytest.mark.parametrize("path", [fused_moe_gemv, fused_moe_grouped])
+def test_both_moe_paths_match_reference_on_odd_shapes(path, n_tokens, top_k, dtype):
+    """The decode GEMVs and the grouped GEMMs, each forced, on shapes that are not powers of two."""
+    n_experts, hidden, inter = 12, 72, 40
+    g = torch.Generator().manual_seed(n_tokens * 100 + top_k)
+    x = torch.randn(n_tokens, hidden, generator=g).to(DEVICE, dtype)
+    gate_up = (0.2 * torch.randn(n_experts, 2 * inter, hidden, generator=g)).to(DEVICE, dtype)
+    down = (0.2 * torch.randn(n_experts, hidden, inter, generator=g)).to(DEVICE, dtype)
+    weights, ids = _routing(n_tokens, n_experts, top_k, seed=n_tokens + top_k)
+    out = path(x, gate_up, down, weights, ids)
+    expected = fused_moe_reference(x, gate_up, down, weights, ids)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expected, **tol)
+
+
+def test_gemv_path_that_cannot_build_falls_back_to_grouped(monkeypatch):
+    """A GPU where Triton cannot build the GEMVs (simulated: the launcher raises Triton's out-of-resources error)
+    still gets correct results, from the grouped GEMMs, and stops trying the GEMVs."""
+    calls = []
+
+    def cannot_build(*args):
+        calls.append(args)
+        raise OutOfResources(1 << 20, 1 << 16, "shared memory")
+
+    monkeypatch.setattr(moe, "fused_moe_gemv", cannot_build)
+    monkeypatch.setattr(moe, "_gemv_unavailable", None)
+    x = torch.randn(2, 64).to(DEVICE)
+    gate_up, down = 0.2 * torch.randn(8, 96, 64).to(DEVICE), 0.2 * torch.randn(8, 64, 48).to(DEVICE)
+    weights, ids = _routing(2, 8, 2, seed=0)
+    for _ in range(2):
+        torch.testing.assert_close(fused_moe_triton(x, gate_up, down, weights, ids),
+                                   fused_moe_reference(x, gate_up, down, weights, ids), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and "OutOfResources" in moe._gemv_unavailable
 
 
 def test_moe_op_registration():

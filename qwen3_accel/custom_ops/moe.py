@@ -6,12 +6,17 @@ group padded to the GEMM block size, in buffers sized by a static bound, entirel
 `.item()`, no host sync, so the whole layer can be captured in a CUDA graph.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ routing
@@ -236,13 +241,139 @@ def moe_config(n_tokens: int) -> MoeConfig:
     return next(cfg for bound, cfg in MOE_CONFIGS if n_tokens <= bound)
 
 
+# ------------------------------------------------------------------------------ decode-sized GEMVs
+@triton.jit
+def _moe_gemv_gate_up_kernel(
+    x_ptr, w_ptr, ids_ptr, out_ptr, hidden, inter, top_k,
+    x_row_stride, w_expert_stride, w_row_stride, out_row_stride,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[slot, n] = silu(x[token] . gate[expert, n]) * (x[token] . up[expert, n]) for one slot and BLOCK_N columns.
+    # Grid: (T * top_k, cdiv(I, BLOCK_N)). Products accumulate per lane, reduced once at the end (no tl.dot: one
+    # activation row cannot fill a tensor-core tile).
+    slot = tl.program_id(0)
+    token = (slot // top_k).to(tl.int64)
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < inter
+    kk = tl.arange(0, BLOCK_K)
+    gate_rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
+    up_rows = gate_rows + inter * w_row_stride
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_valid = (k0 + kk) < hidden
+        a = tl.load(x_ptr + token * x_row_stride + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
+        w_mask = n_valid[:, None] & k_valid[None, :]
+        acc_gate += tl.load(gate_rows + (k0 + kk)[None, :], mask=w_mask, other=0.0).to(tl.float32) * a[None, :]
+        acc_up += tl.load(up_rows + (k0 + kk)[None, :], mask=w_mask, other=0.0).to(tl.float32) * a[None, :]
+    dtype = out_ptr.dtype.element_ty
+    # HF's roundings, as in the grouped GEMM: each projection, SiLU, the product.
+    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + slot.to(tl.int64) * out_row_stride + n, (act * up).to(dtype), mask=n_valid)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(
+    act_ptr, w_ptr, ids_ptr, slot_weight_ptr, out_ptr, hidden, inter, top_k,
+    act_row_stride, w_expert_stride, w_row_stride, out_row_stride,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[token, n] = sum over the token's k slots of weight[slot] * (act[slot] . down[expert(slot), n]).
+    # Grid: (T, cdiv(H, BLOCK_N)); each program owns its outputs, so the top-k sum needs no atomics.
+    token = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < hidden
+    kk = tl.arange(0, BLOCK_K)
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for j in range(top_k):
+        slot = token * top_k + j
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        weight = tl.load(slot_weight_ptr + slot).to(tl.float32)
+        rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            k_valid = (k0 + kk) < inter
+            a = tl.load(act_ptr + slot * act_row_stride + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
+            w = tl.load(rows + (k0 + kk)[None, :], mask=n_valid[:, None] & k_valid[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        # Rounded where the grouped path stores: the projection, then the weighted slot row.
+        weighted = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        total += weighted
+    tl.store(out_ptr + token * out_row_stride + n, total.to(dtype), mask=n_valid)
+
+
+# Up to this many tokens, `fused_moe` runs one GEMV per (token, expert) pair instead of the grouped GEMM: with a
+# handful of rows a `tl.dot` tile (M >= 16) is mostly padding, and the GEMVs need no slot sorting. Chosen from the
+# published comparison (GEMV 3-5x faster below 16 rows), not yet measured here: `qwen3-accel bench-kernels` times
+# both paths (moe_experts cases) so a GPU run can move this bound.
+MOE_GEMV_MAX_TOKENS = 4
+MOE_GEMV_BLOCKS = dict(gate_up=(16, 128), down=(16, 128))  # (BLOCK_N, BLOCK_K) per kernel
+
+
+def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    """`fused_moe` for a few tokens: a GEMV per (token, expert) pair for gate/up + SiLU·mul, then per token the
+    down projections, routing weights and top-k sum in one program per output block."""
+    n_tokens, hidden = x.shape
+    inter = gate_up_proj.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    ids = topk_ids.contiguous()
+    hidden_act = x.new_empty((n_tokens * top_k, inter))
+    out = x.new_empty((n_tokens, hidden))
+    if n_tokens == 0:
+        return out
+    block_n, block_k = MOE_GEMV_BLOCKS["gate_up"]
+    _moe_gemv_gate_up_kernel[(n_tokens * top_k, triton.cdiv(inter, block_n))](
+        x, gate_up_proj, ids, hidden_act, hidden, inter, top_k,
+        x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
+    block_n, block_k = MOE_GEMV_BLOCKS["down"]
+    _moe_gemv_down_kernel[(n_tokens, triton.cdiv(hidden, block_n))](
+        hidden_act, down_proj, ids, slot_weights, out, hidden, inter, top_k,
+        hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+_gemv_unavailable: str | None = None  # why the GEMV path cannot run on this machine, once it failed to build
+
+
 def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    """`fused_moe` on the GPU: the decode-sized GEMVs for at most MOE_GEMV_MAX_TOKENS tokens, else grouped GEMMs.
+
+    The GEMVs are newer than the grouped path and not yet built on every GPU we support: if Triton cannot build
+    them here, the grouped path serves every size from then on (debug log), instead of failing the request.
+    """
+    global _gemv_unavailable
+    if x.shape[0] <= MOE_GEMV_MAX_TOKENS and _gemv_unavailable is None:
+        _check_moe_shapes(x, gate_up_proj, down_proj)
+        try:
+            return fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+        except (CompilationError, OutOfResources) as error:
+            _gemv_unavailable = f"{type(error).__name__}: {error}"
+            logger.debug("qwen3_accel: MoE GEMV kernels unavailable, using the grouped GEMMs (%s)", _gemv_unavailable)
+    return fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+
+
+def _check_moe_shapes(x, gate_up_proj, down_proj) -> None:
+    n_experts, two_i, hidden = gate_up_proj.shape
+    assert x.shape[1] == hidden and down_proj.shape == (n_experts, hidden, two_i // 2)
+    assert x.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+
+
+def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    """`fused_moe` for many tokens: slots sorted by expert, one grouped GEMM per projection."""
     n_tokens, hidden = x.shape
     n_experts, two_i, _ = gate_up_proj.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
-    assert gate_up_proj.shape == (n_experts, 2 * inter, hidden) and down_proj.shape == (n_experts, hidden, inter)
-    assert x.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+    _check_moe_shapes(x, gate_up_proj, down_proj)
     out = x.new_zeros((n_tokens, hidden))
     if n_tokens == 0:
         return out
