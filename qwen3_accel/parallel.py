@@ -104,7 +104,7 @@ class TensorParallel(SingleDevice):
         """Set every rank's random generators (CPU, and `device`'s) to rank 0's: HF's loop then samples the same
         tokens on every rank, rank 0's draws, as a single process seeded like rank 0 would."""
         states = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
-        dist.broadcast_object_list(states, src=0, group=self.group)
+        dist.broadcast_object_list(states, group=self.group, group_src=0)
         torch.set_rng_state(states[0])
         if device.type == "cuda":
             torch.cuda.set_rng_state(states[1], device)
