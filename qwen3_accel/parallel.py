@@ -99,7 +99,6 @@ class TensorParallel(SingleDevice):
                 "rank must call generate()/forward() with the same inputs and settings"
             )
 
-
     def share_random_state(self, device: torch.device) -> None:
         """Set every rank's random generators (CPU, and `device`'s) to rank 0's: HF's loop then samples the same
         tokens on every rank, rank 0's draws, as a single process seeded like rank 0 would."""
