@@ -79,10 +79,10 @@ def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> i
     experts the batch can be expected to touch) + the valid KV cache. Under tensor parallelism: per rank (its
     shards, the replicated weights, its KV heads)."""
     from .parallel import local
+    from .patches.qwen3 import model_shape
 
     config = model.config
     embed = local(model.get_input_embeddings().weight)
-    world = _world_size()
     weights = 0
     n_experts = getattr(config, "num_experts", 0)
     # Expected distinct experts hit by batch * top_k independent picks out of n_experts.
@@ -95,8 +95,8 @@ def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> i
         weights += int(p.numel() * p.element_size() * fraction)
     if config.tie_word_embeddings:
         weights += embed.numel() * embed.element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads // world * head_dim * context * batch * embed.element_size()
+    shape = model_shape(model)  # this rank's KV heads, counted from its own k_proj shard
+    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * context * batch * embed.element_size()
     return weights + kv
 
 
@@ -260,7 +260,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     model = load_model(cfg.model, device, dtype)
     bandwidth = copy_bandwidth(device)
     report: dict[str, Any] = {
-        "model": cfg.model, "dtype": cfg.dtype, "tensor_parallel": _world_size(), "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
+        "model": cfg.model, "dtype": cfg.dtype, "tensor_parallel": _world_size(),
+        "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
         "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
     }
     steps = len(cfg.contenders) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="decode and prefill speed: HF eager vs HF static cache + compile vs qwen3_accel",
         description="Measure HF eager, HF's static-cache + compile recipe and qwen3_accel on one model in one "
                     "process: time to first token by prompt length, decode tokens/s by batch size, peak memory, "
-                    "speedups, and decode's share of the memory-bandwidth roofline. Writes JSON, a table and PNG plots. "
-                    "Under `torchrun --nproc-per-node N` the model is sharded by transformers' tensor-parallel plan "
+                    "speedups, and decode's share of the memory-bandwidth roofline. Writes JSON, a table and PNG "
+                    "plots. Under `torchrun --nproc-per-node N` the model is sharded by transformers' tensor-parallel plan "
                     "and rank 0 prints and writes (bytes and roofline per GPU).",
     )
     _add_model_args(bench, default_device)

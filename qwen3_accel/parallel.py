@@ -42,10 +42,10 @@ class SingleDevice:
         return x
 
     def check_same_request(self, *values: Any) -> None:
-        pass
+        """One process, one request: nothing to compare."""
 
     def share_random_state(self, device: torch.device) -> None:
-        pass
+        """One process, one random stream: nothing to share."""
 
 
 class TensorParallel(SingleDevice):
