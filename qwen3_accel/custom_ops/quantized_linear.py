@@ -1,0 +1,236 @@
+"""Weight-only quantized linear layers: `y = x @ dequantize(weight).T`, dequantized inside the kernel.
+
+Three weight formats, told apart by the weight's dtype:
+
+  int8     `torch.int8 [N, K]`, symmetric, one scale per output row: `scale [N, 1]`.
+  int4     `torch.uint8 [N, ceil(K/2)]`, two values per byte (even k in the low nibble), asymmetric in groups along
+           K: `w = (q - zero) * scale`, `scale [N, ceil(K/G)]` (the model dtype), `zero` uint8 of the same shape.
+  fp8      `torch.float8_e4m3fn [N, K]`, one scale per `group_n x group_k` block: `scale [ceil(N/gn), ceil(K/gk)]`
+           fp32. This is transformers' fine-grained FP8 format (Qwen's FP8 checkpoints: 128x128 blocks, the scale
+           stored as `weight_scale_inv` and multiplied).
+
+In general `w[n, k] = (q[n, k] - zero[n // group_n, k // group_k]) * scale[n // group_n, k // group_k]`.
+The kernel never materialises `w`: the integer or fp8 values convert exactly to the activation dtype, go through
+the dot product, and the scale (and zero point, through the row sum of the activations) is applied to each
+`BLOCK_K` partial product, which lies inside one group. Accumulation is fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+QUANTIZED_DTYPES = (torch.int8, torch.uint8, FP8_DTYPE)
+FORMAT_OF_DTYPE = {torch.int8: "int8", torch.uint8: "int4", FP8_DTYPE: "fp8"}
+INT4_GROUP = 128  # along K, as AWQ/GPTQ checkpoints and torchao use
+FP8_BLOCK = 128  # rows and columns of one fp8 scale block, as in Qwen's FP8 checkpoints
+
+# Up to this many rows `x` runs through a GEMV (elementwise products reduced per lane; a tl.dot tile needs 16
+# rows), above it through tl.dot tiles. Block sizes are first guesses, to be set by `qwen3-accel bench-kernels`
+# on a GPU (BLOCK_K is further capped so that one block never straddles a scale group).
+QLINEAR_GEMV_MAX_ROWS = 4
+QLINEAR_BLOCKS = dict(gemv=(32, 128), gemm=(64, 64, 64))  # (BLOCK_N, BLOCK_K), (BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4: tl.constexpr, DTYPE: tl.constexpr):
+    """Weight rows n, columns k as stored (no scale, no zero point), exactly in DTYPE, 0 outside: [BLOCK_N, BLOCK_K]."""
+    mask = n_valid[:, None] & k_valid[None, :]
+    rows = w_ptr + n[:, None].to(tl.int64) * w_row_stride
+    if INT4:
+        packed = tl.load(rows + (k // 2)[None, :], mask=mask, other=0).to(tl.int32)
+        return ((packed >> ((k & 1) * 4)[None, :]) & 0xF).to(DTYPE)
+    # No `other=`: it cannot be cast to fp8 (in the interpreter); masked lanes are zeroed after the conversion.
+    return tl.where(mask, tl.load(rows + k[None, :], mask=mask).to(DTYPE), 0.0)
+
+
+@triton.jit
+def _quantized_linear_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, rows, n_out, n_in,
+    x_row_stride, w_row_stride, scale_row_stride, out_row_stride,
+    group_n, group_k,
+    INT4: tl.constexpr, PER_ROW: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[m, n] = sum_k x[m, k] * (q[n, k] - zero[g]) * scale[g], g = (n // group_n, k // group_k).
+    # Grid: (cdiv(rows, BLOCK_M), cdiv(n_out, BLOCK_N)). BLOCK_K divides group_k (or one group spans K), so every
+    # block's partial product takes one scale per output column. PER_ROW (int8): one scale per row, applied once.
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid = m < rows
+    n_valid = n < n_out
+    kk = tl.arange(0, BLOCK_K)
+    scale_rows = scale_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    zero_rows = zero_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + kk
+        k_valid = k < n_in
+        a = tl.load(x_ptr + m[:, None].to(tl.int64) * x_row_stride + k[None, :],
+                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+        if USE_DOT and FP32_DOT:
+            q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
+            part = tl.dot(a, tl.trans(q), input_precision="ieee")
+        elif USE_DOT:
+            q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, x_ptr.dtype.element_ty)
+            part = tl.dot(a, tl.trans(q))
+        else:
+            q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
+            part = tl.sum(a.to(tl.float32)[:, None, :] * q[None, :, :], axis=2)
+        if PER_ROW:
+            acc += part
+        else:
+            group = k0 // group_k
+            scale = tl.load(scale_rows + group, mask=n_valid, other=0.0).to(tl.float32)
+            if INT4:
+                zero = tl.load(zero_rows + group, mask=n_valid, other=0).to(tl.float32)
+                part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
+            acc += part * scale[None, :]
+    if PER_ROW:
+        acc *= tl.load(scale_rows, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + m[:, None].to(tl.int64) * out_row_stride + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+def _block_k(group_k: int, n_in: int, block_k: int) -> int:
+    """The largest block that is <= block_k and never straddles a scale group (a power of two dividing group_k)."""
+    if group_k >= n_in:
+        return block_k
+    return min(block_k, group_k & -group_k)
+
+
+def check_quantized_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                           group_n: int, group_k: int, n_in: int) -> None:
+    """Raise a ValueError naming what does not fit the formats above."""
+    if qweight.dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"quantized weights are int8, packed int4 (uint8) or float8_e4m3fn; got {qweight.dtype}")
+    n_out = qweight.shape[0]
+    stored_in = (n_in + 1) // 2 if qweight.dtype == torch.uint8 else n_in
+    expected_scale = (triton.cdiv(n_out, group_n), triton.cdiv(n_in, group_k))
+    if qweight.shape[1] != stored_in or tuple(scale.shape) != expected_scale:
+        raise ValueError(
+            f"a {FORMAT_OF_DTYPE[qweight.dtype]} weight for {n_in} inputs in groups of {group_n}x{group_k} needs "
+            f"values [{n_out}, {stored_in}] and scales {list(expected_scale)}; got {list(qweight.shape)} and "
+            f"{list(scale.shape)}"
+        )
+    if (zero is not None) != (qweight.dtype == torch.uint8) or (zero is not None and zero.shape != scale.shape):
+        raise ValueError("int4 weights need a uint8 zero point per scale; the other formats take none")
+    if qweight.dtype == torch.int8 and (group_n != 1 or group_k < n_in):
+        raise ValueError(f"int8 weights take one scale per output row; got groups of {group_n}x{group_k}")
+
+
+def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                            group_n: int, group_k: int) -> torch.Tensor:
+    n_in = x.shape[-1]
+    check_quantized_weight(qweight, scale, zero, group_n, group_k, n_in)
+    x2d = x.reshape(-1, n_in)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    rows, n_out = x2d.shape[0], qweight.shape[0]
+    out = x2d.new_empty((rows, n_out))
+    if rows == 0 or n_out == 0:
+        return out.view(*x.shape[:-1], n_out)
+    scale = scale.contiguous()
+    int4 = qweight.dtype == torch.uint8
+    zero_arg = zero.contiguous() if int4 else scale  # never read unless INT4
+    use_dot = rows > QLINEAR_GEMV_MAX_ROWS
+    if use_dot:
+        block_m, block_n, block_k = QLINEAR_BLOCKS["gemm"]
+    else:
+        (block_n, block_k), block_m = QLINEAR_BLOCKS["gemv"], triton.next_power_of_2(rows)
+    block_k = _block_k(group_k, n_in, block_k)
+    if use_dot and block_k < 16:
+        use_dot, block_m = False, 4
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
+    _quantized_linear_kernel[grid](
+        x2d, qweight, scale, zero_arg, out, rows, n_out, n_in,
+        x2d.stride(0), qweight.stride(0), scale.stride(0), out.stride(0), group_n, group_k,
+        INT4=int4, PER_ROW=qweight.dtype == torch.int8, USE_DOT=use_dot, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out.view(*x.shape[:-1], n_out)
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_n: int, group_k: int,
+               n_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight [N, K] the quantized one stands for, in `dtype` (computed in fp32)."""
+    if qweight.dtype == torch.uint8:
+        q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).flatten(-2)[:, :n_in].float()
+    else:
+        q = qweight.float()
+    n_out = qweight.shape[0]
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t.float().repeat_interleave(group_n, 0)[:n_out].repeat_interleave(group_k, 1)[:, :n_in]
+
+    if zero is not None:
+        q = q - expand(zero)
+    return (q * expand(scale)).to(dtype)
+
+
+def quantized_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                               zero: torch.Tensor | None, group_n: int, group_k: int) -> torch.Tensor:
+    """Dequantize, then one fp32 matmul: what the kernel computes, without its summation order."""
+    weight = dequantize(qweight, scale, zero, group_n, group_k, x.shape[-1])
+    return (x.float() @ weight.T).to(x.dtype)
+
+
+@torch.library.custom_op("qwen3_accel::quantized_linear", mutates_args=())
+def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     group_n: int, group_k: int) -> torch.Tensor:
+    """x [..., K] @ dequantize(qweight).T -> [..., N], for the int8 / int4 / fp8 formats of this module."""
+    if x.is_cuda:
+        return quantized_linear_triton(x, qweight, scale, zero, group_n, group_k)
+    return quantized_linear_reference(x, qweight, scale, zero, group_n, group_k)
+
+
+@quantized_linear.register_fake
+def _(x, qweight, scale, zero, group_n, group_k):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# ------------------------------------------------------------------------------ quantizers (torch, once)
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (q int8 [N, K], scale fp32 [N, 1])."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def _grouped(weight: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:
+    """[N, K] zero-padded to whole groups and viewed as [N/gn, gn, K/gk, gk] (fp32)."""
+    n_out, n_in = weight.shape
+    pad_n, pad_k = -n_out % group_n, -n_in % group_k
+    w = torch.nn.functional.pad(weight.float(), (0, pad_k, 0, pad_n))
+    return w.view((n_out + pad_n) // group_n, group_n, (n_in + pad_k) // group_k, group_k)
+
+
+def _ungrouped(grouped: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    return grouped.flatten(2).flatten(0, 1)[:n_out, :n_in]
+
+
+def quantize_int4(weight: torch.Tensor, group_k: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit in groups of `group_k` along K: (packed uint8 [N, ceil(K/2)], scale [N, ceil(K/G)] in the
+    weight's dtype, zero uint8 [N, ceil(K/G)]). The scale is rounded to its storage dtype before the values are."""
+    n_out, n_in = weight.shape
+    groups = _grouped(weight, 1, group_k)
+    low, high = groups.amin(dim=(1, 3), keepdim=True), groups.amax(dim=(1, 3), keepdim=True)
+    scale = ((high - low) / 15.0).clamp(min=1e-8).to(weight.dtype).float()
+    zero = torch.round(-low / scale).clamp(0, 15)
+    q = _ungrouped(torch.round(groups / scale + zero).clamp(0, 15).expand_as(groups), n_out, n_in).to(torch.uint8)
+    if n_in % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.contiguous(), scale[:, 0, :, 0].to(weight.dtype), zero[:, 0, :, 0].to(torch.uint8)
+
+
+def quantize_fp8(weight: torch.Tensor, block_n: int = FP8_BLOCK, block_k: int = FP8_BLOCK
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 with one fp32 scale per block_n x block_k block (transformers' fine-grained FP8):
+    (q float8_e4m3fn [N, K], scale fp32 [ceil(N/bn), ceil(K/bk)])."""
+    n_out, n_in = weight.shape
+    groups = _grouped(weight, block_n, block_k)
+    amax = groups.abs().amax(dim=(1, 3), keepdim=True)
+    scale = (amax / torch.finfo(FP8_DTYPE).max).clamp(min=torch.finfo(torch.float32).tiny)
+    q = _ungrouped((groups / scale).expand_as(groups), n_out, n_in).to(FP8_DTYPE)
+    return q.contiguous(), scale[:, 0, :, 0].contiguous()
