@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Cache, DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.utils import ModelOutput
 
-from . import compat, fast_generate, parallel
+from . import compat, fast_generate, parallel, quantize
 from .cache import Qwen3StaticCache
 from .graphs import CompiledSteps
 from .custom_ops import KERNEL_MODES, select_kernels
@@ -48,6 +48,11 @@ class OptimizeOptions:
         False keeps every patch but runs eagerly.
     fast_generate: serve common generate() requests (greedy; temperature/top-k/top-p sampling; eos; streamer) with
         a device-side decode loop instead of HF's per-token Python loop (see fast_generate.py).
+    weights: None keeps the projections as they are (the model dtype, or an FP8 checkpoint as transformers loaded
+        it); "int8" (per output row), "int4" (asymmetric, groups of 128 along the input) or "fp8" (e4m3, one scale
+        per 128x128 block: transformers' fine-grained FP8 format) quantizes the decoder layers' projections in
+        place, weight-only (activations stay in the model dtype). Embeddings, norms and the LM head are kept.
+        Dense Qwen3 only in this version.
     max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
         generate() call (length rounded up to 256 slots) and grows it, with a warning, when a later call needs
         more; growth re-allocates, so CUDA graphs are recorded again. An explicit value is a hard limit: a call
@@ -60,6 +65,7 @@ class OptimizeOptions:
     max_cache_len: int | None = None
     attention: str = "auto"
     fast_generate: bool = True
+    weights: str | None = None
 
 
 def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **kwargs: Any) -> torch.nn.Module:
@@ -75,33 +81,47 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
             warnings.warn("model is already optimized; the new options are ignored", stacklevel=2)
         return model
     _check_model(model)
+    _check_weights_option(model, options.weights)
     if options.compile and options.kernels == "triton" and next(model.parameters()).device.type != "cuda":
         raise ValueError(
             "kernels='triton' on the CPU runs Triton's interpreter, which torch.compile cannot trace: pass "
             "compile=False with it (the CPU's compiled path uses kernels='auto')"
         )
+    if options.weights:
+        if parallel.describe(model).world_size > 1:
+            raise ValueError("quantized weights under tensor parallelism are not supported in this version")
+        quantize.quantize_model(model, options.weights)
     model.qwen3_accel = Qwen3Accelerator(model, options)
     return model
+
+
+def _check_weights_option(model: torch.nn.Module, weights: str | None) -> None:
+    if weights is None:
+        return
+    if weights not in quantize.WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r} is not supported; choose one of {quantize.WEIGHT_FORMATS} or None")
+    if isinstance(model, Qwen3MoeForCausalLM):
+        raise ValueError(
+            f"weights={weights!r} is not supported on Qwen3-MoE in this version: its experts (most of its weights) "
+            "have no quantized kernel yet; optimize it without `weights`"
+        )
+    formats = {quantize.linear_format(m) for _, _, m in quantize.projections(model)} - {None}
+    if formats:
+        raise ValueError(f"weights={weights!r}: this model's projections are already quantized; optimize it without "
+                         "`weights` to run them as they are")
 
 
 def _check_model(model: torch.nn.Module) -> None:
     if not isinstance(model, SUPPORTED_CLASSES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
         raise TypeError(f"qwen3_accel.optimize supports {names}; got {type(model).__name__}")
-    quantization = getattr(model.config, "quantization_config", None)
-    if quantization is not None or getattr(model, "hf_quantizer", None) is not None:
-        method = (quantization.get("quant_method") if isinstance(quantization, dict)
-                  else getattr(quantization, "quant_method", None))
-        raise TypeError(
-            f"qwen3_accel.optimize runs unquantized weights (fp32, fp16 or bf16); this model was loaded with "
-            f"quantization method {str(getattr(method, 'value', method))!r}. Load the unquantized checkpoint "
-            "(e.g. Qwen/Qwen3-8B rather than Qwen/Qwen3-8B-FP8) to optimize it"
-        )
-    dtypes = {p.dtype for p in model.parameters()}
+    quantize.check_quantized(model)
+    quantized = {id(p) for _, _, m in quantize.projections(model) if quantize.linear_format(m) for p in m.parameters()}
+    dtypes = {p.dtype for p in model.parameters() if id(p) not in quantized}
     if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"qwen3_accel.optimize needs all weights in one of {[str(d) for d in SUPPORTED_DTYPES]}; "
-            f"got {sorted(str(d) for d in dtypes)} (quantized checkpoints are not supported)"
+            f"qwen3_accel.optimize needs all weights in one of {[str(d) for d in SUPPORTED_DTYPES]} (projections "
+            f"may be quantized: weights='int8'|'int4'|'fp8'); got {sorted(str(d) for d in dtypes)}"
         )
     device_map = getattr(model, "hf_device_map", None) or {}
     if len({str(d) for d in device_map.values()}) > 1 or any(str(d) in ("disk", "meta") for d in device_map.values()):
@@ -152,6 +172,8 @@ class Qwen3Accelerator:
         model, options = self.model, self.options
         self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
         self.tp = parallel.describe(model)  # before any change: a layout we do not support leaves the model as is
+        if self.tp.world_size > 1 and quantize.is_quantized(model):
+            raise ValueError("quantized weights under tensor parallelism are not supported in this version")
         self.tp.check_same_request("optimize", options)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -159,6 +181,7 @@ class Qwen3Accelerator:
         self.shape = dense.model_shape(model)
         self.scale = model.model.layers[0].self_attn.scaling
         self.fused = self.patches.prepare(model)
+        quantize.use_our_fp8_forward(model)
         self.cos_sin = dense.rope_table(model, model.config.max_position_embeddings)
         self.cache: Qwen3StaticCache | None = None
         # Graph keys: ("decode", rows, cache rows, cache length) for HF's loop and ("fast", rows, cache rows,
@@ -227,7 +250,7 @@ class Qwen3Accelerator:
         """Keep the fused GEMM weights equal to the model's: a weight replaced since `optimize` (any layer, any
         fused projection) is copied into the fused buffer; a model moved or cast since is an error."""
         for group in self.fused:
-            if group.fused.device != self.device or group.fused.dtype != self.dtype:
+            if group.fused.device != self.device or group.fused.dtype != group.dtype:
                 raise RuntimeError(
                     "the model's weights were moved or converted after qwen3_accel.optimize (e.g. .to(), .half()), "
                     "so the fused projections no longer share memory with them; move or cast the model first, then "

@@ -10,6 +10,8 @@ At patch time (`prepare`), once:
 
 The fused weights are non-persistent buffers, so `state_dict()` keys and values are exactly HF's.
 HF's modules stay in place, so HF's own forward still runs for what the fast path does not cover.
+Quantized projections (see quantize.py) fuse the same way: values, scales (and zero points) each concatenated
+along the output rows, run by the `quantized_linear` op.
 """
 
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from transformers import Qwen3ForCausalLM
 
 from ..custom_ops import Kernels
 from ..parallel import SingleDevice, local, shard_like
+from ..quantize import LinearFormat, linear_format
 
 # Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D].
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,12 +49,15 @@ def model_shape(model: nn.Module) -> Shape:
 
 @dataclass
 class FusedLinears:
-    """Linears of one module whose weights (and biases) are views of one fused buffer each."""
+    """Linears of one module whose tensors are views of one fused buffer each: the weight, the bias, and for
+    quantized projections the scales (and zero points), all concatenated along the output rows."""
 
     parent: nn.Module
     names: list[str]
-    fused_name: str  # the buffers are `parent.<fused_name>_weight` / `_bias`
-    rows: list[int]  # output rows of each linear, in order
+    fused_name: str  # the buffers are `parent.<fused_name>_<suffix>`, e.g. `qkv_weight`, `qkv_scale`
+    suffixes: dict[str, str]  # module attribute -> buffer suffix: weight, bias, (scale, zero)
+    rows: dict[str, list[int]]  # module attribute -> rows of each linear's tensor, in order
+    dtype: torch.dtype  # of the fused weight: a cast of the model is caught by comparing it
     _pointers: list[int] = field(default_factory=list)  # data_ptr of every view, as fused
 
     @property
@@ -59,7 +65,7 @@ class FusedLinears:
         return getattr(self.parent, f"{self.fused_name}_weight")
 
     def _params(self) -> list[torch.Tensor]:
-        return [local(p) for name in self.names for attr in ("weight", "bias")
+        return [local(p) for name in self.names for attr in self.suffixes
                 if (p := getattr(getattr(self.parent, name), attr)) is not None]
 
     def in_sync(self) -> bool:
@@ -67,11 +73,11 @@ class FusedLinears:
         return [p.data_ptr() for p in self._params()] == self._pointers
 
     def resync(self) -> None:
-        """Copy replaced weights into the fused buffers and make them views again (addresses kept for graphs)."""
-        for attr in ("weight", "bias"):
-            fused = getattr(self.parent, f"{self.fused_name}_{attr}")
+        """Copy replaced tensors into the fused buffers and make them views again (addresses kept for graphs)."""
+        for attr, suffix in self.suffixes.items():
+            fused = getattr(self.parent, f"{self.fused_name}_{suffix}")
             offset = 0
-            for name, rows in zip(self.names, self.rows):
+            for name, rows in zip(self.names, self.rows[attr]):
                 linear = getattr(self.parent, name)
                 original = getattr(linear, attr)
                 param = local(original) if original is not None else None
@@ -93,28 +99,50 @@ class FusedLinears:
         self._pointers = [p.data_ptr() for p in self._params()]
 
 
+def _group_format(parent: nn.Module, names: list[str]) -> LinearFormat | None:
+    """The one format of the linears `parent.<names>`; fp8 blocks must not straddle two of them."""
+    formats = {linear_format(getattr(parent, name)) for name in names}
+    if len(formats) != 1:
+        raise ValueError(f"{type(parent).__name__}.{'/'.join(names)} mix weight formats: {formats}")
+    fmt = formats.pop()
+    for name in names:
+        rows = getattr(parent, name).weight.shape[0]
+        if fmt is not None and rows % fmt.group_n:
+            raise ValueError(
+                f"{name} has {rows} output rows, not a multiple of its {fmt.group_n}-row scale blocks, so it cannot "
+                f"share a fused weight with {'/'.join(n for n in names if n != name)}"
+            )
+    return fmt
+
+
 def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> FusedLinears:
-    """Concatenate the weights (and biases) of `parent.<names>` into one buffer; the originals become views.
+    """Concatenate the tensors of `parent.<names>` into one buffer each; the originals become views.
 
     Under tensor parallelism the buffer holds this rank's shards, and each parameter stays a DTensor (a view of
     its shard in the buffer), so `state_dict()` is still transformers' sharded one.
     """
+    fmt = _group_format(parent, names)
+    suffixes = {"weight": "weight", "bias": "bias"}
+    if fmt is not None:
+        suffixes.update({fmt.scale: "scale", **({fmt.zero: "zero"} if fmt.zero else {})})
+    setattr(parent, f"{fused_name}_format", fmt)
     linears = [getattr(parent, name) for name in names]
-    for attr in ("weight", "bias"):
+    rows = {}
+    for attr, suffix in suffixes.items():
         params = [getattr(linear, attr) for linear in linears]
+        rows[attr] = [local(p).shape[0] if p is not None else 0 for p in params]
         if all(p is None for p in params):
-            parent.register_buffer(f"{fused_name}_{attr}", None, persistent=False)
+            parent.register_buffer(f"{fused_name}_{suffix}", None, persistent=False)
             continue
         fused = torch.cat([local(p).detach() for p in params])
         offset = 0
         for linear, p in zip(linears, params):
-            rows = local(p).shape[0]
-            view = fused[offset : offset + rows]
-            setattr(linear, attr, nn.Parameter(shard_like(view, p), requires_grad=p.requires_grad))
-            offset += rows
-        parent.register_buffer(f"{fused_name}_{attr}", fused, persistent=False)
+            n = local(p).shape[0]
+            setattr(linear, attr, nn.Parameter(shard_like(fused[offset : offset + n], p), requires_grad=p.requires_grad))
+            offset += n
+        parent.register_buffer(f"{fused_name}_{suffix}", fused, persistent=False)
         torch._dynamo.mark_static_address(fused)
-    group = FusedLinears(parent, names, fused_name, [local(linear.weight).shape[0] for linear in linears])
+    group = FusedLinears(parent, names, fused_name, suffixes, rows, getattr(parent, f"{fused_name}_weight").dtype)
     group._pointers = [p.data_ptr() for p in group._params()]
     return group
 
@@ -129,17 +157,38 @@ def prepare(model: Qwen3ForCausalLM) -> list[FusedLinears]:
     return groups
 
 
+def linear(kernels: Kernels, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`module(x)` for a projection in the model dtype (this rank's shard) or quantized."""
+    fmt = linear_format(module)
+    if fmt is None:
+        return F.linear(x, local(module.weight), None if module.bias is None else local(module.bias))
+    zero = getattr(module, fmt.zero) if fmt.zero else None
+    out = kernels.quantized_linear(x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n, fmt.group_k)
+    return out if module.bias is None else out + module.bias
+
+
+def fused_linear(kernels: Kernels, x: torch.Tensor, parent: nn.Module, fused_name: str) -> torch.Tensor:
+    """x through the fused projection `parent.<fused_name>_*` (see _fuse_linears)."""
+    weight, bias = getattr(parent, f"{fused_name}_weight"), getattr(parent, f"{fused_name}_bias")
+    fmt = getattr(parent, f"{fused_name}_format")
+    if fmt is None:
+        return F.linear(x, weight, bias)
+    zero = getattr(parent, f"{fused_name}_zero") if fmt.zero else None
+    out = kernels.quantized_linear(x, weight, getattr(parent, f"{fused_name}_scale"), zero, fmt.group_n, fmt.group_k)
+    return out if bias is None else out + bias
+
+
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Qwen3MLP: one GEMM for gate/up, SiLU * up, down projection (a partial sum under tensor parallelism)."""
-    return F.linear(kernels.silu_and_mul(F.linear(x, module.gate_up_weight)), local(module.down_proj.weight))
+    return linear(kernels, kernels.silu_and_mul(fused_linear(kernels, x, module, "gate_up")), module.down_proj)
 
 
-def row_parallel_linear(tp: SingleDevice, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """`linear(x)` for a layer split by input columns: local partial products summed over ranks, bias once."""
+def row_parallel_linear(kernels: Kernels, tp: SingleDevice, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`module(x)` for a layer split by input columns: local partial products summed over ranks, bias once."""
     if tp.world_size == 1:
-        return F.linear(x, linear.weight, linear.bias)
-    out = tp.all_reduce(F.linear(x, local(linear.weight)))
-    return out if linear.bias is None else out + local(linear.bias)
+        return linear(kernels, x, module)
+    out = tp.all_reduce(F.linear(x, local(module.weight)))
+    return out if module.bias is None else out + local(module.bias)
 
 
 def rope_table(model: Qwen3ForCausalLM, max_positions: int) -> torch.Tensor:
@@ -186,7 +235,7 @@ def forward_hidden(
         else:
             x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
 
-        qkv = F.linear(x, attn.qkv_weight, attn.qkv_bias).view(batch * seq_len, n_q + 2 * n_kv, head_dim)
+        qkv = fused_linear(kernels, x, attn, "qkv").view(batch * seq_len, n_q + 2 * n_kv, head_dim)
         q, k = kernels.qk_norm_rope(
             qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], attn.q_norm.weight, attn.k_norm.weight,
             cos_sin, flat_positions, attn.q_norm.variance_epsilon,
@@ -196,7 +245,7 @@ def forward_hidden(
             i, q.view(batch, seq_len, n_q, head_dim), k.view(batch, seq_len, n_kv, head_dim),
             v.reshape(batch, seq_len, n_kv, head_dim),
         )
-        hidden = row_parallel_linear(tp, out, attn.o_proj)
+        hidden = row_parallel_linear(kernels, tp, out, attn.o_proj)
 
         norm = layer.post_attention_layernorm
         x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)

@@ -1,0 +1,197 @@
+"""Weight-only quantized projections: which modules hold them, how to read them, and quantizing at optimize time.
+
+Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/up/down):
+
+- transformers' own `FP8Linear` (fine-grained FP8: e4m3 `weight` and an fp32 `weight_scale_inv` per block), as
+  transformers loads Qwen's FP8 checkpoints, and as `optimize(model, weights="fp8")` makes them (with
+  `config.quantization_config` set, so `save_pretrained` writes a checkpoint transformers loads as FP8);
+- `QuantizedLinear` (this module) for `weights="int8"` (per output row) and `weights="int4"` (asymmetric, groups of
+  128 along the input).
+
+Both run `torch.ops.qwen3_accel.quantized_linear` (see custom_ops/quantized_linear.py), in our forward and in HF's:
+an FP8Linear's `forward` is replaced per instance by ours, since transformers' needs the `kernels` package and a
+kernel downloaded from the Hub. Embeddings, norms, the router and the LM head stay in the model dtype.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import FineGrainedFP8Config
+from transformers.integrations.finegrained_fp8 import FP8Linear
+
+from .custom_ops.quantized_linear import (
+    FP8_BLOCK,
+    FP8_DTYPE,
+    INT4_GROUP,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+)
+
+WEIGHT_FORMATS = ("int8", "int4", "fp8")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class LinearFormat:
+    """Where a projection's quantized tensors live on its module, and the shape of one scale group."""
+
+    scale: str  # attribute holding the scales
+    zero: str | None  # attribute holding the zero points (int4)
+    group_n: int
+    group_k: int
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer with int8 or packed int4 weights (the formats of `custom_ops.quantized_linear`)."""
+
+    def __init__(self, in_features: int, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 group_n: int, group_k: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, qweight.shape[0]
+        self.group_n, self.group_k = group_n, group_k
+        self.weight = nn.Parameter(qweight, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.weight_zero = None if zero is None else nn.Parameter(zero, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantizedLinear":
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        if fmt == "int8":
+            qweight, scale = quantize_int8(weight)
+            return cls(linear.in_features, qweight, scale, None, 1, linear.in_features, bias)
+        qweight, scale, zero = quantize_int4(weight, INT4_GROUP)
+        return cls(linear.in_features, qweight, scale, zero, 1, INT4_GROUP, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_forward(self, x)
+
+    def extra_repr(self) -> str:
+        fmt = "int8" if self.weight.dtype == torch.int8 else f"int4, groups of {self.group_k}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
+
+
+def linear_format(module: nn.Module) -> LinearFormat | None:
+    """How `module`'s weight is quantized; None for a plain linear in the model dtype."""
+    if isinstance(module, QuantizedLinear):
+        return LinearFormat("weight_scale", "weight_zero" if module.weight_zero is not None else None,
+                            module.group_n, module.group_k)
+    if isinstance(module, FP8Linear) and module.weight.dtype == FP8_DTYPE:
+        block_n, block_k = module.block_size
+        return LinearFormat("weight_scale_inv", None, block_n, block_k)
+    return None
+
+
+def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for a quantized projection through our op (HF's forward runs this too)."""
+    fmt = linear_format(module)
+    zero = getattr(module, fmt.zero) if fmt.zero else None
+    out = torch.ops.qwen3_accel.quantized_linear(
+        x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n, fmt.group_k
+    )
+    return out if module.bias is None else out + module.bias
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(linear_format(m) is not None for m in model.modules())
+
+
+def projections(model: nn.Module):
+    """(parent module, attribute name, module) of every decoder-layer projection the model has."""
+    for layer in model.model.layers:
+        for path in PROJECTIONS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            if hasattr(parent, name):
+                yield parent, name, getattr(parent, name)
+
+
+def check_quantized(model: nn.Module) -> None:
+    """Raise (before anything changes) for quantized weights our forward cannot run, naming what it runs."""
+    supported = ("quantized decoder-layer projections (q/k/v/o, gate/up/down) as transformers' fine-grained "
+                 "FP8Linear with fp32 block scales or qwen3_accel's int8/int4 QuantizedLinear")
+    config = getattr(model.config, "quantization_config", None)
+    if config is not None and not isinstance(config, dict):
+        config = config.to_dict()
+    if config is not None and not config.get("dequantize", False):
+        method = config.get("quant_method")
+        method = str(getattr(method, "value", method))
+        if method != "fp8":
+            raise TypeError(
+                f"qwen3_accel.optimize runs unquantized weights (fp32, fp16, bf16) and transformers' fine-grained "
+                f"FP8 (quant_method 'fp8'); this model was loaded with quantization method {method!r}. Load the "
+                "unquantized checkpoint and pass weights='int8', 'int4' or 'fp8' to optimize instead"
+            )
+        if config.get("activation_scheme", "dynamic") != "dynamic":
+            raise TypeError(
+                f"qwen3_accel.optimize runs FP8 checkpoints with activation_scheme 'dynamic' (Qwen's); this one has "
+                f"{config.get('activation_scheme')!r}"
+            )
+    ours = {id(module) for _, _, module in projections(model) if linear_format(module) is not None}
+    for name, module in model.named_modules():
+        if id(module) in ours:
+            if isinstance(module, FP8Linear) and (
+                module.weight_scale_inv.dtype != torch.float32 or module.activation_scale is not None
+            ):
+                raise TypeError(f"{name} is FP8 with scales in {module.weight_scale_inv.dtype} or static activation "
+                                f"scales; qwen3_accel runs {supported}")
+            continue
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for attr, tensor in tensors:
+            if tensor.dtype.itemsize == 1 or tensor.dtype == torch.int32:
+                what = ("FP8 MoE experts are not supported yet: load the bf16 checkpoint"
+                        if "experts" in name else f"it runs {supported}")
+                raise TypeError(f"qwen3_accel.optimize cannot run {name}.{attr} ({tensor.dtype}, in "
+                                f"{type(module).__name__}); {what}")
+
+
+def _fp8_block_rows(model: nn.Module) -> int:
+    """Rows of one fp8 scale block: 128 (Qwen's checkpoints), or the largest power of two below it that divides
+    every projection's rows, so that q/k/v and gate/up can share one fused weight without straddling a block."""
+    block = FP8_BLOCK
+    for _, _, linear in projections(model):
+        block = min(block, linear.out_features & -linear.out_features)
+    return block
+
+
+def _fp8_linear(linear: nn.Linear, block_n: int) -> FP8Linear:
+    qweight, scale = quantize_fp8(linear.weight.detach(), block_n, FP8_BLOCK)
+    with torch.device("meta"):
+        module = FP8Linear(linear.in_features, linear.out_features, block_size=(block_n, FP8_BLOCK),
+                           has_bias=linear.bias is not None)
+    module.weight = nn.Parameter(qweight, requires_grad=False)
+    module.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return module
+
+
+def quantize_model(model: nn.Module, fmt: str) -> None:
+    """Replace every decoder-layer projection still in the model dtype by its `fmt` version, in place.
+
+    The unquantized weights are released (that is the point). fp8 also sets `config.quantization_config` to
+    transformers' FineGrainedFP8Config, so the model saves as an FP8 checkpoint transformers can load.
+    """
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={fmt!r} is not supported; choose one of {WEIGHT_FORMATS} (or None)")
+    block_n = _fp8_block_rows(model)
+    for parent, name, linear in list(projections(model)):
+        if type(linear) is nn.Linear:
+            setattr(parent, name, _fp8_linear(linear, block_n) if fmt == "fp8" else QuantizedLinear.from_linear(
+                linear, fmt))
+    if fmt == "fp8" and getattr(model.config, "quantization_config", None) is None:
+        model.config.quantization_config = FineGrainedFP8Config(
+            weight_block_size=(block_n, FP8_BLOCK), modules_to_not_convert=["lm_head"]
+        )
+
+
+def use_our_fp8_forward(model: nn.Module) -> None:
+    """Make HF's own forward run transformers' FP8Linear modules through our op."""
+    for module in model.modules():
+        if isinstance(module, FP8Linear) and linear_format(module) is not None:
+            module.forward = functools.partial(quantized_forward, module)  # a partial pickles; a bound method not
