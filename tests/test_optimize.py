@@ -26,20 +26,20 @@ def test_rejects_unsupported_dtype():
         qwen3_accel.optimize(model)
 
 
-def test_rejects_quantized_models_naming_the_method():
-    """A quantized model (here carrying the FP8 config that Qwen's -FP8 checkpoints load with; loading one needs a
-    GPU) is refused before anything changes; raw int8 weights hit the dtype check."""
-    from transformers import FineGrainedFP8Config
+def test_rejects_unsupported_quantization_naming_the_method():
+    """A model quantized by a method we do not run (here bitsandbytes' config) is refused before anything changes;
+    raw int8 weights in a plain linear are refused naming the tensor. (Supported formats: tests/test_quantized.py.)"""
+    from transformers import BitsAndBytesConfig
 
     model = build_model("tiny")
-    model.config.quantization_config = FineGrainedFP8Config()
-    with pytest.raises(TypeError, match="quantization method 'fp8'.*unquantized checkpoint"):
+    model.config.quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    with pytest.raises(TypeError, match="quantization method 'bitsandbytes'.*weights='int8', 'int4' or 'fp8'"):
         qwen3_accel.optimize(model)
     assert not hasattr(model, "qwen3_accel") and "forward" not in vars(model)
     model = build_model("tiny")
     proj = model.model.layers[0].self_attn.q_proj
     proj.weight = torch.nn.Parameter(proj.weight.to(torch.int8), requires_grad=False)
-    with pytest.raises(TypeError, match="one of.*torch.int8"):
+    with pytest.raises(TypeError, match=r"q_proj.weight \(torch.int8, in Linear\)"):
         qwen3_accel.optimize(model)
 
 
