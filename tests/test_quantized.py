@@ -213,3 +213,16 @@ def test_unsupported_quantized_models_are_refused_before_any_change():
     with pytest.raises(TypeError, match="activation_scheme 'dynamic'"):
         qwen3_accel.optimize(model)
     assert not hasattr(model, "qwen3_accel")
+
+
+def test_compiled_decode_step_runs_the_quantized_op():
+    """The quantized op traces into the compiled step (fullgraph, no eager fallback): same tokens as eager."""
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(1, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    eager = qwen3_accel.optimize(build_model("tiny", seed=3), weights="int4", compile=False)
+    compiled = qwen3_accel.optimize(build_model("tiny", seed=3), weights="int4")
+    counters.clear()
+    expected = eager.generate(ids, max_new_tokens=8, **GREEDY)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=8, **GREEDY), expected)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
