@@ -37,6 +37,7 @@ class BenchConfig:
     decode_tokens: int = 64
     repeats: int = 3
     kernels: str = "auto"
+    weights: tuple[str, ...] = ()  # quantized formats measured after the others, each as `qwen3_accel_<format>`
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,6 +252,24 @@ def _load_sharded(name_or_path: str, device: torch.device, dtype: torch.dtype):
     return load_tensor_parallel(name_or_path, dtype=dtype).eval()
 
 
+def _free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _projection_bytes(model: torch.nn.Module) -> dict[str, float]:
+    """Bytes the decoder-layer projections take (values, scales, zero points) and per weight."""
+    from .quantize import projections
+
+    modules = [m for _, _, m in projections(model)]
+    total = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    weights = sum(m.weight.shape[0] * m.in_features for m in modules)
+    return {"bytes": total, "bytes_per_weight": total / weights}
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every contender on one model; returns the report (see `write_report`)."""
     import qwen3_accel
@@ -264,30 +283,48 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
         "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
     }
-    steps = len(cfg.contenders) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
+    steps = (len(cfg.contenders) + len(cfg.weights)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
+    context = cfg.decode_prompt_length + cfg.decode_tokens // 2
+    max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
+    step_bytes = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
     with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case", disable=not is_main_process()) as progress:
         # qwen3_accel patches the model in place, so it runs last; the HF contenders share its weights.
         for contender in sorted(cfg.contenders, key=CONTENDERS.index):
             if contender == "qwen3_accel":
-                max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
                 qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(cfg.batch_sizes),
                                      max_cache_len=max_len)
             report["contenders"][contender] = bench_contender(model, contender, cfg, progress)
             torch._dynamo.reset()
-    context = cfg.decode_prompt_length + cfg.decode_tokens // 2
+        # Each quantized format on a fresh copy of the weights (quantizing replaces them), one at a time.
+        quantized_bytes = {}
+        for weights in cfg.weights:
+            del model
+            _free_memory(device)
+            model = qwen3_accel.optimize(load_model(cfg.model, device, dtype), weights=weights, kernels=cfg.kernels,
+                                         max_batch_size=max(cfg.batch_sizes), max_cache_len=max_len)
+            name = f"qwen3_accel_{weights}"
+            report["contenders"][name] = bench_contender(model, "qwen3_accel", cfg, progress)
+            report["contenders"][name]["weight_bytes"] = _projection_bytes(model)
+            quantized_bytes[name] = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
+            torch._dynamo.reset()
     report["roofline"] = {}
     for batch in cfg.batch_sizes:
-        step_bytes = decode_bytes_per_step(model, batch, context)
-        bound = bandwidth / step_bytes * batch
+        bound = bandwidth / step_bytes[batch] * batch
+        share = {}
+        for c, r in report["contenders"].items():  # each against the bytes its own weights take
+            own_bound = bandwidth / quantized_bytes[c][batch] * batch if c in quantized_bytes else bound
+            share[c] = r["decode_tok_s"][str(batch)] / own_bound
         report["roofline"][str(batch)] = {
-            "bytes_per_step": step_bytes,
+            "bytes_per_step": step_bytes[batch],
             "bound_tok_s": bound,
-            "share": {c: r["decode_tok_s"][str(batch)] / bound for c, r in report["contenders"].items()},
+            "share": share,
+            "quantized_bytes_per_step": {c: b[batch] for c, b in quantized_bytes.items()},
         }
     tok_s = {c: r["decode_tok_s"] for c, r in report["contenders"].items()}
     report["speedup"] = {
-        f"qwen3_accel_vs_{base}": {n: tok_s["qwen3_accel"][n] / tok_s[base][n] for n in tok_s["qwen3_accel"]}
-        for base in ("hf_eager", "hf_static_compile") if base in tok_s and "qwen3_accel" in tok_s
+        f"{ours}_vs_{base}": {n: tok_s[ours][n] / tok_s[base][n] for n in tok_s[ours]}
+        for ours in tok_s if ours.startswith("qwen3_accel")
+        for base in ("hf_eager", "hf_static_compile", "qwen3_accel") if base in tok_s and base != ours
     }
     report["notes"] = []
     if "hf_static_compile" in cfg.contenders and device.type not in ("cuda", "xpu"):

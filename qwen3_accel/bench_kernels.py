@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import Timer, copy_bandwidth, environment, median_time
-from .custom_ops import activation, attention, moe, rms_norm, rope
+from .custom_ops import activation, attention, moe, quantized_linear, rms_norm, rope
 
 # Shapes used by published RMSNorm benchmarks, so the figures can sit beside theirs.
 RMS_NORM_SHAPES = [(1, 128, 4096), (1, 512, 4096), (1, 1024, 4096), (1, 2048, 4096), (1, 4096, 4096),
@@ -224,6 +224,41 @@ def _moe_block_with(experts_path: Callable, kernels, block, x: torch.Tensor) -> 
     return experts_path(x2d, block.experts.gate_up_proj, block.experts.down_proj, weights, ids).view(x.shape)
 
 
+# Qwen3-8B's projections (N, K): fused q/k/v, o, fused gate/up, down.
+QLINEAR_SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+
+
+def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLINEAR_SHAPES,
+                           row_counts=(1, 4, 16, 512), formats=("int8", "int4", "fp8")) -> list[Case]:
+    """Each weight format against torch.compile of dequantize-then-matmul, and the same projection in the model
+    dtype (`linear_<dtype>`, cuBLAS through F.linear): the speedup quantization buys is the ratio of the two."""
+    cases = []
+    for (n_out, n_in), rows in itertools.product(shapes, row_counts):
+        weight = torch.randn(n_out, n_in, device=device, dtype=dtype) * 0.02
+        x_bytes = rows * (n_in + n_out) * weight.element_size()
+        label = f"{rows}x{n_in}->{n_out}"
+        cases.append(Case(f"linear_{str(dtype).split('.')[-1]}", label, weight.numel() * weight.element_size() + x_bytes,
+                          lambda rows=rows, weight=weight: (torch.randn(rows, n_in, device=device, dtype=dtype),
+                                                            weight),
+                          {"torch_eager": torch.nn.functional.linear}, rotate=False))
+        for fmt in formats:
+            if fmt == "int8":
+                packed = (*quantized_linear.quantize_int8(weight), None, 1, n_in)
+            elif fmt == "int4":
+                packed = (*quantized_linear.quantize_int4(weight), 1, quantized_linear.INT4_GROUP)
+            else:
+                block = quantized_linear.FP8_BLOCK
+                packed = (*quantized_linear.quantize_fp8(weight), None, block, block)
+            stored = sum(t.numel() * t.element_size() for t in packed[:3] if t is not None)
+            compiled = _compiled(quantized_linear.quantized_linear_reference)
+            cases.append(Case(f"quantized_linear_{fmt}", label, stored + x_bytes,
+                              lambda rows=rows, packed=packed: (torch.randn(rows, n_in, device=device, dtype=dtype),
+                                                                *packed),
+                              {"qwen3_accel": torch.ops.qwen3_accel.quantized_linear, "torch_compile": compiled},
+                              rotate=False))
+    return cases
+
+
 def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool = False) -> dict[str, Any]:
     """Every case, every contender; `quick` keeps one shape per op (for CPU smoke runs)."""
     dev, dt = torch.device(device), getattr(torch, dtype)
@@ -232,6 +267,7 @@ def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool 
     cases = norm_cases(dev, dt, norms) + rope_and_activation_cases(dev, dt, (4,) if quick else (1, 32, 2048))
     cases += attention_cases(dev, dt, [(1, 256)], [(1, 256)]) if quick else attention_cases(dev, dt)
     cases += moe_cases(dev, dt, "tiny-moe" if quick else "Qwen3-30B-A3B", (3,) if quick else (1, 2, 4, 8, 64, 512))
+    cases += quantized_linear_cases(dev, dt, [(96, 256)], (3,)) if quick else quantized_linear_cases(dev, dt)
     rows = []
     for case in tqdm(cases, desc="bench-kernels", unit="case"):
         sets = input_sets(case, dev)

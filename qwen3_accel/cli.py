@@ -9,6 +9,7 @@ import torch
 
 from .bench import CONTENDERS, BenchConfig
 from .eval import Thresholds
+from .quantize import WEIGHT_FORMATS
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -30,6 +31,18 @@ def _add_model_args(p: argparse.ArgumentParser, default_device: str) -> None:
     _add_device_args(p, default_device)
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="qwen3_accel kernels: auto = Triton on CUDA, torch on CPU (default: %(default)s)")
+
+
+def _weights(text: str) -> tuple[str, ...]:
+    formats = tuple(x for x in text.split(",") if x)
+    unknown = set(formats) - set(WEIGHT_FORMATS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown weight formats {sorted(unknown)}; choose from {WEIGHT_FORMATS}")
+    return formats
+
+
+WEIGHTS_HELP = ("int8 (per output row), int4 (asymmetric, groups of 128) or fp8 (e4m3, 128x128 blocks): quantize "
+                "the decoder layers' projections at optimize time, weight-only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens generated in the timed decode (default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per case; the median is kept (default: %(default)s)")
     bench.add_argument("--out", default="bench_out", help="folder for the JSON, table and plots (default: %(default)s)")
+    bench.add_argument("--weights", type=_weights, default=(),
+                       help=f"comma-separated formats, each measured after the others as qwen3_accel_<format> on a "
+                            f"fresh copy of the model; {WEIGHTS_HELP}")
 
     kern = sub.add_parser(
         "bench-kernels", help="each op vs torch eager and torch.compile of its reference: µs, GB/s, %% of copy bandwidth",
@@ -79,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length for named shapes")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
     gen.add_argument("--no-compile", action="store_true", help="run the decode step eagerly")
+    gen.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, help=WEIGHTS_HELP)
 
     ev = sub.add_parser(
         "eval", help="accuracy parity with lm-eval: HF baseline vs qwen3_accel on the same weights",
@@ -96,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokenizer", default=None,
                     help="tokenizer path/id; default: the checkpoint's own, or one trained here for named shapes")
     ev.add_argument("--out", default="eval_out", help="folder for the JSON report (default: %(default)s)")
+    ev.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                    help=f"{WEIGHTS_HELP}; the baseline is then the unquantized model through HF's forward, so the "
+                         "report is the accuracy cost of quantization per task (exit status 0 either way)")
     threshold_help = {
         "loglikelihood_atol": "per-example |log-likelihood difference| allowed, plus rtol x |log-likelihood|",
         "loglikelihood_rtol": "relative part of that allowance (half precision: one rounding step of the sums)",
@@ -131,7 +151,7 @@ def _bench(args) -> None:
     cfg = BenchConfig(
         model=args.model, device=args.device, dtype=args.dtype, contenders=contenders, batch_sizes=args.batch_sizes,
         prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
-        decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels,
+        decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels, weights=args.weights,
     )
     report = run_bench(cfg)
     if not is_main_process():
@@ -180,14 +200,17 @@ def _eval(args) -> None:
                  if getattr(args, f.name) is not None}
     thresholds = dataclasses.replace(Thresholds.for_dtype(dtype), **overrides)
     comparison = parity_eval.parity(model, tokenizer, tasks, args.limit, args.batch_size, thresholds,
-                                    kernels=args.kernels)
+                                    kernels=args.kernels, weights=args.weights)
     print(parity_eval.format_comparison(comparison))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"eval_{os.path.basename(args.model.rstrip('/'))}.json")
     with open(path, "w") as f:
         json.dump(comparison.to_dict(), f, indent=2, default=str)
     print(f"wrote {path}")
-    if not comparison.passed:
+    if args.weights:
+        print(f"weights={args.weights}: the deltas above are the accuracy cost of quantization against the thresholds "
+              "of unquantized parity")
+    elif not comparison.passed:
         raise SystemExit(1)
 
 
@@ -198,7 +221,7 @@ def _generate(args) -> None:
     from .configs import MODEL_NAMES
 
     model = load_model(args.model, torch.device(args.device), getattr(torch, args.dtype))
-    qwen3_accel.optimize(model, kernels=args.kernels, compile=not args.no_compile)
+    qwen3_accel.optimize(model, kernels=args.kernels, compile=not args.no_compile, weights=args.weights)
     device = model.qwen3_accel.device
     if args.model in MODEL_NAMES:
         g = torch.Generator().manual_seed(0)  # the same prompt on every rank

@@ -81,7 +81,7 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
             warnings.warn("model is already optimized; the new options are ignored", stacklevel=2)
         return model
     _check_model(model)
-    _check_weights_option(model, options.weights)
+    quantize.check_weights_option(model, options.weights)
     if options.compile and options.kernels == "triton" and next(model.parameters()).device.type != "cuda":
         raise ValueError(
             "kernels='triton' on the CPU runs Triton's interpreter, which torch.compile cannot trace: pass "
@@ -93,22 +93,6 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
         quantize.quantize_model(model, options.weights)
     model.qwen3_accel = Qwen3Accelerator(model, options)
     return model
-
-
-def _check_weights_option(model: torch.nn.Module, weights: str | None) -> None:
-    if weights is None:
-        return
-    if weights not in quantize.WEIGHT_FORMATS:
-        raise ValueError(f"weights={weights!r} is not supported; choose one of {quantize.WEIGHT_FORMATS} or None")
-    if isinstance(model, Qwen3MoeForCausalLM):
-        raise ValueError(
-            f"weights={weights!r} is not supported on Qwen3-MoE in this version: its experts (most of its weights) "
-            "have no quantized kernel yet; optimize it without `weights`"
-        )
-    formats = {quantize.linear_format(m) for _, _, m in quantize.projections(model)} - {None}
-    if formats:
-        raise ValueError(f"weights={weights!r}: this model's projections are already quantized; optimize it without "
-                         "`weights` to run them as they are")
 
 
 def _check_model(model: torch.nn.Module) -> None:

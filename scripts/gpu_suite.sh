@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run: GPU tests, kernel benchmarks, end-to-end benchmarks, lm-eval parity.
 # Usage (repository root): scripts/gpu_suite.sh OUT_DIR [STAGE...]
-#   default stages: tests kernels Qwen3-0.6B Qwen3-8B Qwen3-30B-A3B  (one H100: about 8 minutes)
+#   default stages: tests kernels Qwen3-0.6B Qwen3-8B quantized Qwen3-30B-A3B  (one H100: about 12 minutes)
 #   optional:       eval             bf16 lm-eval parity on Qwen3-0.6B shapes (needs lm-eval importable)
 #                   kernels-in-graph qwen3_accel's decode with kernels="torch": Inductor fuses the reference
 #                                    ops inside the CUDA graph instead of calling our Triton ops
@@ -12,7 +12,7 @@ set -uo pipefail
 out=${1:?usage: scripts/gpu_suite.sh OUT_DIR [STAGE...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests kernels Qwen3-0.6B Qwen3-8B Qwen3-30B-A3B)
+[ ${#stages[@]} -eq 0 ] && stages=(tests kernels Qwen3-0.6B Qwen3-8B quantized Qwen3-30B-A3B)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} TQDM_MININTERVAL=30
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
@@ -35,6 +35,13 @@ for stage in "${stages[@]}"; do
     Qwen3-8B)
         timeout 120 "${bench[@]}" --out "$out" --model Qwen3-8B --batch-sizes 1 --prompt-lengths 128,2048 \
             --decode-tokens 32 2>&1 | quiet ;;
+    quantized)
+        # weight-only int8 / int4 / fp8 against bf16, each on a fresh copy of the model (issue 15's goal table)
+        for model in Qwen3-8B Qwen3-0.6B; do
+            mkdir -p "$out/quantized"
+            timeout 200 "${bench[@]}" --out "$out/quantized" --model $model --contenders qwen3_accel \
+                --weights int8,int4,fp8 --batch-sizes 1 --prompt-lengths 128 --decode-tokens 32 2>&1 | quiet
+        done ;;
     Qwen3-30B-A3B)
         timeout 120 "${bench[@]}" --out "$out" --model Qwen3-30B-A3B --contenders hf_eager,qwen3_accel \
             --batch-sizes 1 --prompt-lengths 128 --decode-tokens 16 --repeats 2 2>&1 | quiet ;;

@@ -41,9 +41,11 @@ def test_bench_kernels_quick_run(tmp_path):
     main(["bench-kernels", "--device", "cpu", "--dtype", "float32", "--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "kernels.json").read_text())
     ops = {row["op"] for row in report["cases"]}
-    assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul", "decode_attention", "moe_block"}
+    assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul", "decode_attention", "moe_block",
+                   "quantized_linear_int8", "quantized_linear_int4", "quantized_linear_fp8", "linear_float32"}
     for row in report["cases"]:
-        assert "us" in row["results"]["qwen3_accel"] and row["results"]["qwen3_accel"]["timer"] == "eager", row
+        ours = "torch_eager" if row["op"] == "linear_float32" else "qwen3_accel"  # the unquantized base line
+        assert "us" in row["results"][ours] and row["results"][ours]["timer"] == "eager", row
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
@@ -86,3 +88,18 @@ def test_kernel_bench_forced_moe_paths_compute_the_block():
         expected = block(x)
         for path in (moe.fused_moe_gemv, moe.fused_moe_grouped):
             torch.testing.assert_close(_moe_block_with(path, kernels, block, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_measures_quantized_weights_on_a_fresh_copy():
+    cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", contenders=("qwen3_accel",), batch_sizes=(1,),
+                      prompt_lengths=(8,), decode_prompt_length=8, decode_tokens=8, repeats=1, weights=("int8", "fp8"))
+    report = run_bench(cfg)
+    assert set(report["contenders"]) == {"qwen3_accel", "qwen3_accel_int8", "qwen3_accel_fp8"}
+    for fmt in ("int8", "fp8"):
+        per_weight = report["contenders"][f"qwen3_accel_{fmt}"]["weight_bytes"]["bytes_per_weight"]
+        assert 1 <= per_weight < 1.1  # one byte per weight plus scales (fp32, one per row / 64x128 block)
+        assert report["roofline"]["1"]["quantized_bytes_per_step"][f"qwen3_accel_{fmt}"] < report["roofline"]["1"][
+            "bytes_per_step"]
+        assert report["speedup"][f"qwen3_accel_{fmt}_vs_qwen3_accel"]["1"] > 0
+    with pytest.raises(SystemExit):
+        main(["bench", "--weights", "int3"])

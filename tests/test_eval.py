@@ -111,3 +111,16 @@ def test_lm_eval_cli_with_the_qwen3_accel_model_type(tokenizer, tmp_path, monkey
     assert calls, "--model qwen3_accel never went through qwen3_accel's forward"
     comparison = parity_eval.compare_runs(runs["hf"], runs["qwen3_accel"], parity_eval.Thresholds())
     assert comparison.passed, parity_eval.format_comparison(comparison)
+
+
+def test_eval_weights_reports_the_cost_of_quantization(tmp_path, capsys):
+    """--weights: baseline is the unquantized model (HF's forward), candidate the quantized one through our path;
+    the per-task deltas are reported, and the command does not fail on them."""
+    from qwen3_accel.cli import main
+
+    main(["eval", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--tasks", "qwen3_accel_mc",
+          "--limit", "3", "--batch-size", "3", "--weights", "int4", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "eval_tiny.json").read_text())
+    assert "quantized to int4" in report["weights"]
+    assert report["tasks"]["qwen3_accel_mc"]["loglikelihood_diff_max"] > 1e-4  # int4 moves log-likelihoods
+    assert "accuracy cost of quantization" in capsys.readouterr().out

@@ -189,16 +189,32 @@ def parity(model, tokenizer, tasks: list[str] | None = None, limit: int | None =
            thresholds: Thresholds | None = None, **optimize_kwargs: Any) -> Comparison:
     """Run `tasks` on HF's own path and on qwen3_accel's, sharing one model object, and compare them.
 
-    The model is optimized in place if it is not already (with `optimize_kwargs`).
+    The model is optimized in place if it is not already (with `optimize_kwargs`). With `weights=` ("int8", "int4",
+    "fp8") the baseline is the model as given (HF's forward, unquantized) and the candidate the quantized model:
+    the comparison then measures the accuracy cost of quantization, against the usual thresholds.
     """
     import qwen3_accel
 
     tasks = tasks or list(BUNDLED_TASKS)
+    thresholds = thresholds or Thresholds.for_dtype(model.dtype)
+    if optimize_kwargs.get("weights"):
+        if hasattr(model, "qwen3_accel"):
+            raise ValueError("parity with weights= needs the unquantized, unoptimized model (the baseline runs first)")
+        from ..quantize import check_weights_option
+
+        check_weights_option(model, optimize_kwargs["weights"])
+        baseline = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
+        qwen3_accel.optimize(model, **optimize_kwargs)
+        candidate = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
+        comparison = compare_runs(baseline, candidate, thresholds)
+        comparison.weights = (f"baseline: the model in {model.dtype} through HF's forward/generate; candidate: the same "
+                              f"weights quantized to {optimize_kwargs['weights']} through qwen3_accel")
+        return comparison
     qwen3_accel.optimize(model, **optimize_kwargs)
     with model.qwen3_accel.disabled():
         baseline = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
     candidate = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
-    comparison = compare_runs(baseline, candidate, thresholds or Thresholds.for_dtype(model.dtype))
+    comparison = compare_runs(baseline, candidate, thresholds)
     comparison.weights = "shared: one model object, baseline through HF's forward/generate, then qwen3_accel's"
     return comparison
 
