@@ -100,7 +100,7 @@ def _check_model(model: torch.nn.Module) -> None:
         names = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
         raise TypeError(f"qwen3_accel.optimize supports {names}; got {type(model).__name__}")
     quantize.check_quantized(model)
-    quantized = {id(p) for _, _, m in quantize.projections(model) if quantize.linear_format(m) for p in m.parameters()}
+    quantized = {id(p) for m in quantize.quantized_modules(model) for p in m.parameters()}
     dtypes = {p.dtype for p in model.parameters() if id(p) not in quantized}
     if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
         raise TypeError(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import FineGrainedFP8Config, Qwen3MoeForCausalLM
-from transformers.integrations.finegrained_fp8 import FP8Linear
+from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
 
 from .custom_ops.quantized_linear import (
     FP8_BLOCK,
@@ -97,8 +97,24 @@ def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if module.bias is None else out + module.bias
 
 
+def experts_format(experts: nn.Module) -> LinearFormat | None:
+    """How MoE experts are quantized (transformers' FP8Experts: fp8 values, fp32 block scales); None if not."""
+    scale = getattr(experts, "gate_up_proj_scale_inv", None)
+    if scale is None or experts.gate_up_proj.dtype != FP8_DTYPE:
+        return None
+    block_n, block_k = experts.block_size
+    return LinearFormat("gate_up_proj_scale_inv", None, block_n, block_k)
+
+
+def quantized_modules(model: nn.Module) -> list[nn.Module]:
+    """The decoder-layer projections and MoE experts of `model` that hold quantized weights."""
+    experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    return [m for _, _, m in projections(model) if linear_format(m) is not None] + [
+        m for m in experts if experts_format(m) is not None]
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return any(linear_format(m) is not None for m in model.modules())
+    return bool(quantized_modules(model))
 
 
 def projections(model: nn.Module):
@@ -114,7 +130,8 @@ def projections(model: nn.Module):
 def check_quantized(model: nn.Module) -> None:
     """Raise (before anything changes) for quantized weights our forward cannot run, naming what it runs."""
     supported = ("quantized decoder-layer projections (q/k/v/o, gate/up/down) as transformers' fine-grained "
-                 "FP8Linear with fp32 block scales or qwen3_accel's int8/int4 QuantizedLinear")
+                 "FP8Linear with fp32 block scales or qwen3_accel's int8/int4 QuantizedLinear, and MoE experts as "
+                 "transformers' FP8Experts")
     config = getattr(model.config, "quantization_config", None)
     if config is not None and not isinstance(config, dict):
         config = config.to_dict()
@@ -132,22 +149,20 @@ def check_quantized(model: nn.Module) -> None:
                 f"qwen3_accel.optimize runs FP8 checkpoints with activation_scheme 'dynamic' (Qwen's); this one has "
                 f"{config.get('activation_scheme')!r}"
             )
-    ours = {id(module) for _, _, module in projections(model) if linear_format(module) is not None}
+    ours = {id(module) for module in quantized_modules(model)}
     for name, module in model.named_modules():
         if id(module) in ours:
-            if isinstance(module, FP8Linear) and (
-                module.weight_scale_inv.dtype != torch.float32 or module.activation_scale is not None
-            ):
-                raise TypeError(f"{name} is FP8 with scales in {module.weight_scale_inv.dtype} or static activation "
-                                f"scales; qwen3_accel runs {supported}")
+            scales = [t for attr, t in module.named_parameters(recurse=False) if attr.endswith("scale_inv")]
+            static = getattr(module, "activation_scheme", "dynamic") != "dynamic"
+            if static or any(t.dtype != torch.float32 for t in scales) or not getattr(module, "has_gate", True):
+                raise TypeError(f"{name} is FP8 with scales in {scales[0].dtype}, activation scheme "
+                                f"{getattr(module, 'activation_scheme', None)!r}; qwen3_accel runs {supported}")
             continue
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for attr, tensor in tensors:
             if tensor.dtype.itemsize == 1 or tensor.dtype == torch.int32:
-                what = ("FP8 MoE experts are not supported yet: load the bf16 checkpoint"
-                        if "experts" in name else f"it runs {supported}")
                 raise TypeError(f"qwen3_accel.optimize cannot run {name}.{attr} ({tensor.dtype}, in "
-                                f"{type(module).__name__}); {what}")
+                                f"{type(module).__name__}); it runs {supported}")
 
 
 def check_weights_option(model: nn.Module, weights: str | None) -> None:
@@ -156,35 +171,47 @@ def check_weights_option(model: nn.Module, weights: str | None) -> None:
         return
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r} is not supported; choose one of {WEIGHT_FORMATS} or None")
-    if isinstance(model, Qwen3MoeForCausalLM):
+    if isinstance(model, Qwen3MoeForCausalLM) and weights != "fp8":
         raise ValueError(
             f"weights={weights!r} is not supported on Qwen3-MoE in this version: its experts (most of its weights) "
-            "have no quantized kernel yet; optimize it without `weights`"
+            "run quantized in fp8 only; use weights='fp8' or optimize it without `weights`"
         )
-    if any(linear_format(m) is not None for _, _, m in projections(model)):
+    if is_quantized(model):
         raise ValueError(f"weights={weights!r}: this model's projections are already quantized; optimize it without "
                          "`weights` to run them as they are")
 
 
 def _fp8_block_rows(model: nn.Module) -> int:
     """Rows of one fp8 scale block: 128 (Qwen's checkpoints), or the largest power of two below it that divides
-    every projection's rows, so that q/k/v and gate/up can share one fused weight without straddling a block."""
-    block = FP8_BLOCK
-    for _, _, linear in projections(model):
-        block = min(block, linear.out_features & -linear.out_features)
-    return block
+    every projection's rows (and each half of the experts' gate/up), so that fused and packed matrices never have
+    a block straddling two of their parts."""
+    rows = [linear.out_features for _, _, linear in projections(model)]
+    rows += [layer.mlp.experts.down_proj.shape[-1] for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    return min([FP8_BLOCK] + [n & -n for n in rows])
 
 
-def _fp8_linear(linear: nn.Linear, block_n: int) -> FP8Linear:
-    qweight, scale = quantize_fp8(linear.weight.detach(), block_n, FP8_BLOCK)
-    with torch.device("meta"):
-        module = FP8Linear(linear.in_features, linear.out_features, block_size=(block_n, FP8_BLOCK),
-                           has_bias=linear.bias is not None)
-    module.weight = nn.Parameter(qweight, requires_grad=False)
-    module.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
-    if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-    return module
+def _quantize_fp8(model: nn.Module, block_n: int) -> None:
+    """transformers' own FP8 modules (FP8Linear, FP8Experts) in place of the projections and experts, holding our
+    quantization of their weights: the layout transformers builds when it loads an FP8 checkpoint."""
+    config = FineGrainedFP8Config(weight_block_size=(block_n, FP8_BLOCK), modules_to_not_convert=["lm_head"])
+    tensors = {}
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name != "lm_head":
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = quantize_fp8(
+                module.weight.detach(), block_n, FP8_BLOCK)
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach()
+        elif name.endswith(".experts") and hasattr(module, "gate_up_proj"):
+            for attr in ("gate_up_proj", "down_proj"):
+                per_expert = [quantize_fp8(w, block_n, FP8_BLOCK) for w in getattr(module, attr).detach()]
+                tensors[f"{name}.{attr}"] = torch.stack([q for q, _ in per_expert])
+                tensors[f"{name}.{attr}_scale_inv"] = torch.stack([scale for _, scale in per_expert])
+    replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"], quantization_config=config, pre_quantized=True)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise RuntimeError(f"quantizing to fp8 left {name} without a value (a layout transformers changed?)")
+    model.config.quantization_config = config
 
 
 def quantize_model(model: nn.Module, fmt: str) -> None:
@@ -194,15 +221,11 @@ def quantize_model(model: nn.Module, fmt: str) -> None:
     transformers' FineGrainedFP8Config, so the model saves as an FP8 checkpoint transformers can load.
     """
     check_weights_option(model, fmt)
-    block_n = _fp8_block_rows(model)
+    if fmt == "fp8":
+        _quantize_fp8(model, _fp8_block_rows(model))
+        return
     for parent, name, linear in list(projections(model)):
-        if type(linear) is nn.Linear:
-            setattr(parent, name, _fp8_linear(linear, block_n) if fmt == "fp8" else QuantizedLinear.from_linear(
-                linear, fmt))
-    if fmt == "fp8" and getattr(model.config, "quantization_config", None) is None:
-        model.config.quantization_config = FineGrainedFP8Config(
-            weight_block_size=(block_n, FP8_BLOCK), modules_to_not_convert=["lm_head"]
-        )
+        setattr(parent, name, QuantizedLinear.from_linear(linear, fmt))
 
 
 def use_our_fp8_forward(model: nn.Module) -> None:

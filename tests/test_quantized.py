@@ -19,6 +19,7 @@ import qwen3_accel
 from conftest import left_padded_batch
 from qwen3_accel import quantize
 from qwen3_accel.configs import build_model
+from qwen3_accel.custom_ops import moe
 from qwen3_accel.custom_ops import quantized_linear as ql
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -78,6 +79,11 @@ def dequantized_reference(model: nn.Module, source: nn.Module) -> nn.Module:
     state = source.state_dict()
     for name, module in model.named_modules():
         fmt = quantize.linear_format(module)
+        experts = quantize.experts_format(module)
+        if experts is not None:
+            for attr in ("gate_up_proj", "down_proj"):
+                state[f"{name}.{attr}"] = moe.dequantize_experts(getattr(module, attr), getattr(module, f"{attr}_scale_inv"),
+                                                               experts.group_n, experts.group_k, torch.float32)
         if fmt is not None:
             zero = getattr(module, fmt.zero) if fmt.zero else None
             state[f"{name}.weight"] = ql.dequantize(module.weight, getattr(module, fmt.scale), zero, fmt.group_n,
@@ -139,17 +145,24 @@ def fp8_checkpoint_model(name: str, block=(32, 32), seed=2) -> tuple[nn.Module, 
         if isinstance(module, FP8Linear):
             qweight, scale = ql.quantize_fp8(checkpoint[f"{name_}.weight"], *block)
             checkpoint[f"{name_}.weight"], checkpoint[f"{name_}.weight_scale_inv"] = qweight, scale
+        elif quantize.experts_format(module) is not None:
+            for attr in ("gate_up_proj", "down_proj"):
+                per_expert = [ql.quantize_fp8(w, *block) for w in checkpoint[f"{name_}.{attr}"]]
+                checkpoint[f"{name_}.{attr}"] = torch.stack([q for q, _ in per_expert])
+                checkpoint[f"{name_}.{attr}_scale_inv"] = torch.stack([scale for _, scale in per_expert])
     model.load_state_dict(checkpoint, assign=True)
     model.config.quantization_config = config
     return model, checkpoint
 
 
-def test_fp8_checkpoint_runs_on_its_own_tensors():
-    """A transformers-built FP8 model: optimize accepts it, runs its e4m3 weights and block scales in place (the
-    state_dict is still the checkpoint, value for value) and matches HF eager on the dequantized weights."""
-    model, checkpoint = fp8_checkpoint_model("tiny")
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_fp8_checkpoint_runs_on_its_own_tensors(name):
+    """A transformers-built FP8 model (dense, or MoE with FP8Experts): optimize accepts it, runs its e4m3 weights and
+    block scales in place (the state_dict is still the checkpoint, value for value) and matches HF eager on the
+    dequantized weights, through our forward and HF's."""
+    model, checkpoint = fp8_checkpoint_model(name)
     qwen3_accel.optimize(model, compile=False)
-    reference = dequantized_reference(model, build_model("tiny", seed=2))
+    reference = dequantized_reference(model, build_model(name, seed=2))
     state = model.state_dict()
     assert state.keys() == checkpoint.keys()
     assert all(torch.equal(state[k].view(torch.uint8) if state[k].dtype == ql.FP8_DTYPE else state[k],
@@ -194,17 +207,16 @@ def test_replaced_quantized_weights_are_used():
 def test_unsupported_quantized_models_are_refused_before_any_change():
     with pytest.raises(ValueError, match="weights='int2' is not supported; choose one of"):
         qwen3_accel.optimize(build_model("tiny"), weights="int2")
-    moe = build_model("tiny-moe")
-    with pytest.raises(ValueError, match="not supported on Qwen3-MoE"):
-        qwen3_accel.optimize(moe, weights="int8")
-    assert type(moe.model.layers[0].self_attn.q_proj) is nn.Linear and not hasattr(moe, "qwen3_accel")
+    moe_model = build_model("tiny-moe")
+    with pytest.raises(ValueError, match="not supported on Qwen3-MoE.*fp8 only"):
+        qwen3_accel.optimize(moe_model, weights="int8")
+    assert type(moe_model.model.layers[0].self_attn.q_proj) is nn.Linear and not hasattr(moe_model, "qwen3_accel")
 
-    fp8_moe = build_model("tiny-moe")
-    config = FineGrainedFP8Config(weight_block_size=(32, 32), modules_to_not_convert=["lm_head"])
-    replace_with_fp8_linear(fp8_moe, modules_to_not_convert=["lm_head"], quantization_config=config, pre_quantized=True)
-    fp8_moe.config.quantization_config = config
-    with pytest.raises(TypeError, match="experts.*FP8 MoE experts are not supported yet"):
-        qwen3_accel.optimize(fp8_moe)
+    fp8_router, _ = fp8_checkpoint_model("tiny-moe")
+    router = fp8_router.model.layers[0].mlp.gate
+    router.weight = nn.Parameter(router.weight.detach().to(ql.FP8_DTYPE), requires_grad=False)
+    with pytest.raises(TypeError, match=r"mlp.gate.weight \(torch.float8_e4m3fn.*it runs quantized decoder-layer"):
+        qwen3_accel.optimize(fp8_router)
 
     model, _ = fp8_checkpoint_model("tiny")
     with pytest.raises(ValueError, match="already quantized"):
@@ -226,3 +238,59 @@ def test_compiled_decode_step_runs_the_quantized_op():
     expected = eager.generate(ids, max_new_tokens=8, **GREEDY)
     assert torch.equal(compiled.generate(ids, max_new_tokens=8, **GREEDY), expected)
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+
+
+def test_deepcopy_and_pickle_of_a_quantized_model():
+    """Copies re-fuse their own quantized tensors (views again) and give the same tokens."""
+    import copy
+    import io
+
+    ids = torch.randint(1, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    for fmt in ("int4", "fp8"):
+        model = qwen3_accel.optimize(build_model("tiny", seed=3), weights=fmt, compile=False)
+        expected = model.generate(ids, max_new_tokens=8, **GREEDY)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            assert torch.equal(twin.generate(ids, max_new_tokens=8, **GREEDY), expected), fmt
+            attn = twin.model.layers[0].self_attn
+            assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+            assert attn.qkv_weight.data_ptr() != model.model.layers[0].self_attn.qkv_weight.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [(32, 32), (16, 64), (128, 128)])
+@pytest.mark.parametrize("path", [moe.fused_moe_gemv, moe.fused_moe_grouped])
+def test_fused_moe_with_fp8_experts(dtype, group, path):
+    """fp8 experts with block scales (blocks larger than, equal to and inside the matrices; odd hidden size)
+    through both fused paths, interpreted, against HF's expert loop on the dequantized experts."""
+    g = torch.Generator().manual_seed(sum(group))
+    n_experts, hidden, inter, top_k = 8, 96, 64, 2
+
+    def experts(rows, cols):
+        per_expert = [ql.quantize_fp8(torch.randn(rows, cols, generator=g) * 0.05, *group) for _ in range(n_experts)]
+        return torch.stack([q for q, _ in per_expert]), torch.stack([s for _, s in per_expert])
+
+    (gate_up, gate_up_scale), (down, down_scale) = experts(2 * inter, hidden), experts(hidden, inter)
+    scales = (gate_up_scale, down_scale, *group)
+    for tokens in (1, 3, 9):
+        x = torch.randn(tokens, hidden, generator=g).to(dtype)
+        weights = torch.rand(tokens, top_k, generator=g)
+        ids = torch.randint(0, n_experts, (tokens, top_k), generator=g, dtype=torch.int32)
+        expected = moe.fused_moe_reference(x, gate_up, down, weights, ids, *scales)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(path(x, gate_up, down, weights, ids, *scales), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+def test_moe_fp8_weights_match_dequantized_model(kernels):
+    """optimize(tiny-moe, weights='fp8'): experts become transformers' FP8Experts (fp8 + block scales), greedy
+    tokens equal HF eager's on the dequantized weights."""
+    model = qwen3_accel.optimize(build_model("tiny-moe", seed=1), weights="fp8", kernels=kernels, compile=False)
+    reference = dequantized_reference(model, build_model("tiny-moe", seed=1))
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == ql.FP8_DTYPE and quantize.experts_format(experts).group_n == 32
+    ids, mask = left_padded_batch([5, 8], reference.config.vocab_size, seed=3)
+    expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY), expected)

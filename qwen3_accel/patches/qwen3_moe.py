@@ -4,7 +4,8 @@
                           experts        -> `fused_moe` over HF's own `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`
   Qwen3MoeMLP             (layers in `mlp_only_layers` or off `decoder_sparse_step`) -> the dense path
 
-Expert weights are read in place: no copies, `state_dict()` unchanged.
+Expert weights are read in place: no copies, `state_dict()` unchanged. FP8 experts (transformers' FP8Experts, as
+loaded from an FP8 checkpoint or made by `optimize(weights="fp8")`) are read with their block scales.
 
 HF's own forward (which still runs for requests our forward hands it: output_attentions / output_hidden_states /
 output_router_logits, labels, gradients, caches other than ours and HF's DynamicCache) also gets the fused experts:
@@ -14,27 +15,40 @@ they are registered in transformers' `ExpertsInterface` as `"qwen3_accel"` and s
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
 from transformers.integrations.moe import ExpertsInterface
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from ..custom_ops import Kernels
 from ..custom_ops.moe import fused_moe_reference
 from ..parallel import local
+from ..quantize import experts_format
 from . import qwen3
 
 EXPERTS_IMPLEMENTATION = "qwen3_accel"
 
 
+def expert_scales(experts: nn.Module) -> tuple:
+    """The trailing `fused_moe` arguments for these experts: their block scales (fp8 experts) or nothing."""
+    fmt = experts_format(experts)
+    if fmt is None:
+        return ()
+    return (experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv, fmt.group_n, fmt.group_k)
+
+
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """`Qwen3MoeExperts.forward` through `fused_moe`; the torch reference (differentiable) when gradients are on."""
-    args = (hidden_states, local(experts.gate_up_proj), local(experts.down_proj), top_k_weights, top_k_index)
+    """`Qwen3MoeExperts.forward` (or transformers' FP8Experts') through `fused_moe`; the torch reference
+    (differentiable) when gradients are on."""
+    args = (hidden_states, local(experts.gate_up_proj), local(experts.down_proj), top_k_weights, top_k_index,
+            *expert_scales(experts))
     if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
         return fused_moe_reference(*args)
     return torch.ops.qwen3_accel.fused_moe(*args)
 
 
 ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+FP8ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
 
 
 def prepare(model: nn.Module) -> list[qwen3.FusedLinears]:
@@ -53,4 +67,5 @@ def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     router_logits = F.linear(x2d, router.weight)
     weights, ids = kernels.moe_route(router_logits, router.top_k, router.norm_topk_prob)
     experts = module.experts
-    return kernels.fused_moe(x2d, local(experts.gate_up_proj), local(experts.down_proj), weights, ids).view(x.shape)
+    return kernels.fused_moe(x2d, local(experts.gate_up_proj), local(experts.down_proj), weights, ids,
+                             *expert_scales(experts)).view(x.shape)
