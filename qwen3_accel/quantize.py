@@ -1,20 +1,23 @@
 """Weight-only quantized projections: which modules hold them, how to read them, and quantizing at optimize time.
 
-Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/up/down):
+Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/up/down), and one MoE experts:
 
 - transformers' own `FP8Linear` (fine-grained FP8: e4m3 `weight` and an fp32 `weight_scale_inv` per block), as
   transformers loads Qwen's FP8 checkpoints, and as `optimize(model, weights="fp8")` makes them (with
   `config.quantization_config` set, so `save_pretrained` writes a checkpoint transformers loads as FP8);
 - `QuantizedLinear` (this module) for `weights="int8"` (per output row) and `weights="int4"` (asymmetric, groups of
-  128 along the input).
+  128 along the input);
+- transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales), run by `fused_moe`.
 
-Both run `torch.ops.qwen3_accel.quantized_linear` (see custom_ops/quantized_linear.py), in our forward and in HF's:
+The projections run `torch.ops.qwen3_accel.quantized_linear` (custom_ops/quantized_linear.py), the experts
+`fused_moe` with their scales, in our forward and in HF's:
 an FP8Linear's `forward` is replaced per instance by ours, since transformers' needs the `kernels` package and a
 kernel downloaded from the Hub. Embeddings, norms, the router and the LM head stay in the model dtype.
 """
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -81,26 +84,25 @@ def linear_format(module: nn.Module) -> LinearFormat | None:
     if isinstance(module, QuantizedLinear):
         return LinearFormat("weight_scale", "weight_zero" if module.weight_zero is not None else None,
                             module.group_n, module.group_k)
-    if isinstance(module, FP8Linear) and module.weight.dtype == FP8_DTYPE:
+    if isinstance(module, FP8Linear) and module.weight.dtype == FP8_DTYPE and module.block_size is not None:
         block_n, block_k = module.block_size
         return LinearFormat("weight_scale_inv", None, block_n, block_k)
     return None
 
 
-def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` for a quantized projection through our op (HF's forward runs this too)."""
+def quantized_forward(module: nn.Module, x: torch.Tensor, op: Callable | None = None) -> torch.Tensor:
+    """`module(x)` for a quantized projection through `op` (default: our registered op; HF's forward runs this)."""
     fmt = linear_format(module)
     zero = getattr(module, fmt.zero) if fmt.zero else None
-    out = torch.ops.qwen3_accel.quantized_linear(
-        x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n, fmt.group_k
-    )
+    op = op or torch.ops.qwen3_accel.quantized_linear
+    out = op(x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n, fmt.group_k)
     return out if module.bias is None else out + module.bias
 
 
 def experts_format(experts: nn.Module) -> LinearFormat | None:
     """How MoE experts are quantized (transformers' FP8Experts: fp8 values, fp32 block scales); None if not."""
     scale = getattr(experts, "gate_up_proj_scale_inv", None)
-    if scale is None or experts.gate_up_proj.dtype != FP8_DTYPE:
+    if scale is None or experts.gate_up_proj.dtype != FP8_DTYPE or experts.block_size is None:
         return None
     block_n, block_k = experts.block_size
     return LinearFormat("gate_up_proj_scale_inv", None, block_n, block_k)

@@ -24,7 +24,7 @@ from transformers import Qwen3ForCausalLM
 
 from ..custom_ops import Kernels
 from ..parallel import SingleDevice, local, shard_like
-from ..quantize import LinearFormat, linear_format
+from ..quantize import LinearFormat, linear_format, quantized_forward
 
 # Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D].
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -159,12 +159,9 @@ def prepare(model: Qwen3ForCausalLM) -> list[FusedLinears]:
 
 def linear(kernels: Kernels, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """`module(x)` for a projection in the model dtype (this rank's shard) or quantized."""
-    fmt = linear_format(module)
-    if fmt is None:
+    if linear_format(module) is None:
         return F.linear(x, local(module.weight), None if module.bias is None else local(module.bias))
-    zero = getattr(module, fmt.zero) if fmt.zero else None
-    out = kernels.quantized_linear(x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n, fmt.group_k)
-    return out if module.bias is None else out + module.bias
+    return quantized_forward(module, x, kernels.quantized_linear)
 
 
 def fused_linear(kernels: Kernels, x: torch.Tensor, parent: nn.Module, fused_name: str) -> torch.Tensor:
