@@ -237,7 +237,8 @@ def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLIN
         weight = torch.randn(n_out, n_in, device=device, dtype=dtype) * 0.02
         x_bytes = rows * (n_in + n_out) * weight.element_size()
         label = f"{rows}x{n_in}->{n_out}"
-        cases.append(Case(f"linear_{str(dtype).split('.')[-1]}", label, weight.numel() * weight.element_size() + x_bytes,
+        weight_bytes = weight.numel() * weight.element_size()
+        cases.append(Case(f"linear_{str(dtype).split('.')[-1]}", label, weight_bytes + x_bytes,
                           lambda rows=rows, weight=weight: (torch.randn(rows, n_in, device=device, dtype=dtype),
                                                             weight),
                           {"torch_eager": torch.nn.functional.linear}, rotate=False))

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "registering the model type `qwen3_accel` (lm-eval's HFLM with the loaded model optimized). "
                     "Example: qwen3-accel lm-eval --model qwen3_accel --model_args pretrained=PATH,dtype=bfloat16 "
                     "--tasks hellaswag. qwen3_accel options (kernels, attention, compile, fast_generate, "
-                    "max_batch_size, max_cache_len) go in --model_args. Needs pip install 'qwen3-accel[eval]'.",
+                    "max_batch_size, max_cache_len, weights) go in --model_args. Needs "
+                    "pip install 'qwen3-accel[eval]'.",
         add_help=False,
     )
     return parser

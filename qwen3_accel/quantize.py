@@ -194,20 +194,26 @@ def _fp8_block_rows(model: nn.Module) -> int:
 
 def _quantize_fp8(model: nn.Module, block_n: int) -> None:
     """transformers' own FP8 modules (FP8Linear, FP8Experts) in place of the projections and experts, holding our
-    quantization of their weights: the layout transformers builds when it loads an FP8 checkpoint."""
+    quantization of their weights: the layout transformers builds when it loads an FP8 checkpoint.
+
+    Each weight is replaced by its fp8 values as soon as they exist, so memory peaks at the model plus one weight
+    (a 30B MoE in bf16 and its fp8 copy would not fit one GPU together)."""
     config = FineGrainedFP8Config(weight_block_size=(block_n, FP8_BLOCK), modules_to_not_convert=["lm_head"])
     tensors = {}
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name != "lm_head":
-            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale_inv"] = quantize_fp8(
-                module.weight.detach(), block_n, FP8_BLOCK)
+            qweight, tensors[f"{name}.weight_scale_inv"] = quantize_fp8(module.weight.detach(), block_n, FP8_BLOCK)
+            module.weight = tensors[f"{name}.weight"] = nn.Parameter(qweight, requires_grad=False)
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach()
         elif name.endswith(".experts") and hasattr(module, "gate_up_proj"):
             for attr in ("gate_up_proj", "down_proj"):
                 per_expert = [quantize_fp8(w, block_n, FP8_BLOCK) for w in getattr(module, attr).detach()]
-                tensors[f"{name}.{attr}"] = torch.stack([q for q, _ in per_expert])
                 tensors[f"{name}.{attr}_scale_inv"] = torch.stack([scale for _, scale in per_expert])
+                qweight = nn.Parameter(torch.stack([q for q, _ in per_expert]), requires_grad=False)
+                del per_expert
+                setattr(module, attr, qweight)
+                tensors[f"{name}.{attr}"] = qweight
     replace_with_fp8_linear(model, modules_to_not_convert=["lm_head"], quantization_config=config, pre_quantized=True)
     model.load_state_dict(tensors, strict=False, assign=True)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -82,8 +82,9 @@ def dequantized_reference(model: nn.Module, source: nn.Module) -> nn.Module:
         experts = quantize.experts_format(module)
         if experts is not None:
             for attr in ("gate_up_proj", "down_proj"):
-                state[f"{name}.{attr}"] = moe.dequantize_experts(getattr(module, attr), getattr(module, f"{attr}_scale_inv"),
-                                                               experts.group_n, experts.group_k, torch.float32)
+                scale = getattr(module, f"{attr}_scale_inv")
+                state[f"{name}.{attr}"] = moe.dequantize_experts(getattr(module, attr), scale, experts.group_n,
+                                                               experts.group_k, torch.float32)
         if fmt is not None:
             zero = getattr(module, fmt.zero) if fmt.zero else None
             state[f"{name}.weight"] = ql.dequantize(module.weight, getattr(module, fmt.scale), zero, fmt.group_n,

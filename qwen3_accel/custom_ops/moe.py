@@ -361,7 +361,8 @@ MOE_GEMV_MAX_TOKENS = 4
 MOE_GEMV_BLOCKS = dict(gate_up=(16, 128), down=(16, 128))  # (BLOCK_N, BLOCK_K) per kernel
 
 
-def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
     """`fused_moe` for a few tokens: a GEMV per (token, expert) pair for gate/up + SiLU·mul, then per token the
     down projections, routing weights and top-k sum in one program per output block."""
     n_tokens, hidden = x.shape
@@ -394,7 +395,8 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_s
 _gemv_unavailable: str | None = None  # why the GEMV path cannot run on this machine, once it failed to build
 
 
-def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids,
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
     """`fused_moe` on the GPU: the decode-sized GEMVs for at most MOE_GEMV_MAX_TOKENS tokens, else grouped GEMMs.
 
     The GEMVs are newer than the grouped path and not yet built on every GPU we support: if Triton cannot build
@@ -418,7 +420,8 @@ def _check_moe_shapes(x, gate_up_proj, down_proj) -> None:
     assert x.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
 
 
-def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
     """`fused_moe` for many tokens: slots sorted by expert, one grouped GEMM per projection."""
     n_tokens, hidden = x.shape
     n_experts, two_i, _ = gate_up_proj.shape
@@ -467,7 +470,8 @@ def dequantize_experts(weight: torch.Tensor, scale: torch.Tensor, group_n: int, 
     return (weight.float() * full).to(dtype)
 
 
-def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids,
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
     """HF v5's eager `Qwen3MoeExperts.forward`, step for step (routing weights cast to x's dtype); quantized
     experts are dequantized to x's dtype first."""
     if gate_up_scale is not None:

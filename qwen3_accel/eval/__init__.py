@@ -207,8 +207,8 @@ def parity(model, tokenizer, tasks: list[str] | None = None, limit: int | None =
         qwen3_accel.optimize(model, **optimize_kwargs)
         candidate = run_lm_eval(model, tokenizer, tasks, limit, batch_size)
         comparison = compare_runs(baseline, candidate, thresholds)
-        comparison.weights = (f"baseline: the model in {model.dtype} through HF's forward/generate; candidate: the same "
-                              f"weights quantized to {optimize_kwargs['weights']} through qwen3_accel")
+        comparison.weights = (f"baseline: the model in {model.dtype} through HF's forward/generate; candidate: the "
+                              f"same weights quantized to {optimize_kwargs['weights']} through qwen3_accel")
         return comparison
     qwen3_accel.optimize(model, **optimize_kwargs)
     with model.qwen3_accel.disabled():

@@ -138,7 +138,8 @@ def _fuse_linears(parent: nn.Module, names: list[str], fused_name: str) -> Fused
         offset = 0
         for linear, p in zip(linears, params):
             n = local(p).shape[0]
-            setattr(linear, attr, nn.Parameter(shard_like(fused[offset : offset + n], p), requires_grad=p.requires_grad))
+            view = shard_like(fused[offset : offset + n], p)
+            setattr(linear, attr, nn.Parameter(view, requires_grad=p.requires_grad))
             offset += n
         parent.register_buffer(f"{fused_name}_{suffix}", fused, persistent=False)
         torch._dynamo.mark_static_address(fused)
