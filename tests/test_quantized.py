@@ -295,3 +295,40 @@ def test_moe_fp8_weights_match_dequantized_model(kernels):
     ids, mask = left_padded_batch([5, 8], reference.config.vocab_size, seed=3)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY), expected)
+
+
+def test_kernel_that_cannot_build_falls_back_to_dequantize_then_matmul(monkeypatch, caplog):
+    """A GPU where Triton cannot build the kernel (simulated: the launcher raises Triton's compilation error, as for
+    e4m3 on a GPU without it) gets correct results from the reference, one warning, and no further attempts."""
+    from triton.compiler.errors import CompilationError
+
+    calls = []
+
+    def cannot_build(*args):
+        calls.append(args)
+        raise CompilationError("kernel.py", None, "fp8e4nv not supported in this architecture")
+
+    monkeypatch.setattr(ql, "quantized_linear_triton", cannot_build)
+    monkeypatch.setattr(ql, "_kernel_unavailable", None)
+    packed = quantized(torch.randn(40, 64), "fp8", fp8_block=(32, 32))
+    x = torch.randn(3, 64)
+    for _ in range(2):
+        torch.testing.assert_close(ql.quantized_linear_gpu(x, *packed), ql.quantized_linear_reference(x, *packed))
+    assert len(calls) == 1 and "CompilationError" in ql._kernel_unavailable
+    assert "cannot be built on this GPU" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_op_registrations(fmt):
+    """Schema and fake (meta) implementations of both ops with quantized arguments, as torch.compile uses them.
+    (opcheck's schema check compares inputs with arithmetic CPU fp8 lacks: fp8 gets the fake-tensor check only.)"""
+    packed = quantized(torch.randn(40, 64), fmt, fp8_block=(32, 32))
+    checks = ("test_faketensor",) if fmt == "fp8" else ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.qwen3_accel.quantized_linear, (torch.randn(3, 64), *packed), test_utils=checks)
+    if fmt == "fp8":
+        gate_up = [ql.quantize_fp8(torch.randn(64, 32), 32, 32) for _ in range(4)]
+        down = [ql.quantize_fp8(torch.randn(32, 32), 32, 32) for _ in range(4)]
+        stack = lambda pairs, i: torch.stack([p[i] for p in pairs])  # noqa: E731
+        args = (torch.randn(3, 32), stack(gate_up, 0), stack(down, 0), torch.rand(3, 2),
+                torch.randint(0, 4, (3, 2), dtype=torch.int32), stack(gate_up, 1), stack(down, 1), 32, 32)
+        torch.library.opcheck(torch.ops.qwen3_accel.fused_moe, args, test_utils=checks)

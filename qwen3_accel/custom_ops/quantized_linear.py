@@ -15,9 +15,15 @@ the dot product, and the scale (and zero point, through the row sum of the activ
 `BLOCK_K` partial product, which lies inside one group. Accumulation is fp32.
 """
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 QUANTIZED_DTYPES = (torch.int8, torch.uint8, FP8_DTYPE)
@@ -175,12 +181,30 @@ def quantized_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: to
     return (x.float() @ weight.T).to(x.dtype)
 
 
+_kernel_unavailable: str | None = None  # why Triton could not build the kernel on this GPU, once it failed
+
+
+def quantized_linear_gpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                         group_n: int, group_k: int) -> torch.Tensor:
+    """The Triton kernel; where Triton cannot build it (e.g. no e4m3 conversion on an older GPU), dequantize-then-
+    matmul from then on, with one warning: slower, never a failed request."""
+    global _kernel_unavailable
+    if _kernel_unavailable is None:
+        try:
+            return quantized_linear_triton(x, qweight, scale, zero, group_n, group_k)
+        except (CompilationError, OutOfResources) as error:
+            _kernel_unavailable = f"{type(error).__name__}: {error}"
+            logger.warning("qwen3_accel: the quantized linear kernel cannot be built on this GPU (%s); quantized "
+                           "projections dequantize their weights on every call instead (slow)", _kernel_unavailable)
+    return quantized_linear_reference(x, qweight, scale, zero, group_n, group_k)
+
+
 @torch.library.custom_op("qwen3_accel::quantized_linear", mutates_args=())
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                      group_n: int, group_k: int) -> torch.Tensor:
     """x [..., K] @ dequantize(qweight).T -> [..., N], for the int8 / int4 / fp8 formats of this module."""
     if x.is_cuda:
-        return quantized_linear_triton(x, qweight, scale, zero, group_n, group_k)
+        return quantized_linear_gpu(x, qweight, scale, zero, group_n, group_k)
     return quantized_linear_reference(x, qweight, scale, zero, group_n, group_k)
 
 
