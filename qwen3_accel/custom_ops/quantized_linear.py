@@ -31,10 +31,13 @@ FORMAT_OF_DTYPE = {torch.int8: "int8", torch.uint8: "int4", FP8_DTYPE: "fp8"}
 INT4_GROUP = 128  # along K, as AWQ/GPTQ checkpoints and torchao use
 FP8_BLOCK = 128  # rows and columns of one fp8 scale block, as in Qwen's FP8 checkpoints
 
-# Up to this many rows `x` runs through a GEMV (elementwise products reduced per lane; a tl.dot tile needs 16
-# rows), above it through tl.dot tiles. Block sizes are first guesses, to be set by `qwen3-accel bench-kernels`
-# on a GPU (BLOCK_K is further capped so that one block never straddles a scale group).
+# Up to this many rows `x` runs through a GEMV per row (products accumulated per lane; a tl.dot tile needs 16
+# rows), above it through tl.dot tiles. The GEMV halves BLOCK_N (down to 8) until it has QLINEAR_GEMV_MIN_PROGRAMS
+# programs (about two per SM of an H100), so small projections still spread over the GPU. Block sizes are first
+# guesses, to be set by `qwen3-accel bench-kernels` on a GPU (BLOCK_K is further capped so that one block never
+# straddles a scale group).
 QLINEAR_GEMV_MAX_ROWS = 4
+QLINEAR_GEMV_MIN_PROGRAMS = 256
 QLINEAR_BLOCKS = dict(gemv=(32, 128), gemm=(64, 64, 64))  # (BLOCK_N, BLOCK_K), (BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -51,16 +54,49 @@ def _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4: tl.conste
 
 
 @triton.jit
-def _quantized_linear_kernel(
+def _quantized_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, n_out, n_in,
+    x_row_stride, w_row_stride, scale_row_stride, out_row_stride, group_n, group_k,
+    INT4: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[row, n] = sum_k x[row, k] * (q[n, k] - zero[g]) * scale[g], g = (n // group_n, k // group_k), for one
+    # activation row and BLOCK_N outputs. Grid: (rows, cdiv(n_out, BLOCK_N)). Products accumulate per lane and are
+    # reduced once at the end (no tl.dot: one row cannot fill a tensor-core tile). BLOCK_K divides group_k (or one
+    # group spans K), so a block takes one scale per output; PER_ROW (int8): one scale per output, applied once.
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = n < n_out
+    kk = tl.arange(0, BLOCK_K)
+    scale_rows = scale_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    zero_rows = zero_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        k = k0 + kk
+        k_valid = k < n_in
+        a = tl.load(x_ptr + row * x_row_stride + k, mask=k_valid, other=0.0).to(tl.float32)
+        w = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
+        if not PER_ROW:
+            group = k0 // group_k
+            if INT4:
+                w -= tl.load(zero_rows + group, mask=n_valid, other=0).to(tl.float32)[:, None]
+            w *= tl.load(scale_rows + group, mask=n_valid, other=0.0).to(tl.float32)[:, None]
+        acc += w * a[None, :]
+    out = tl.sum(acc, axis=1)
+    if PER_ROW:
+        out *= tl.load(scale_rows, mask=n_valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + n, out.to(out_ptr.dtype.element_ty), mask=n_valid)
+
+
+@triton.jit
+def _quantized_gemm_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, rows, n_out, n_in,
-    x_row_stride, w_row_stride, scale_row_stride, out_row_stride,
-    group_n, group_k,
-    INT4: tl.constexpr, PER_ROW: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    x_row_stride, w_row_stride, scale_row_stride, out_row_stride, group_n, group_k,
+    INT4: tl.constexpr, PER_ROW: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[m, n] = sum_k x[m, k] * (q[n, k] - zero[g]) * scale[g], g = (n // group_n, k // group_k).
-    # Grid: (cdiv(rows, BLOCK_M), cdiv(n_out, BLOCK_N)). BLOCK_K divides group_k (or one group spans K), so every
-    # block's partial product takes one scale per output column. PER_ROW (int8): one scale per row, applied once.
+    # The same product for BLOCK_M rows through tl.dot. Grid: (cdiv(rows, BLOCK_M), cdiv(n_out, BLOCK_N)). The stored
+    # values convert exactly to the dot's dtype; each block's partial product is scaled per output column, the zero
+    # point entering through the activations' row sum: x . (q - z) s = s (x . q - z sum(x)).
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_valid = m < rows
@@ -68,30 +104,23 @@ def _quantized_linear_kernel(
     kk = tl.arange(0, BLOCK_K)
     scale_rows = scale_ptr + (n // group_n).to(tl.int64) * scale_row_stride
     zero_rows = zero_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    dot_dtype = tl.float32 if FP32_DOT else x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + kk
         k_valid = k < n_in
         a = tl.load(x_ptr + m[:, None].to(tl.int64) * x_row_stride + k[None, :],
-                    mask=m_valid[:, None] & k_valid[None, :], other=0.0)
-        if USE_DOT and FP32_DOT:
-            q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
-            part = tl.dot(a, tl.trans(q), input_precision="ieee")
-        elif USE_DOT:
-            q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, x_ptr.dtype.element_ty)
-            part = tl.dot(a, tl.trans(q))
-        else:
-            q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
-            part = tl.sum(a.to(tl.float32)[:, None, :] * q[None, :, :], axis=2)
+                    mask=m_valid[:, None] & k_valid[None, :], other=0.0).to(dot_dtype)
+        q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, dot_dtype)
+        part = tl.dot(a, tl.trans(q), input_precision="ieee") if FP32_DOT else tl.dot(a, tl.trans(q))
         if PER_ROW:
             acc += part
         else:
             group = k0 // group_k
-            scale = tl.load(scale_rows + group, mask=n_valid, other=0.0).to(tl.float32)
             if INT4:
                 zero = tl.load(zero_rows + group, mask=n_valid, other=0).to(tl.float32)
                 part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
-            acc += part * scale[None, :]
+            acc += part * tl.load(scale_rows + group, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     if PER_ROW:
         acc *= tl.load(scale_rows, mask=n_valid, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + m[:, None].to(tl.int64) * out_row_stride + n[None, :]
@@ -138,22 +167,23 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
         return out.view(*x.shape[:-1], n_out)
     scale = scale.contiguous()
     int4 = qweight.dtype == torch.uint8
-    zero_arg = zero.contiguous() if int4 else scale  # never read unless INT4
-    use_dot = rows > QLINEAR_GEMV_MAX_ROWS
-    if use_dot:
-        block_m, block_n, block_k = QLINEAR_BLOCKS["gemm"]
-    else:
-        (block_n, block_k), block_m = QLINEAR_BLOCKS["gemv"], triton.next_power_of_2(rows)
+    args = (x2d, qweight, scale, zero.contiguous() if int4 else scale)  # the zero pointer is never read unless INT4
+    strides = (x2d.stride(0), qweight.stride(0), scale.stride(0), out.stride(0), group_n, group_k)
+    flags = dict(INT4=int4, PER_ROW=qweight.dtype == torch.int8)
+    block_m, block_n, block_k = QLINEAR_BLOCKS["gemm"]
     block_k = _block_k(group_k, n_in, block_k)
-    if use_dot and block_k < 16:
-        use_dot, block_m = False, 4
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
-    _quantized_linear_kernel[grid](
-        x2d, qweight, scale, zero_arg, out, rows, n_out, n_in,
-        x2d.stride(0), qweight.stride(0), scale.stride(0), out.stride(0), group_n, group_k,
-        INT4=int4, PER_ROW=qweight.dtype == torch.int8, USE_DOT=use_dot, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
+    if rows > QLINEAR_GEMV_MAX_ROWS and block_k >= 16:
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
+        _quantized_gemm_kernel[grid](*args, out, rows, n_out, n_in, *strides, **flags,
+                                     FP32_DOT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     BLOCK_K=block_k)
+    else:
+        block_n, block_k = QLINEAR_BLOCKS["gemv"]
+        while x.is_cuda and block_n > 8 and rows * triton.cdiv(n_out, block_n) < QLINEAR_GEMV_MIN_PROGRAMS:
+            block_n //= 2
+        grid = (rows, triton.cdiv(n_out, block_n))
+        _quantized_gemv_kernel[grid](*args, out, n_out, n_in, *strides, **flags, BLOCK_N=block_n,
+                                     BLOCK_K=_block_k(group_k, n_in, block_k))
     return out.view(*x.shape[:-1], n_out)
 
 
