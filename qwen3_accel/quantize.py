@@ -222,11 +222,21 @@ def _quantize_fp8(model: nn.Module, block_n: int) -> None:
     model.config.quantization_config = config
 
 
+def _refuse_to_save(*args, **kwargs) -> None:
+    raise ValueError(
+        "this model's projections were quantized to int8/int4 by qwen3_accel.optimize(weights=...), a format "
+        "transformers cannot load (it would read the integers as weights); save the unquantized model and quantize "
+        "when loading it, or use weights='fp8', which saves as transformers' FP8 checkpoint format"
+    )
+
+
 def quantize_model(model: nn.Module, fmt: str) -> None:
     """Replace every decoder-layer projection still in the model dtype by its `fmt` version, in place.
 
     The unquantized weights are released (that is the point). fp8 also sets `config.quantization_config` to
-    transformers' FineGrainedFP8Config, so the model saves as an FP8 checkpoint transformers can load.
+    transformers' FineGrainedFP8Config, so the model saves as an FP8 checkpoint transformers can load. int8/int4
+    are our formats, which transformers would load as plain weights (the integers read as values, silently wrong):
+    their `save_pretrained` raises instead.
     """
     check_weights_option(model, fmt)
     if fmt == "fp8":
@@ -234,6 +244,7 @@ def quantize_model(model: nn.Module, fmt: str) -> None:
         return
     for parent, name, linear in list(projections(model)):
         setattr(parent, name, QuantizedLinear.from_linear(linear, fmt))
+    model.save_pretrained = _refuse_to_save
 
 
 def use_our_fp8_forward(model: nn.Module) -> None:

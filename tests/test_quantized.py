@@ -332,3 +332,13 @@ def test_op_registrations(fmt):
         args = (torch.randn(3, 32), stack(gate_up, 0), stack(down, 0), torch.rand(3, 2),
                 torch.randint(0, 4, (3, 2), dtype=torch.int32), stack(gate_up, 1), stack(down, 1), 32, 32)
         torch.library.opcheck(torch.ops.qwen3_accel.fused_moe, args, test_utils=checks)
+
+
+def test_int8_and_int4_models_refuse_save_pretrained(tmp_path):
+    """Our int8/int4 tensors are not a format transformers loads (it would read the integers as weights, silently
+    wrong): save_pretrained says so instead of writing such a checkpoint."""
+    for fmt in ("int8", "int4"):
+        model = qwen3_accel.optimize(build_model("tiny", seed=5), weights=fmt, compile=False)
+        with pytest.raises(ValueError, match="transformers cannot load.*weights='fp8'"):
+            model.save_pretrained(tmp_path)
+        assert not any(tmp_path.iterdir())
