@@ -261,12 +261,13 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _projection_bytes(model: torch.nn.Module) -> dict[str, float]:
-    """Bytes the decoder-layer projections take (values, scales, zero points) and per weight."""
-    from .quantize import projections
+    """Bytes the quantized projections and experts take (values, scales, zero points) and per weight."""
+    from .quantize import quantized_modules
 
-    modules = [m for _, _, m in projections(model)]
+    modules = quantized_modules(model)
     total = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-    weights = sum(m.weight.shape[0] * m.in_features for m in modules)
+    weights = sum(m.weight.shape[0] * m.in_features if hasattr(m, "weight")
+                  else m.gate_up_proj.numel() + m.down_proj.numel() for m in modules)  # experts: 1 byte per weight
     return {"bytes": total, "bytes_per_weight": total / weights}
 
 

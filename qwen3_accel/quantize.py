@@ -7,7 +7,8 @@ Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/
   `config.quantization_config` set, so `save_pretrained` writes a checkpoint transformers loads as FP8);
 - `QuantizedLinear` (this module) for `weights="int8"` (per output row) and `weights="int4"` (asymmetric, groups of
   128 along the input);
-- transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales), run by `fused_moe`.
+- transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales) or our int8
+  `QuantizedExperts` (one scale per row), run by `fused_moe`.
 
 The projections run `torch.ops.qwen3_accel.quantized_linear` (custom_ops/quantized_linear.py), the experts
 `fused_moe` with their scales, in our forward and in HF's:
@@ -79,6 +80,33 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {fmt}"
 
 
+class QuantizedExperts(nn.Module):
+    """Qwen3-MoE experts with int8 values and one fp32 scale per output row of each expert's matrix, run by
+    `fused_moe` (attributes named as transformers' FP8Experts, so one code path reads both)."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        for attr in ("gate_up_proj", "down_proj"):
+            per_expert = [quantize_int8(w) for w in getattr(experts, attr).detach()]
+            setattr(self, f"{attr}_scale_inv", nn.Parameter(torch.stack([s for _, s in per_expert]),
+                                                            requires_grad=False))
+            values = torch.stack([q for q, _ in per_expert])
+            del per_expert
+            setattr(experts, attr, None)  # release the unquantized matrix before the next one is quantized
+            setattr(self, attr, nn.Parameter(values, requires_grad=False))
+        self.group_k = max(self.gate_up_proj.shape[2], self.down_proj.shape[2])  # one group spans each row
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qwen3_accel.fused_moe(
+            hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
+            self.gate_up_proj_scale_inv, self.down_proj_scale_inv, 1, self.group_k,
+        )
+
+    def extra_repr(self) -> str:
+        return f"experts={self.gate_up_proj.shape[0]}, int8, one scale per row"
+
+
 def linear_format(module: nn.Module) -> LinearFormat | None:
     """How `module`'s weight is quantized; None for a plain linear in the model dtype."""
     if isinstance(module, QuantizedLinear):
@@ -100,7 +128,10 @@ def quantized_forward(module: nn.Module, x: torch.Tensor, op: Callable | None = 
 
 
 def experts_format(experts: nn.Module) -> LinearFormat | None:
-    """How MoE experts are quantized (transformers' FP8Experts: fp8 values, fp32 block scales); None if not."""
+    """How MoE experts are quantized (our int8 QuantizedExperts, or transformers' FP8Experts: fp8 values, fp32
+    block scales); None if not."""
+    if isinstance(experts, QuantizedExperts):
+        return LinearFormat("gate_up_proj_scale_inv", None, 1, experts.group_k)
     scale = getattr(experts, "gate_up_proj_scale_inv", None)
     if scale is None or experts.gate_up_proj.dtype != FP8_DTYPE or experts.block_size is None:
         return None
@@ -173,10 +204,10 @@ def check_weights_option(model: nn.Module, weights: str | None) -> None:
         return
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r} is not supported; choose one of {WEIGHT_FORMATS} or None")
-    if isinstance(model, Qwen3MoeForCausalLM) and weights != "fp8":
+    if isinstance(model, Qwen3MoeForCausalLM) and weights == "int4":
         raise ValueError(
-            f"weights={weights!r} is not supported on Qwen3-MoE in this version: its experts (most of its weights) "
-            "run quantized in fp8 only; use weights='fp8' or optimize it without `weights`"
+            "weights='int4' is not supported on Qwen3-MoE in this version: its experts (most of its weights) have "
+            "no int4 kernel yet; use weights='int8' or 'fp8', or optimize it without `weights`"
         )
     if is_quantized(model):
         raise ValueError(f"weights={weights!r}: this model's projections are already quantized; optimize it without "
@@ -244,6 +275,9 @@ def quantize_model(model: nn.Module, fmt: str) -> None:
         return
     for parent, name, linear in list(projections(model)):
         setattr(parent, name, QuantizedLinear.from_linear(linear, fmt))
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts = QuantizedExperts(layer.mlp.experts)
     model.save_pretrained = _refuse_to_save
 
 

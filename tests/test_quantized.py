@@ -209,8 +209,8 @@ def test_unsupported_quantized_models_are_refused_before_any_change():
     with pytest.raises(ValueError, match="weights='int2' is not supported; choose one of"):
         qwen3_accel.optimize(build_model("tiny"), weights="int2")
     moe_model = build_model("tiny-moe")
-    with pytest.raises(ValueError, match="not supported on Qwen3-MoE.*fp8 only"):
-        qwen3_accel.optimize(moe_model, weights="int8")
+    with pytest.raises(ValueError, match="weights='int4' is not supported on Qwen3-MoE"):
+        qwen3_accel.optimize(moe_model, weights="int4")
     assert type(moe_model.model.layers[0].self_attn.q_proj) is nn.Linear and not hasattr(moe_model, "qwen3_accel")
 
     fp8_router, _ = fp8_checkpoint_model("tiny-moe")
@@ -284,17 +284,25 @@ def test_fused_moe_with_fp8_experts(dtype, group, path):
         torch.testing.assert_close(path(x, gate_up, down, weights, ids, *scales), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
-def test_moe_fp8_weights_match_dequantized_model(kernels):
-    """optimize(tiny-moe, weights='fp8'): experts become transformers' FP8Experts (fp8 + block scales), greedy
-    tokens equal HF eager's on the dequantized weights."""
-    model = qwen3_accel.optimize(build_model("tiny-moe", seed=1), weights="fp8", kernels=kernels, compile=False)
+def test_moe_quantized_weights_match_dequantized_model(fmt, kernels):
+    """optimize(tiny-moe, weights=fmt): experts become transformers' FP8Experts (fp8 + block scales) or our int8
+    QuantizedExperts (a scale per row); greedy tokens equal HF eager's on the dequantized weights, through our
+    forward and HF's."""
+    model = qwen3_accel.optimize(build_model("tiny-moe", seed=1), weights=fmt, kernels=kernels, compile=False)
     reference = dequantized_reference(model, build_model("tiny-moe", seed=1))
     experts = model.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.dtype == ql.FP8_DTYPE and quantize.experts_format(experts).group_n == 32
+    values = {"fp8": ql.FP8_DTYPE, "int8": torch.int8}[fmt]
+    assert experts.gate_up_proj.dtype == values and experts.down_proj.dtype == values
+    assert quantize.experts_format(experts).group_n == {"fp8": 32, "int8": 1}[fmt]
     ids, mask = left_padded_batch([5, 8], reference.config.vocab_size, seed=3)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY), expected)
+    real = mask.bool()
+    with torch.no_grad():
+        hf = model(ids, attention_mask=mask, output_hidden_states=True).logits[real]  # HF's forward, our experts
+    torch.testing.assert_close(hf, reference(ids, attention_mask=mask).logits[real], rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_that_cannot_build_falls_back_to_dequantize_then_matmul(monkeypatch, caplog):
