@@ -261,20 +261,22 @@ def test_deepcopy_and_pickle_of_a_quantized_model():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [(32, 32), (16, 64), (128, 128)])
+@pytest.mark.parametrize("group", [(32, 32), (16, 64), (128, 128), "int8"])
 @pytest.mark.parametrize("path", [moe.fused_moe_gemv, moe.fused_moe_grouped])
-def test_fused_moe_with_fp8_experts(dtype, group, path):
-    """fp8 experts with block scales (blocks larger than, equal to and inside the matrices; odd hidden size)
-    through both fused paths, interpreted, against HF's expert loop on the dequantized experts."""
-    g = torch.Generator().manual_seed(sum(group))
+def test_fused_moe_with_quantized_experts(dtype, group, path):
+    """fp8 experts with block scales (blocks larger than, equal to and inside the matrices; odd hidden size) and
+    int8 experts with a scale per row, through both fused paths, interpreted, against HF's expert loop on the
+    dequantized experts."""
+    g = torch.Generator().manual_seed(7 if group == "int8" else sum(group))
     n_experts, hidden, inter, top_k = 8, 96, 64, 2
 
     def experts(rows, cols):
-        per_expert = [ql.quantize_fp8(torch.randn(rows, cols, generator=g) * 0.05, *group) for _ in range(n_experts)]
+        weights = [torch.randn(rows, cols, generator=g) * 0.05 for _ in range(n_experts)]
+        per_expert = [ql.quantize_int8(w) if group == "int8" else ql.quantize_fp8(w, *group) for w in weights]
         return torch.stack([q for q, _ in per_expert]), torch.stack([s for _, s in per_expert])
 
     (gate_up, gate_up_scale), (down, down_scale) = experts(2 * inter, hidden), experts(hidden, inter)
-    scales = (gate_up_scale, down_scale, *group)
+    scales = (gate_up_scale, down_scale, *((1, hidden) if group == "int8" else group))
     for tokens in (1, 3, 9):
         x = torch.randn(tokens, hidden, generator=g).to(dtype)
         weights = torch.rand(tokens, top_k, generator=g)
