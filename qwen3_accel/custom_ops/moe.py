@@ -166,7 +166,7 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 @triton.jit
 def _load_weight(ptrs, mask, SCALED: tl.constexpr, DTYPE: tl.constexpr):
     if SCALED:  # no `other=`: it cannot be cast to fp8 in the interpreter; masked lanes zeroed after conversion
-        return tl.where(mask, tl.load(ptrs, mask=mask).to(DTYPE), 0.0)
+        return tl.where(mask, tl.load(ptrs, mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
     return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
 
 

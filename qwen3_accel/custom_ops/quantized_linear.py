@@ -50,7 +50,7 @@ def _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4: tl.conste
         packed = tl.load(rows + (k // 2)[None, :], mask=mask, other=0).to(tl.int32)
         return ((packed >> ((k & 1) * 4)[None, :]) & 0xF).to(DTYPE)
     # No `other=`: it cannot be cast to fp8 (in the interpreter); masked lanes are zeroed after the conversion.
-    return tl.where(mask, tl.load(rows + k[None, :], mask=mask).to(DTYPE), 0.0)
+    return tl.where(mask, tl.load(rows + k[None, :], mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
 
 
 @triton.jit
