@@ -16,6 +16,8 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
+from .quantized_linear import block_within_group
+
 logger = logging.getLogger(__name__)
 
 
@@ -175,11 +177,6 @@ def _load_scale(scale_ptr, expert, rows, row_valid, k0, scale_expert_stride, sca
     """The scale of each of `rows` for the group holding column k0 (fp32, [len(rows)])."""
     ptrs = scale_ptr + expert * scale_expert_stride + (rows // group_n).to(tl.int64) * scale_row_stride + k0 // group_k
     return tl.load(ptrs, mask=row_valid, other=0.0).to(tl.float32)
-
-
-def _block_k(block_k: int, group_k: int, k_dim: int) -> int:
-    """The largest block <= block_k that never straddles a scale group."""
-    return block_k if group_k >= k_dim else min(block_k, group_k & -group_k)
 
 
 def _scale_args(scale: torch.Tensor | None, weight: torch.Tensor) -> tuple:
@@ -379,7 +376,8 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         x, gate_up_proj, ids, hidden_act, hidden, inter, top_k,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
         *_scale_args(gate_up_scale, gate_up_proj), group_n, group_k,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=_block_k(block_k, group_k, hidden) if scaled else block_k,
+        SCALED=scaled, BLOCK_N=block_n,
+        BLOCK_K=block_within_group(block_k, group_k, hidden) if scaled else block_k,
     )
     slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
     block_n, block_k = MOE_GEMV_BLOCKS["down"]
@@ -387,7 +385,8 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         hidden_act, down_proj, ids, slot_weights, out, hidden, inter, top_k,
         hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
         *_scale_args(down_scale, down_proj), group_n, group_k,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=_block_k(block_k, group_k, inter) if scaled else block_k,
+        SCALED=scaled, BLOCK_N=block_n,
+        BLOCK_K=block_within_group(block_k, group_k, inter) if scaled else block_k,
     )
     return out
 
@@ -438,7 +437,7 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     scaled = gate_up_scale is not None
     block_k = cfg.block_k
     if scaled:  # one BLOCK_K for both GEMMs: within one scale group in each, and at least tl.dot's 16
-        block_k = max(16, min(_block_k(block_k, group_k, hidden), _block_k(block_k, group_k, inter)))
+        block_k = max(16, min(block_within_group(block_k, group_k, k_dim) for k_dim in (hidden, inter)))
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, FP32_DOT=fp32, SCALED=scaled,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     hidden_act = x.new_empty((n_slots, inter))

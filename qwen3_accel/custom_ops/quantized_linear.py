@@ -127,9 +127,10 @@ def _quantized_gemm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
-def _block_k(group_k: int, n_in: int, block_k: int) -> int:
-    """The largest block that is <= block_k and never straddles a scale group (a power of two dividing group_k)."""
-    if group_k >= n_in:
+def block_within_group(block_k: int, group_k: int, k_dim: int) -> int:
+    """The largest BLOCK_K <= block_k that never straddles a scale group along a K of k_dim (a power of two dividing
+    group_k, or any block when one group spans K)."""
+    if group_k >= k_dim:
         return block_k
     return min(block_k, group_k & -group_k)
 
@@ -156,6 +157,7 @@ def check_quantized_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 
 def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                             group_n: int, group_k: int) -> torch.Tensor:
+    """`quantized_linear` through the Triton kernels (any device Triton runs on, the interpreter included)."""
     n_in = x.shape[-1]
     check_quantized_weight(qweight, scale, zero, group_n, group_k, n_in)
     x2d = x.reshape(-1, n_in)
@@ -171,7 +173,7 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
     strides = (x2d.stride(0), qweight.stride(0), scale.stride(0), out.stride(0), group_n, group_k)
     flags = dict(INT4=int4, PER_ROW=qweight.dtype == torch.int8)
     block_m, block_n, block_k = QLINEAR_BLOCKS["gemm"]
-    block_k = _block_k(group_k, n_in, block_k)
+    block_k = block_within_group(block_k, group_k, n_in)
     if rows > QLINEAR_GEMV_MAX_ROWS and block_k >= 16:
         grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
         _quantized_gemm_kernel[grid](*args, out, rows, n_out, n_in, *strides, **flags,
@@ -183,7 +185,7 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
             block_n //= 2
         grid = (rows, triton.cdiv(n_out, block_n))
         _quantized_gemv_kernel[grid](*args, out, n_out, n_in, *strides, **flags, BLOCK_N=block_n,
-                                     BLOCK_K=_block_k(group_k, n_in, block_k))
+                                     BLOCK_K=block_within_group(block_k, group_k, n_in))
     return out.view(*x.shape[:-1], n_out)
 
 
