@@ -52,7 +52,7 @@ class OptimizeOptions:
         it); "int8" (per output row), "int4" (asymmetric, groups of 128 along the input) or "fp8" (e4m3, one scale
         per 128x128 block: transformers' fine-grained FP8 format) quantizes the decoder layers' projections in
         place, weight-only (activations stay in the model dtype). Embeddings, norms, the router and the LM head are
-        kept. Qwen3-MoE: "fp8" (experts become transformers' FP8Experts) or "int8" (our QuantizedExperts).
+        kept. Qwen3-MoE's experts too: transformers' FP8Experts for "fp8", our QuantizedExperts for int8/int4.
     max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
         generate() call (length rounded up to 256 slots) and grows it, with a warning, when a later call needs
         more; growth re-allocates, so CUDA graphs are recorded again. An explicit value is a hard limit: a call

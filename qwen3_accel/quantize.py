@@ -7,8 +7,8 @@ Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/
   `config.quantization_config` set, so `save_pretrained` writes a checkpoint transformers loads as FP8);
 - `QuantizedLinear` (this module) for `weights="int8"` (per output row) and `weights="int4"` (asymmetric, groups of
   128 along the input);
-- transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales) or our int8
-  `QuantizedExperts` (one scale per row), run by `fused_moe`.
+- transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales) or our int8 / int4
+  `QuantizedExperts`, run by `fused_moe`.
 
 The projections run `torch.ops.qwen3_accel.quantized_linear` (custom_ops/quantized_linear.py), the experts
 `fused_moe` with their scales, in our forward and in HF's:
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from transformers import FineGrainedFP8Config, Qwen3MoeForCausalLM
+from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
 
 from .custom_ops.quantized_linear import (
@@ -81,30 +81,37 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedExperts(nn.Module):
-    """Qwen3-MoE experts with int8 values and one fp32 scale per output row of each expert's matrix, run by
-    `fused_moe` (attributes named as transformers' FP8Experts, so one code path reads both)."""
+    """Qwen3-MoE experts in int8 (one fp32 scale per output row of each expert's matrix) or int4 (packed, asymmetric,
+    groups of 128 along the input, as QuantizedLinear), run by `fused_moe`. The scales are named as in transformers'
+    FP8Experts (`*_scale_inv`, multiplied), so one code path reads both."""
 
-    def __init__(self, experts: nn.Module):
+    def __init__(self, experts: nn.Module, fmt: str):
         super().__init__()
+        self.fmt = fmt
         for attr in ("gate_up_proj", "down_proj"):
-            per_expert = [quantize_int8(w) for w in getattr(experts, attr).detach()]
-            setattr(self, f"{attr}_scale_inv", nn.Parameter(torch.stack([s for _, s in per_expert]),
-                                                            requires_grad=False))
-            values = torch.stack([q for q, _ in per_expert])
-            del per_expert
+            matrices = getattr(experts, attr).detach()
+            per_expert = [quantize_int8(w) if fmt == "int8" else quantize_int4(w, INT4_GROUP) for w in matrices]
+            parts = [torch.stack([p[i] for p in per_expert]) for i in range(len(per_expert[0]))]
+            del per_expert, matrices
             setattr(experts, attr, None)  # release the unquantized matrix before the next one is quantized
-            setattr(self, attr, nn.Parameter(values, requires_grad=False))
-        self.group_k = max(self.gate_up_proj.shape[2], self.down_proj.shape[2])  # one group spans each row
+            setattr(self, attr, nn.Parameter(parts[0], requires_grad=False))
+            setattr(self, f"{attr}_scale_inv", nn.Parameter(parts[1], requires_grad=False))
+            if fmt == "int4":
+                setattr(self, f"{attr}_zero", nn.Parameter(parts[2], requires_grad=False))
+        in_features = (self.gate_up_proj.shape[2], self.down_proj.shape[2])
+        # int8: one group spans every row; int4: groups of 128 (the stored columns are half the inputs)
+        self.group_k = max(in_features) if fmt == "int8" else INT4_GROUP
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        zeros = (self.gate_up_proj_zero, self.down_proj_zero) if self.fmt == "int4" else ()
         return torch.ops.qwen3_accel.fused_moe(
             hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
-            self.gate_up_proj_scale_inv, self.down_proj_scale_inv, 1, self.group_k,
+            self.gate_up_proj_scale_inv, self.down_proj_scale_inv, 1, self.group_k, *zeros,
         )
 
     def extra_repr(self) -> str:
-        return f"experts={self.gate_up_proj.shape[0]}, int8, one scale per row"
+        return f"experts={self.gate_up_proj.shape[0]}, {self.fmt}, groups of 1x{self.group_k}"
 
 
 def linear_format(module: nn.Module) -> LinearFormat | None:
@@ -131,7 +138,8 @@ def experts_format(experts: nn.Module) -> LinearFormat | None:
     """How MoE experts are quantized (our int8 QuantizedExperts, or transformers' FP8Experts: fp8 values, fp32
     block scales); None if not."""
     if isinstance(experts, QuantizedExperts):
-        return LinearFormat("gate_up_proj_scale_inv", None, 1, experts.group_k)
+        return LinearFormat("gate_up_proj_scale_inv", "gate_up_proj_zero" if experts.fmt == "int4" else None, 1,
+                            experts.group_k)
     scale = getattr(experts, "gate_up_proj_scale_inv", None)
     if scale is None or experts.gate_up_proj.dtype != FP8_DTYPE or experts.block_size is None:
         return None
@@ -204,11 +212,6 @@ def check_weights_option(model: nn.Module, weights: str | None) -> None:
         return
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights={weights!r} is not supported; choose one of {WEIGHT_FORMATS} or None")
-    if isinstance(model, Qwen3MoeForCausalLM) and weights == "int4":
-        raise ValueError(
-            "weights='int4' is not supported on Qwen3-MoE in this version: its experts (most of its weights) have "
-            "no int4 kernel yet; use weights='int8' or 'fp8', or optimize it without `weights`"
-        )
     if is_quantized(model):
         raise ValueError(f"weights={weights!r}: this model's projections are already quantized; optimize it without "
                          "`weights` to run them as they are")
@@ -277,7 +280,7 @@ def quantize_model(model: nn.Module, fmt: str) -> None:
         setattr(parent, name, QuantizedLinear.from_linear(linear, fmt))
     for layer in model.model.layers:
         if hasattr(layer.mlp, "experts"):
-            layer.mlp.experts = QuantizedExperts(layer.mlp.experts)
+            layer.mlp.experts = QuantizedExperts(layer.mlp.experts, fmt)
     model.save_pretrained = _refuse_to_save
 
 

@@ -42,9 +42,9 @@ for stage in "${stages[@]}"; do
             timeout 200 "${bench[@]}" --out "$out/quantized" --model $model --contenders qwen3_accel \
                 --weights int8,int4,fp8 --batch-sizes 1 --prompt-lengths 128 --decode-tokens 32 2>&1 | quiet
         done
-        # MoE: fp8 and int8 (experts through fused_moe; int4 has no expert kernel)
+        # MoE: experts quantized too, through fused_moe
         timeout 420 "${bench[@]}" --out "$out/quantized" --model Qwen3-30B-A3B --contenders qwen3_accel \
-            --weights fp8,int8 --batch-sizes 1 --prompt-lengths 128 --decode-tokens 16 --repeats 2 2>&1 | quiet ;;
+            --weights fp8,int8,int4 --batch-sizes 1 --prompt-lengths 128 --decode-tokens 16 --repeats 2 2>&1 | quiet ;;
     Qwen3-30B-A3B)
         timeout 120 "${bench[@]}" --out "$out" --model Qwen3-30B-A3B --contenders hf_eager,qwen3_accel \
             --batch-sizes 1 --prompt-lengths 128 --decode-tokens 16 --repeats 2 2>&1 | quiet ;;

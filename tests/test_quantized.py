@@ -82,9 +82,9 @@ def dequantized_reference(model: nn.Module, source: nn.Module) -> nn.Module:
         experts = quantize.experts_format(module)
         if experts is not None:
             for attr in ("gate_up_proj", "down_proj"):
-                scale = getattr(module, f"{attr}_scale_inv")
+                scale, zero = getattr(module, f"{attr}_scale_inv"), getattr(module, f"{attr}_zero", None)
                 state[f"{name}.{attr}"] = moe.dequantize_experts(getattr(module, attr), scale, experts.group_n,
-                                                               experts.group_k, torch.float32)
+                                                               experts.group_k, torch.float32, zero)
         if fmt is not None:
             zero = getattr(module, fmt.zero) if fmt.zero else None
             state[f"{name}.weight"] = ql.dequantize(module.weight, getattr(module, fmt.scale), zero, fmt.group_n,
@@ -208,10 +208,6 @@ def test_replaced_quantized_weights_are_used():
 def test_unsupported_quantized_models_are_refused_before_any_change():
     with pytest.raises(ValueError, match="weights='int2' is not supported; choose one of"):
         qwen3_accel.optimize(build_model("tiny"), weights="int2")
-    moe_model = build_model("tiny-moe")
-    with pytest.raises(ValueError, match="weights='int4' is not supported on Qwen3-MoE"):
-        qwen3_accel.optimize(moe_model, weights="int4")
-    assert type(moe_model.model.layers[0].self_attn.q_proj) is nn.Linear and not hasattr(moe_model, "qwen3_accel")
 
     fp8_router, _ = fp8_checkpoint_model("tiny-moe")
     router = fp8_router.model.layers[0].mlp.gate
@@ -261,22 +257,25 @@ def test_deepcopy_and_pickle_of_a_quantized_model():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("group", [(32, 32), (16, 64), (128, 128), "int8"])
+@pytest.mark.parametrize("group", [(32, 32), (16, 64), (128, 128), "int8", "int4"])
 @pytest.mark.parametrize("path", [moe.fused_moe_gemv, moe.fused_moe_grouped])
 def test_fused_moe_with_quantized_experts(dtype, group, path):
-    """fp8 experts with block scales (blocks larger than, equal to and inside the matrices; odd hidden size) and
-    int8 experts with a scale per row, through both fused paths, interpreted, against HF's expert loop on the
-    dequantized experts."""
-    g = torch.Generator().manual_seed(7 if group == "int8" else sum(group))
+    """fp8 experts with block scales (blocks larger than, equal to and inside the matrices; odd hidden size), int8
+    experts with a scale per row and packed int4 experts (groups of 32 with zero points), through both fused paths,
+    interpreted, against HF's expert loop on the dequantized experts."""
+    g = torch.Generator().manual_seed(7 if isinstance(group, str) else sum(group))
     n_experts, hidden, inter, top_k = 8, 96, 64, 2
 
     def experts(rows, cols):
         weights = [torch.randn(rows, cols, generator=g) * 0.05 for _ in range(n_experts)]
-        per_expert = [ql.quantize_int8(w) if group == "int8" else ql.quantize_fp8(w, *group) for w in weights]
-        return torch.stack([q for q, _ in per_expert]), torch.stack([s for _, s in per_expert])
+        per_expert = [ql.quantize_int8(w) if group == "int8" else ql.quantize_int4(w, 32) if group == "int4"
+                      else ql.quantize_fp8(w, *group) for w in weights]
+        return [torch.stack([p[i] for p in per_expert]) for i in range(len(per_expert[0]))]
 
-    (gate_up, gate_up_scale), (down, down_scale) = experts(2 * inter, hidden), experts(hidden, inter)
-    scales = (gate_up_scale, down_scale, *((1, hidden) if group == "int8" else group))
+    gate_up, down = experts(2 * inter, hidden), experts(hidden, inter)
+    groups = {"int8": (1, hidden), "int4": (1, 32)}.get(group, group)
+    scales = (gate_up[1], down[1], *groups, *((gate_up[2], down[2]) if group == "int4" else ()))
+    gate_up, down = gate_up[0], down[0]
     for tokens in (1, 3, 9):
         x = torch.randn(tokens, hidden, generator=g).to(dtype)
         weights = torch.rand(tokens, top_k, generator=g)
@@ -286,18 +285,17 @@ def test_fused_moe_with_quantized_experts(dtype, group, path):
         torch.testing.assert_close(path(x, gate_up, down, weights, ids, *scales), expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
 def test_moe_quantized_weights_match_dequantized_model(fmt, kernels):
-    """optimize(tiny-moe, weights=fmt): experts become transformers' FP8Experts (fp8 + block scales) or our int8
-    QuantizedExperts (a scale per row); greedy tokens equal HF eager's on the dequantized weights, through our
-    forward and HF's."""
+    """optimize(tiny-moe, weights=fmt): experts become transformers' FP8Experts (fp8 + block scales) or our int8 /
+    int4 QuantizedExperts; greedy tokens equal HF eager's on the dequantized weights, through our forward and HF's."""
     model = qwen3_accel.optimize(build_model("tiny-moe", seed=1), weights=fmt, kernels=kernels, compile=False)
     reference = dequantized_reference(model, build_model("tiny-moe", seed=1))
     experts = model.model.layers[0].mlp.experts
-    values = {"fp8": ql.FP8_DTYPE, "int8": torch.int8}[fmt]
+    values = {"fp8": ql.FP8_DTYPE, "int8": torch.int8, "int4": torch.uint8}[fmt]
     assert experts.gate_up_proj.dtype == values and experts.down_proj.dtype == values
-    assert quantize.experts_format(experts).group_n == {"fp8": 32, "int8": 1}[fmt]
+    assert quantize.experts_format(experts).group_n == {"fp8": 32, "int8": 1, "int4": 1}[fmt]
     ids, mask = left_padded_batch([5, 8], reference.config.vocab_size, seed=3)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY), expected)

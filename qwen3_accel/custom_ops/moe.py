@@ -161,15 +161,21 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 
 
 # ---------------------------------------------------------------------------- quantized expert weights
-# Experts may hold fp8 (e4m3) or int8 values with one fp32 scale per group_n x group_k block of each expert's
-# matrix: `scale [E, ceil(rows/group_n), ceil(cols/group_k)]` (transformers' FP8Experts: `gate_up_proj_scale_inv`,
-# `down_proj_scale_inv`). The kernels convert the values exactly, scale each BLOCK_K partial product (BLOCK_K divides
-# group_k, so one block lies in one group) and accumulate in fp32.
+# Experts may hold fp8 (e4m3) or int8 values with one scale per group_n x group_k block of each expert's matrix:
+# `scale [E, ceil(rows/group_n), ceil(cols/group_k)]` (transformers' FP8Experts: `gate_up_proj_scale_inv`,
+# `down_proj_scale_inv`), or int4 values packed two per byte along the columns (`[E, rows, cols/2]` uint8, even
+# column in the low nibble) with a uint8 zero point beside each scale: `w = (q - zero) * scale`. The kernels convert
+# the values exactly, apply zero point and scale to each BLOCK_K partial product (BLOCK_K divides group_k, so one
+# block lies in one group) and accumulate in fp32.
 @triton.jit
-def _load_weight(ptrs, mask, SCALED: tl.constexpr, DTYPE: tl.constexpr):
+def _load_weight(row_ptrs, k, mask, SCALED: tl.constexpr, INT4: tl.constexpr, DTYPE: tl.constexpr):
+    """Weights at row pointers `row_ptrs`, columns `k` (broadcast together), as stored, in DTYPE, 0 where masked."""
+    if INT4:
+        packed = tl.load(row_ptrs + k // 2, mask=mask, other=0).to(tl.int32)
+        return ((packed >> ((k & 1) * 4)) & 0xF).to(DTYPE)
     if SCALED:  # no `other=`: it cannot be cast to fp8 in the interpreter; masked lanes zeroed after conversion
-        return tl.where(mask, tl.load(ptrs, mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
-    return tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+        return tl.where(mask, tl.load(row_ptrs + k, mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
+    return tl.load(row_ptrs + k, mask=mask, other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -179,11 +185,12 @@ def _load_scale(scale_ptr, expert, rows, row_valid, k0, scale_expert_stride, sca
     return tl.load(ptrs, mask=row_valid, other=0.0).to(tl.float32)
 
 
-def _scale_args(scale: torch.Tensor | None, weight: torch.Tensor) -> tuple:
-    """(pointer, expert stride, row stride) of a scale tensor; the weight stands in when there is none."""
+def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None, weight: torch.Tensor) -> tuple:
+    """(scale pointer, zero pointer, expert stride, row stride) of the scales and zero points (same shape); the
+    weight stands in for what is absent (never read)."""
     if scale is None:
-        return weight, 0, 0
-    return scale, scale.stride(0), scale.stride(1)
+        return weight, weight, 0, 0
+    return scale, zero if zero is not None else scale, scale.stride(0), scale.stride(1)
 
 
 # ----------------------------------------------------------------------------------- grouped GEMM
@@ -192,9 +199,9 @@ def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_expert_ptr, n_padded_ptr, slot_weight_ptr,
     n_out, k_dim, n_slots, top_k, gate_up_offset,
     a_row_stride, w_expert_stride, w_row_stride, out_row_stride,
-    scale_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
+    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
     A_ROWS_ARE_TOKENS: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr, FP32_DOT: tl.constexpr,
-    SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out[slot, n] = act(A[row(slot)] @ W[expert]^T)[n] for the slots of one expert block.
     # GATE_UP: W is gate_up_proj [E, 2I, H], out [T*k, I] = silu(gate) * up.
@@ -220,16 +227,26 @@ def _moe_gemm_kernel(
         k_valid = (k0 + kk) < k_dim
         w_mask = k_valid[:, None] & n_valid[None, :]
         a = tl.load(a_base + (k0 + kk)[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(dot_dtype)
-        w = _load_weight(w_base + (k0 + kk)[:, None], w_mask, SCALED, dot_dtype)
+        if INT4:
+            a_sum = tl.sum(a.to(tl.float32), axis=1)  # the zero point enters as zero * sum(a) per output
+        w = _load_weight(w_base, (k0 + kk)[:, None], w_mask, SCALED, INT4, dot_dtype)
         part = tl.dot(a, w, input_precision="ieee") if FP32_DOT else tl.dot(a, w)
         if SCALED:
+            if INT4:
+                part -= a_sum[:, None] * _load_scale(zero_ptr, expert, n, n_valid, k0, scale_expert_stride,
+                                                     scale_row_stride, group_n, group_k)[None, :]
             part *= _load_scale(scale_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
                                 group_n, group_k)[None, :]
         acc += part
         if GATE_UP:
-            w_up = _load_weight(w_base + gate_up_offset * w_row_stride + (k0 + kk)[:, None], w_mask, SCALED, dot_dtype)
+            w_up = _load_weight(w_base + gate_up_offset * w_row_stride, (k0 + kk)[:, None], w_mask, SCALED, INT4,
+                                dot_dtype)
             part = tl.dot(a, w_up, input_precision="ieee") if FP32_DOT else tl.dot(a, w_up)
             if SCALED:
+                if INT4:
+                    part -= a_sum[:, None] * _load_scale(zero_ptr, expert, gate_up_offset + n, n_valid, k0,
+                                                         scale_expert_stride, scale_row_stride, group_n,
+                                                         group_k)[None, :]
                 part *= _load_scale(scale_ptr, expert, gate_up_offset + n, n_valid, k0, scale_expert_stride,
                                     scale_row_stride, group_n, group_k)[None, :]
             acc_up += part
@@ -278,8 +295,8 @@ def moe_config(n_tokens: int) -> MoeConfig:
 def _moe_gemv_gate_up_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr, hidden, inter, top_k,
     x_row_stride, w_expert_stride, w_row_stride, out_row_stride,
-    scale_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
-    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
+    SCALED: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out[slot, n] = silu(x[token] . gate[expert, n]) * (x[token] . up[expert, n]) for one slot and BLOCK_N columns.
     # Grid: (T * top_k, cdiv(I, BLOCK_N)). Products accumulate per lane, reduced once at the end (no tl.dot: one
@@ -298,9 +315,14 @@ def _moe_gemv_gate_up_kernel(
         k_valid = (k0 + kk) < hidden
         a = tl.load(x_ptr + token * x_row_stride + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
         w_mask = n_valid[:, None] & k_valid[None, :]
-        gate_w = _load_weight(gate_rows + (k0 + kk)[None, :], w_mask, SCALED, tl.float32)
-        up_w = _load_weight(up_rows + (k0 + kk)[None, :], w_mask, SCALED, tl.float32)
+        gate_w = _load_weight(gate_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
+        up_w = _load_weight(up_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
         if SCALED:
+            if INT4:
+                gate_w -= _load_scale(zero_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
+                                      group_n, group_k)[:, None]
+                up_w -= _load_scale(zero_ptr, expert, inter + n, n_valid, k0, scale_expert_stride,
+                                    scale_row_stride, group_n, group_k)[:, None]
             gate_w *= _load_scale(scale_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
                                   group_n, group_k)[:, None]
             up_w *= _load_scale(scale_ptr, expert, inter + n, n_valid, k0, scale_expert_stride, scale_row_stride,
@@ -319,8 +341,8 @@ def _moe_gemv_gate_up_kernel(
 def _moe_gemv_down_kernel(
     act_ptr, w_ptr, ids_ptr, slot_weight_ptr, out_ptr, hidden, inter, top_k,
     act_row_stride, w_expert_stride, w_row_stride, out_row_stride,
-    scale_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
-    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
+    SCALED: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out[token, n] = sum over the token's k slots of weight[slot] * (act[slot] . down[expert(slot), n]).
     # Grid: (T, cdiv(H, BLOCK_N)); each program owns its outputs, so the top-k sum needs no atomics.
@@ -339,8 +361,11 @@ def _moe_gemv_down_kernel(
         for k0 in range(0, inter, BLOCK_K):
             k_valid = (k0 + kk) < inter
             a = tl.load(act_ptr + slot * act_row_stride + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
-            w = _load_weight(rows + (k0 + kk)[None, :], n_valid[:, None] & k_valid[None, :], SCALED, tl.float32)
+            w = _load_weight(rows, (k0 + kk)[None, :], n_valid[:, None] & k_valid[None, :], SCALED, INT4, tl.float32)
             if SCALED:
+                if INT4:
+                    w -= _load_scale(zero_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
+                                     group_n, group_k)[:, None]
                 w *= _load_scale(scale_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
                                  group_n, group_k)[:, None]
             acc += w * a[None, :]
@@ -359,7 +384,7 @@ MOE_GEMV_BLOCKS = dict(gate_up=(16, 128), down=(16, 128))  # (BLOCK_N, BLOCK_K) 
 
 
 def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
     """`fused_moe` for a few tokens: a GEMV per (token, expert) pair for gate/up + SiLU·mul, then per token the
     down projections, routing weights and top-k sum in one program per output block."""
     n_tokens, hidden = x.shape
@@ -370,13 +395,13 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     out = x.new_empty((n_tokens, hidden))
     if n_tokens == 0:
         return out
-    scaled = gate_up_scale is not None
+    scaled, int4 = gate_up_scale is not None, gate_up_proj.dtype == torch.uint8
     block_n, block_k = MOE_GEMV_BLOCKS["gate_up"]
     _moe_gemv_gate_up_kernel[(n_tokens * top_k, triton.cdiv(inter, block_n))](
         x, gate_up_proj, ids, hidden_act, hidden, inter, top_k,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
-        *_scale_args(gate_up_scale, gate_up_proj), group_n, group_k,
-        SCALED=scaled, BLOCK_N=block_n,
+        *_scale_args(gate_up_scale, gate_up_zero, gate_up_proj), group_n, group_k,
+        SCALED=scaled, INT4=int4, BLOCK_N=block_n,
         BLOCK_K=block_within_group(block_k, group_k, hidden) if scaled else block_k,
     )
     slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
@@ -384,8 +409,8 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     _moe_gemv_down_kernel[(n_tokens, triton.cdiv(hidden, block_n))](
         hidden_act, down_proj, ids, slot_weights, out, hidden, inter, top_k,
         hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
-        *_scale_args(down_scale, down_proj), group_n, group_k,
-        SCALED=scaled, BLOCK_N=block_n,
+        *_scale_args(down_scale, down_zero, down_proj), group_n, group_k,
+        SCALED=scaled, INT4=int4, BLOCK_N=block_n,
         BLOCK_K=block_within_group(block_k, group_k, inter) if scaled else block_k,
     )
     return out
@@ -395,14 +420,14 @@ _gemv_unavailable: str | None = None  # why the GEMV path cannot run on this mac
 
 
 def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
     """`fused_moe` on the GPU: the decode-sized GEMVs for at most MOE_GEMV_MAX_TOKENS tokens, else grouped GEMMs.
 
     The GEMVs are newer than the grouped path and not yet built on every GPU we support: if Triton cannot build
     them here, the grouped path serves every size from then on (debug log), instead of failing the request.
     """
     global _gemv_unavailable
-    scales = (gate_up_scale, down_scale, group_n, group_k)
+    scales = (gate_up_scale, down_scale, group_n, group_k, gate_up_zero, down_zero)
     if x.shape[0] <= MOE_GEMV_MAX_TOKENS and _gemv_unavailable is None:
         _check_moe_shapes(x, gate_up_proj, down_proj)
         try:
@@ -414,13 +439,15 @@ def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids,
 
 
 def _check_moe_shapes(x, gate_up_proj, down_proj) -> None:
-    n_experts, two_i, hidden = gate_up_proj.shape
-    assert x.shape[1] == hidden and down_proj.shape == (n_experts, hidden, two_i // 2)
+    packing = 2 if gate_up_proj.dtype == torch.uint8 else 1  # int4: two values per byte along the columns
+    n_experts, two_i, stored_hidden = gate_up_proj.shape
+    hidden = stored_hidden * packing
+    assert x.shape[1] == hidden and down_proj.shape == (n_experts, hidden, two_i // 2 // packing)
     assert x.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
 
 
 def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
     """`fused_moe` for many tokens: slots sorted by expert, one grouped GEMM per projection."""
     n_tokens, hidden = x.shape
     n_experts, two_i, _ = gate_up_proj.shape
@@ -434,18 +461,18 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     sorted_slots, block_expert, n_padded = align_slots(topk_ids, n_experts, cfg.block_m)
     n_slots = n_tokens * top_k
     fp32 = x.dtype == torch.float32
-    scaled = gate_up_scale is not None
+    scaled, int4 = gate_up_scale is not None, gate_up_proj.dtype == torch.uint8
     block_k = cfg.block_k
     if scaled:  # one BLOCK_K for both GEMMs: within one scale group in each, and at least tl.dot's 16
         block_k = max(16, min(block_within_group(block_k, group_k, k_dim) for k_dim in (hidden, inter)))
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, FP32_DOT=fp32, SCALED=scaled,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  INT4=int4, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     hidden_act = x.new_empty((n_slots, inter))
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
         x, gate_up_proj, hidden_act, sorted_slots, block_expert, n_padded, topk_weights,
         inter, hidden, n_slots, top_k, inter,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
-        *_scale_args(gate_up_scale, gate_up_proj), group_n, group_k,
+        *_scale_args(gate_up_scale, gate_up_zero, gate_up_proj), group_n, group_k,
         A_ROWS_ARE_TOKENS=True, GATE_UP=True, WEIGHTED=False, **common,
     )
     weighted = x.new_empty((n_slots, hidden))
@@ -454,7 +481,7 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         hidden_act, down_proj, weighted, sorted_slots, block_expert, n_padded, slot_weights,
         hidden, inter, n_slots, top_k, 0,
         hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), weighted.stride(0),
-        *_scale_args(down_scale, down_proj), group_n, group_k,
+        *_scale_args(down_scale, down_zero, down_proj), group_n, group_k,
         A_ROWS_ARE_TOKENS=False, GATE_UP=False, WEIGHTED=True, **common,
     )
     # Each slot row was written by exactly one program: a plain sum over top-k, no atomics.
@@ -462,20 +489,28 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
 
 
 def dequantize_experts(weight: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """[E, N, K] expert values times their block scales, in `dtype` (computed in fp32)."""
-    n_rows, n_cols = weight.shape[1:]
-    full = scale.float().repeat_interleave(group_n, 1)[:, :n_rows].repeat_interleave(group_k, 2)[:, :, :n_cols]
-    return (weight.float() * full).to(dtype)
+                       dtype: torch.dtype, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, N, K] expert weights from their stored values, block scales (and int4 zero points), in `dtype`."""
+    values = weight.float()
+    if weight.dtype == torch.uint8:  # int4, two per byte, even column in the low nibble
+        values = torch.stack([weight & 0xF, weight >> 4], dim=-1).flatten(-2).float()
+    n_rows, n_cols = values.shape[1:]
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t.float().repeat_interleave(group_n, 1)[:, :n_rows].repeat_interleave(group_k, 2)[:, :, :n_cols]
+
+    if zero is not None:
+        values = values - expand(zero)
+    return (values * expand(scale)).to(dtype)
 
 
 def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1):
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
     """HF v5's eager `Qwen3MoeExperts.forward`, step for step (routing weights cast to x's dtype); quantized
     experts are dequantized to x's dtype first."""
     if gate_up_scale is not None:
-        gate_up_proj = dequantize_experts(gate_up_proj, gate_up_scale, group_n, group_k, x.dtype)
-        down_proj = dequantize_experts(down_proj, down_scale, group_n, group_k, x.dtype)
+        gate_up_proj = dequantize_experts(gate_up_proj, gate_up_scale, group_n, group_k, x.dtype, gate_up_zero)
+        down_proj = dequantize_experts(down_proj, down_scale, group_n, group_k, x.dtype, down_zero)
     weights = topk_weights.to(x.dtype)
     out = torch.zeros_like(x)
     ids = topk_ids.long()
@@ -494,10 +529,12 @@ def fused_moe(
     x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
     topk_weights: torch.Tensor, topk_ids: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None, group_n: int = 1, group_k: int = 1,
+    gate_up_zero: torch.Tensor | None = None, down_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MoE experts for x [T, H] routed by (topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]; fp8 or int8
-    experts with their block scales (see above)."""
-    args = (x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n, group_k)
+    """MoE experts for x [T, H] routed by (topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]; fp8, int8 or
+    packed int4 experts with their block scales and int4 zero points (see above)."""
+    args = (x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n, group_k,
+            gate_up_zero, down_zero)
     if x.is_cuda:
         return fused_moe_triton(*args)
     return fused_moe_reference(*args)
@@ -505,5 +542,5 @@ def fused_moe(
 
 @fused_moe.register_fake
 def _(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, group_n=1,
-      group_k=1):
+      group_k=1, gate_up_zero=None, down_zero=None):
     return x.new_empty(x.shape)

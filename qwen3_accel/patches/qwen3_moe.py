@@ -29,11 +29,12 @@ EXPERTS_IMPLEMENTATION = "qwen3_accel"
 
 
 def expert_scales(experts: nn.Module) -> tuple:
-    """The trailing `fused_moe` arguments for these experts: their block scales (fp8 experts) or nothing."""
+    """The trailing `fused_moe` arguments for these experts: scales, groups (and int4 zero points), or nothing."""
     fmt = experts_format(experts)
     if fmt is None:
         return ()
-    return (experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv, fmt.group_n, fmt.group_k)
+    zeros = (experts.gate_up_proj_zero, experts.down_proj_zero) if fmt.zero else ()
+    return (experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv, fmt.group_n, fmt.group_k, *zeros)
 
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
