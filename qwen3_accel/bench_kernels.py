@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import Timer, copy_bandwidth, environment, median_time
-from .custom_ops import activation, attention, moe, quantized_linear, rms_norm, rope
+from .custom_ops import activation, attention, linear, moe, rms_norm, rope
 
 # Shapes used by published RMSNorm benchmarks, so the figures can sit beside theirs.
 RMS_NORM_SHAPES = [(1, 128, 4096), (1, 512, 4096), (1, 1024, 4096), (1, 2048, 4096), (1, 4096, 4096),
@@ -97,6 +97,36 @@ def norm_cases(device: torch.device, dtype: torch.dtype, shapes) -> list[Case]:
     return cases
 
 
+def _norm_rope_then_index_put(q, k, v, q_weight, k_weight, cos_sin, positions, eps, key_cache, value_cache,
+                              write_pos):
+    """The decode step before `qk_norm_rope_store_kv`: the op, then the cache writes as index-puts."""
+    q_out, k_out = torch.ops.qwen3_accel.qk_norm_rope(q, k, q_weight, k_weight, cos_sin, positions, eps)
+    slot = (torch.arange(q.shape[0], device=q.device)[:, None], write_pos.reshape(1, 1))
+    key_cache[slot] = k_out[:, None]
+    value_cache[slot] = v[:, None]
+    return q_out
+
+
+def _store_kv_case(device, dtype, tokens, norm_weight, cos_sin) -> Case:
+    """QK-norm + RoPE with this step's K/V written into a 4096-slot cache (shared by the input sets: the step
+    writes one slot of it)."""
+    key_cache, value_cache = (torch.zeros(tokens, 4096, 8, 128, device=device, dtype=dtype) for _ in range(2))
+
+    def make_inputs():
+        qkv = torch.randn(tokens, 48, 128, device=device, dtype=dtype)
+        positions = torch.randint(0, 40960, (tokens,), device=device)
+        write_pos = torch.randint(0, 4096, (1,), device=device)
+        return (qkv[:, :32], qkv[:, 32:40], qkv[:, 40:], norm_weight, norm_weight, cos_sin, positions, 1e-6,
+                key_cache, value_cache, write_pos)
+
+    moved = 2 * tokens * 48 * 128 * norm_weight.element_size()  # q, k, v read; q out, k and v into the cache
+    return Case("qk_norm_rope_store_kv", f"{tokens}x(32+8+8)x128", moved, make_inputs, {
+        "qwen3_accel": torch.ops.qwen3_accel.qk_norm_rope_store_kv,
+        "qk_norm_rope+index_put": _compiled(_norm_rope_then_index_put),
+        "torch_compile": _compiled(rope.qk_norm_rope_store_kv_reference),
+    })
+
+
 def rope_and_activation_cases(device: torch.device, dtype: torch.dtype, token_counts=(1, 32, 2048)) -> list[Case]:
     """Qwen3-8B heads (32 query, 8 kv, head_dim 128) and MLP width (12288)."""
     norm_weight = torch.randn(128, device=device, dtype=dtype)
@@ -115,6 +145,8 @@ def rope_and_activation_cases(device: torch.device, dtype: torch.dtype, token_co
                               "torch_eager": rope.qk_norm_rope_reference,
                               "torch_compile": compiled,
                           }))
+        if tokens <= 32:
+            cases.append(_store_kv_case(device, dtype, tokens, norm_weight, cos_sin))
         compiled = _compiled(activation.silu_and_mul_reference)
         cases.append(Case("silu_and_mul", f"{tokens}x2x12288", 3 * tokens * 12288 * norm_weight.element_size(),
                           lambda tokens=tokens: (torch.randn(tokens, 2 * 12288, device=device, dtype=dtype),), {
@@ -244,14 +276,14 @@ def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLIN
                           {"torch_eager": torch.nn.functional.linear}, rotate=False))
         for fmt in formats:
             if fmt == "int8":
-                packed = (*quantized_linear.quantize_int8(weight), None, 1, n_in)
+                packed = (*linear.quantize_int8(weight), None, 1, n_in)
             elif fmt == "int4":
-                packed = (*quantized_linear.quantize_int4(weight), 1, quantized_linear.INT4_GROUP)
+                packed = (*linear.quantize_int4(weight), 1, linear.INT4_GROUP)
             else:
-                block = quantized_linear.FP8_BLOCK
-                packed = (*quantized_linear.quantize_fp8(weight), None, block, block)
+                block = linear.FP8_BLOCK
+                packed = (*linear.quantize_fp8(weight), None, block, block)
             stored = sum(t.numel() * t.element_size() for t in packed[:3] if t is not None)
-            compiled = _compiled(quantized_linear.quantized_linear_reference)
+            compiled = _compiled(linear.quantized_linear_reference)
             cases.append(Case(f"quantized_linear_{fmt}", label, stored + x_bytes,
                               lambda rows=rows, packed=packed: (torch.randn(rows, n_in, device=device, dtype=dtype),
                                                                 *packed),

@@ -463,19 +463,20 @@ class Qwen3Accelerator:
     ) -> torch.Tensor:
         """The whole decode step for the first B cache rows: [B, 1, H] embeddings -> [B, 1, V] logits."""
         batch = embeds.shape[0]
-        # Index-put on the whole cache tensors (never on a slice): Inductor writes them in place.
+        # Index-put on the whole mask (never on a slice): Inductor writes it in place. Keys and values are written
+        # by the QK-norm + RoPE kernel (`DecodeSlot`).
         slot = (torch.arange(batch, device=embeds.device)[:, None], write_pos[None, :])  # [B, 1] x [1, 1]
         kv_valid[slot] = new_valid[:, None]
         seq_end = write_pos + 1
 
-        def attend(i, q, k, v):
-            keys[i][slot] = k
-            values[i][slot] = v
-            out = self.kernels.decode_attention(q[:, 0], keys[i], values[i], kv_valid, seq_start, seq_end, self.scale)
+        def attend(i, q, layer_keys, layer_values):
+            out = self.kernels.decode_attention(q[:, 0], layer_keys, layer_values, kv_valid, seq_start, seq_end,
+                                                self.scale)
             return out.reshape(batch, 1, -1)
 
         hidden = dense.forward_hidden(
-            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp
+            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp,
+            dense.DecodeSlot(keys, values, write_pos),
         )
         write_pos.add_(1)
         return self.logits(hidden)

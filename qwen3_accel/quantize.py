@@ -10,7 +10,7 @@ Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/
 - transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales) or our int8 / int4
   `QuantizedExperts`, run by `fused_moe`.
 
-The projections run `torch.ops.qwen3_accel.quantized_linear` (custom_ops/quantized_linear.py), the experts
+The projections run `torch.ops.qwen3_accel.quantized_linear` (custom_ops/linear.py), the experts
 `fused_moe` with their scales, in our forward and in HF's:
 an FP8Linear's `forward` is replaced per instance by ours, since transformers' needs the `kernels` package and a
 kernel downloaded from the Hub. Embeddings, norms, the router and the LM head stay in the model dtype.
@@ -25,7 +25,7 @@ import torch.nn as nn
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
 
-from .custom_ops.quantized_linear import (
+from .custom_ops.linear import (
     FP8_BLOCK,
     FP8_DTYPE,
     INT4_GROUP,
@@ -50,7 +50,7 @@ class LinearFormat:
 
 
 class QuantizedLinear(nn.Module):
-    """A linear layer with int8 or packed int4 weights (the formats of `custom_ops.quantized_linear`)."""
+    """A linear layer with int8 or packed int4 weights (the formats of `custom_ops.linear`)."""
 
     def __init__(self, in_features: int, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  group_n: int, group_k: int, bias: torch.Tensor | None = None):

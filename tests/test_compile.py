@@ -2,7 +2,7 @@
 as prompts and outputs change. (The fast loop's graph is tested in test_fast_generate.py.)"""
 
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import ReinplaceCounters, counters
 
 from conftest import generate_without_recompiles, left_padded_batch, model_pair
 
@@ -10,11 +10,17 @@ from conftest import generate_without_recompiles, left_padded_batch, model_pair
 def test_decode_is_one_graph_with_no_recompiles():
     torch._dynamo.reset()
     counters.clear()
+    ReinplaceCounters.clear()
     reference, optimized = model_pair("tiny", compile=True, fast_generate=False, max_batch_size=2, max_cache_len=64)
     cases = [([9, 5], 6), ([14, 3], 11), ([4, 4], 3)]
-    assert generate_without_recompiles(reference, optimized, cases) == 1
-    # A batch of one has its own one-row graph, compiled once and then reused.
-    assert generate_without_recompiles(reference, optimized, [([7], 5), ([8], 5)]) == 2
+    # Inductor's passes must run (not a cached graph from an earlier test) for the in-place check below.
+    no_cache = dict(fx_graph_cache=False)
+    with torch._inductor.config.patch(no_cache), torch._functorch.config.patch(enable_autograd_cache=False):
+        assert generate_without_recompiles(reference, optimized, cases) == 1
+        # A batch of one has its own one-row graph, compiled once and then reused.
+        assert generate_without_recompiles(reference, optimized, [([7], 5), ([8], 5)]) == 2
+    # The cache writes (QK-norm + RoPE op, mask index-put) happen in place: a missed one copies a whole cache.
+    assert ReinplaceCounters.get_total_missed() == 0
 
 
 def test_graphs_stay_within_the_documented_bound_over_many_varied_requests():

@@ -89,7 +89,7 @@ def test_random_request_stream_compiled_on_cuda():
 def test_quantized_linear_on_gpu(fmt, rows):
     """The compiled Triton kernel (GEMV and tl.dot paths, bf16 and fp32 activations) against dequantize-then-matmul,
     on Qwen3 shapes and odd ones."""
-    from qwen3_accel.custom_ops import quantized_linear as ql
+    from qwen3_accel.custom_ops import linear as ql
 
     for n_out, n_in in [(6144, 4096), (131, 200)]:
         weight = torch.randn(n_out, n_in, device="cuda") * 0.02

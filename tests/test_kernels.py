@@ -68,6 +68,35 @@ def test_qk_norm_rope_matches_reference(dtype, n_tokens, n_q, n_kv, head_dim):
     torch.testing.assert_close(k, k_ref, **tol)
 
 
+def _store_kv_inputs(n_tokens, n_q, n_kv, head_dim, dtype, cache_rows, cache_len, slot):
+    q, k, q_weight, k_weight, cos_sin, positions = _rope_inputs(n_tokens, n_q, n_kv, head_dim, dtype)
+    v = randn(n_tokens, 2 * n_kv, head_dim, dtype=dtype)[:, n_kv:]  # a strided view, as the fused QKV gives
+    key_cache = randn(cache_rows, cache_len, n_kv, head_dim, dtype=dtype)
+    value_cache = randn(cache_rows, cache_len, n_kv, head_dim, dtype=dtype)
+    write_pos = torch.tensor([slot], device=DEVICE)
+    return q, k, v, q_weight, k_weight, cos_sin, positions, 1e-6, key_cache, value_cache, write_pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_tokens,n_q,n_kv,head_dim,cache_rows,slot",
+                         [(1, 16, 8, 128, 1, 0), (3, 4, 2, 64, 4, 9), (17, 8, 1, 96, 32, 5), (5, 2, 2, 32, 5, 10)])
+def test_qk_norm_rope_store_kv_matches_reference(dtype, n_tokens, n_q, n_kv, head_dim, cache_rows, slot):
+    """The decode step's form: q out, this step's keys and values in the cache at `slot`, nothing else touched."""
+    args = _store_kv_inputs(n_tokens, n_q, n_kv, head_dim, dtype, cache_rows, 11, slot)
+    expected = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    q = rope.qk_norm_rope_store_kv_triton(*args)
+    q_ref = rope.qk_norm_rope_store_kv_reference(*expected)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=4e-3)
+    torch.testing.assert_close(q, q_ref, **tol)
+    key_cache, value_cache = args[8], args[9]
+    torch.testing.assert_close(key_cache, expected[8], **tol)
+    torch.testing.assert_close(value_cache, expected[9], rtol=0, atol=0)
+    q_plain, k_plain = rope.qk_norm_rope_triton(*args[:2], *args[3:8])
+    torch.testing.assert_close(q, q_plain, rtol=0, atol=0)
+    torch.testing.assert_close(key_cache[:n_tokens, slot], k_plain, rtol=0, atol=0)
+    torch.testing.assert_close(value_cache[:n_tokens, slot], args[2], rtol=0, atol=0)
+
+
 def test_qk_norm_rope_reference_is_hf():
     """The reference equals HF's q_norm/k_norm followed by `apply_rotary_pos_emb` with HF's rotary module."""
     from qwen3_accel.configs import build_model
@@ -104,9 +133,10 @@ def test_silu_and_mul_matches_reference(dtype, shape):
         (torch.ops.qwen3_accel.rms_norm, lambda: (randn(3, 64), randn(64), 1e-6)),
         (torch.ops.qwen3_accel.fused_add_rms_norm, lambda: (randn(3, 64), randn(3, 64), randn(64), 1e-6)),
         (torch.ops.qwen3_accel.qk_norm_rope, lambda: (*_rope_inputs(3, 4, 2, 32, torch.float32), 1e-6)),
+        (torch.ops.qwen3_accel.qk_norm_rope_store_kv, lambda: _store_kv_inputs(3, 4, 2, 32, torch.float32, 4, 6, 2)),
         (torch.ops.qwen3_accel.silu_and_mul, lambda: (randn(3, 64),)),
     ],
-    ids=["rms_norm", "fused_add_rms_norm", "qk_norm_rope", "silu_and_mul"],
+    ids=["rms_norm", "fused_add_rms_norm", "qk_norm_rope", "qk_norm_rope_store_kv", "silu_and_mul"],
 )
 def test_op_registration(op, args):
     """Schema, fake (meta) implementation and real implementation agree (torch.library.opcheck)."""

@@ -20,7 +20,7 @@ from conftest import left_padded_batch
 from qwen3_accel import quantize
 from qwen3_accel.configs import build_model
 from qwen3_accel.custom_ops import moe
-from qwen3_accel.custom_ops import quantized_linear as ql
+from qwen3_accel.custom_ops import linear as ql
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
@@ -316,12 +316,12 @@ def test_kernel_that_cannot_build_falls_back_to_dequantize_then_matmul(monkeypat
         calls.append(args)
         raise CompilationError("kernel.py", None, "fp8e4nv not supported in this architecture")
 
-    monkeypatch.setattr(ql, "quantized_linear_triton", cannot_build)
     monkeypatch.setattr(ql, "_kernel_unavailable", None)
     packed = quantized(torch.randn(40, 64), "fp8", fp8_block=(32, 32))
     x = torch.randn(3, 64)
     for _ in range(2):
-        torch.testing.assert_close(ql.quantized_linear_gpu(x, *packed), ql.quantized_linear_reference(x, *packed))
+        torch.testing.assert_close(ql.triton_or_reference(cannot_build, ql.quantized_linear_reference, x, *packed),
+                                   ql.quantized_linear_reference(x, *packed))
     assert len(calls) == 1 and "CompilationError" in ql._kernel_unavailable
     assert "cannot be built on this GPU" in caplog.text
 

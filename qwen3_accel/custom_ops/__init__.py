@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import activation, attention, moe, quantized_linear, rms_norm, rope
+from . import activation, attention, linear, moe, rms_norm, rope
 
 KERNEL_MODES = ("auto", "triton", "torch")
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flash_attn")
@@ -25,6 +25,7 @@ class Kernels:
     rms_norm: Callable
     fused_add_rms_norm: Callable
     qk_norm_rope: Callable
+    qk_norm_rope_store_kv: Callable
     silu_and_mul: Callable
     decode_attention: Callable
     moe_route: Callable
@@ -76,17 +77,18 @@ def select_kernels(mode: str, device: torch.device, attention_backend: str = "au
     if mode == "torch":
         return Kernels(
             mode, rms_norm.rms_norm_reference, rms_norm.fused_add_rms_norm_reference,
-            rope.qk_norm_rope_reference, activation.silu_and_mul_reference, decode_attention,
-            moe.moe_route_reference, moe.fused_moe_reference, quantized_linear.quantized_linear_reference,
+            rope.qk_norm_rope_reference, rope.qk_norm_rope_store_kv_reference, activation.silu_and_mul_reference,
+            decode_attention, moe.moe_route_reference, moe.fused_moe_reference,
+            linear.quantized_linear_reference,
         )
     if mode == "triton" and device.type != "cuda":
         _check_interpreter("kernels='triton'", device)
         return Kernels(
             mode, rms_norm.rms_norm_triton, rms_norm.fused_add_rms_norm_triton,
-            rope.qk_norm_rope_triton, activation.silu_and_mul_triton, decode_attention,
-            moe.moe_route_triton, moe.fused_moe_triton, quantized_linear.quantized_linear_triton,
+            rope.qk_norm_rope_triton, rope.qk_norm_rope_store_kv_triton, activation.silu_and_mul_triton,
+            decode_attention, moe.moe_route_triton, moe.fused_moe_triton, linear.quantized_linear_triton,
         )
     return Kernels(
-        mode, ops.rms_norm, ops.fused_add_rms_norm, ops.qk_norm_rope, ops.silu_and_mul, decode_attention,
-        ops.moe_route, ops.fused_moe, ops.quantized_linear,
+        mode, ops.rms_norm, ops.fused_add_rms_norm, ops.qk_norm_rope, ops.qk_norm_rope_store_kv, ops.silu_and_mul,
+        decode_attention, ops.moe_route, ops.fused_moe, ops.quantized_linear,
     )

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from .quantized_linear import block_within_group
+from .linear import block_within_group
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from ..custom_ops import Kernels
 from ..parallel import SingleDevice, local, shard_like
 from ..quantize import LinearFormat, linear_format, quantized_forward
 
-# Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D].
+# Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D]; with
+# a `DecodeSlot`, k and v are the layer's whole cache [rows, len, Hkv, D], the new tokens already in it.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Feed-forward callback: (kernels, the layer's `mlp` module, x [B, L, H]) -> [B, L, H].
 MlpFn = Callable[[Kernels, nn.Module, torch.Tensor], torch.Tensor]
@@ -38,6 +39,15 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+
+
+@dataclass(frozen=True)
+class DecodeSlot:
+    """Where a decode step's keys and values go: row b of each layer's cache, at slot `write_pos[0]`."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    write_pos: torch.Tensor
 
 
 def model_shape(model: nn.Module) -> Shape:
@@ -212,12 +222,14 @@ def forward_hidden(
     attend: AttendFn,
     mlp_fn: MlpFn = mlp,
     tp: SingleDevice = SingleDevice(),
+    decode_slot: DecodeSlot | None = None,
 ) -> torch.Tensor:
     """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
 
-    `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe). Under
-    tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are partial
-    sums, reduced over the ranks.
+    `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe). With
+    `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself.
+    Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are
+    partial sums, reduced over the ranks.
     """
     batch, seq_len, _ = hidden.shape
     shape = model_shape(model)
@@ -234,15 +246,16 @@ def forward_hidden(
             x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
 
         qkv = fused_linear(kernels, x, attn, "qkv").view(batch * seq_len, n_q + 2 * n_kv, head_dim)
-        q, k = kernels.qk_norm_rope(
-            qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], attn.q_norm.weight, attn.k_norm.weight,
-            cos_sin, flat_positions, attn.q_norm.variance_epsilon,
-        )
-        v = qkv[:, n_q + n_kv :]
-        out = attend(
-            i, q.view(batch, seq_len, n_q, head_dim), k.view(batch, seq_len, n_kv, head_dim),
-            v.reshape(batch, seq_len, n_kv, head_dim),
-        )
+        q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
+        norm_rope = (attn.q_norm.weight, attn.k_norm.weight, cos_sin, flat_positions, attn.q_norm.variance_epsilon)
+        if decode_slot is None:
+            q, k = kernels.qk_norm_rope(q, k, *norm_rope)
+            k, v = k.view(batch, seq_len, n_kv, head_dim), v.reshape(batch, seq_len, n_kv, head_dim)
+        else:
+            q = kernels.qk_norm_rope_store_kv(q, k, v, *norm_rope, decode_slot.keys[i], decode_slot.values[i],
+                                              decode_slot.write_pos)
+            k, v = decode_slot.keys[i], decode_slot.values[i]
+        out = attend(i, q.view(batch, seq_len, n_q, head_dim), k, v)
         hidden = row_parallel_linear(kernels, tp, out, attn.o_proj)
 
         norm = layer.post_attention_layernorm

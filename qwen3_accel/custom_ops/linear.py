@@ -16,12 +16,17 @@ the dot product, and the scale (and zero point, through the row sum of the activ
 """
 
 import logging
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
+
+from .activation import silu_and_mul_reference
+from .rms_norm import rms_norm_reference
 
 logger = logging.getLogger(__name__)
 
@@ -54,37 +59,72 @@ def _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4: tl.conste
 
 
 @triton.jit
-def _quantized_gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, n_out, n_in,
-    x_row_stride, w_row_stride, scale_row_stride, out_row_stride, group_n, group_k,
-    INT4: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n, k, k0, n_valid, k_valid, w_row_stride, scale_row_stride,
+                       group_n, group_k, INT4: tl.constexpr, GROUPED: tl.constexpr):
+    """Weight rows n, columns k in fp32 [BLOCK_N, BLOCK_K], the group's zero point and scale applied (GROUPED)."""
+    w = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
+    if GROUPED:
+        groups = (n // group_n).to(tl.int64) * scale_row_stride + k0 // group_k
+        if INT4:
+            w -= tl.load(zero_ptr + groups, mask=n_valid, other=0).to(tl.float32)[:, None]
+        w *= tl.load(scale_ptr + groups, mask=n_valid, other=0.0).to(tl.float32)[:, None]
+    return w
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, norm_ptr, residual_ptr, out_ptr, n_out, n_in, up_offset, eps,
+    x_row_stride, w_row_stride, scale_row_stride, residual_row_stride, out_row_stride, group_n, group_k,
+    INT4: tl.constexpr, GROUPED: tl.constexpr, PER_ROW: tl.constexpr,
+    NORM: tl.constexpr, SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[row, n] = sum_k x[row, k] * (q[n, k] - zero[g]) * scale[g], g = (n // group_n, k // group_k), for one
-    # activation row and BLOCK_N outputs. Grid: (rows, cdiv(n_out, BLOCK_N)). Products accumulate per lane and are
-    # reduced once at the end (no tl.dot: one row cannot fill a tensor-core tile). BLOCK_K divides group_k (or one
-    # group spans K), so a block takes one scale per output; PER_ROW (int8): one scale per output, applied once.
+    # y = x' @ W.T for one activation row and BLOCK_N outputs n < n_out. Grid: (rows, cdiv(n_out, BLOCK_N)).
+    #   W: the model dtype, or w = (q - zero[g]) * scale[g], g = (n // group_n, k // group_k) (GROUPED; BLOCK_K divides
+    #      group_k or one group spans K, so a block takes one scale per output), or one scale per row (PER_ROW).
+    #   x' = RMSNorm(x) * norm_weight (NORM), HF's roundings; out = silu(y[n]) * y[n + up_offset] (SILU_MUL) and/or
+    #   out = residual + y (RESIDUAL), rounded where HF rounds.
+    # Products accumulate per lane and are reduced once at the end (no tl.dot: one row cannot fill a tensor-core tile).
     row = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < n_out
     kk = tl.arange(0, BLOCK_K)
-    scale_rows = scale_ptr + (n // group_n).to(tl.int64) * scale_row_stride
-    zero_rows = zero_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    x_row = x_ptr + row * x_row_stride
+    dtype = x_ptr.dtype.element_ty
+    if NORM:
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            a = tl.load(x_row + k0 + kk, mask=k0 + kk < n_in, other=0.0).to(tl.float32)
+            squares += a * a
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / n_in + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if SILU_MUL:
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + kk
         k_valid = k < n_in
-        a = tl.load(x_ptr + row * x_row_stride + k, mask=k_valid, other=0.0).to(tl.float32)
-        w = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
-        if not PER_ROW:
-            group = k0 // group_k
-            if INT4:
-                w -= tl.load(zero_rows + group, mask=n_valid, other=0).to(tl.float32)[:, None]
-            w *= tl.load(scale_rows + group, mask=n_valid, other=0.0).to(tl.float32)[:, None]
-        acc += w * a[None, :]
-    out = tl.sum(acc, axis=1)
+        a = tl.load(x_row + k, mask=k_valid, other=0.0).to(tl.float32)
+        if NORM:
+            norm_weight = tl.load(norm_ptr + k, mask=k_valid, other=0.0).to(tl.float32)
+            a = ((a * rstd).to(dtype).to(tl.float32) * norm_weight).to(dtype).to(tl.float32)
+        acc += _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n, k, k0, n_valid, k_valid, w_row_stride,
+                                  scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
+        if SILU_MUL:
+            acc_up += _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n + up_offset, k, k0, n_valid, k_valid,
+                                         w_row_stride, scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
+    y = tl.sum(acc, axis=1)
     if PER_ROW:
-        out *= tl.load(scale_rows, mask=n_valid, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + n, out.to(out_ptr.dtype.element_ty), mask=n_valid)
+        y *= tl.load(scale_ptr + n.to(tl.int64) * scale_row_stride, mask=n_valid, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        up = tl.sum(acc_up, axis=1)
+        if PER_ROW:
+            up_rows = (n + up_offset).to(tl.int64) * scale_row_stride
+            up *= tl.load(scale_ptr + up_rows, mask=n_valid, other=0.0).to(tl.float32)
+        gate = y.to(dtype).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+    if RESIDUAL:
+        residual = tl.load(residual_ptr + row * residual_row_stride + n, mask=n_valid, other=0.0).to(tl.float32)
+        y = y.to(dtype).to(tl.float32) + residual
+    tl.store(out_ptr + row * out_row_stride + n, y.to(out_ptr.dtype.element_ty), mask=n_valid)
 
 
 @triton.jit
@@ -155,6 +195,31 @@ def check_quantized_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         raise ValueError(f"int8 weights take one scale per output row; got groups of {group_n}x{group_k}")
 
 
+def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                 group_n: int, group_k: int, out: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                 eps: float = 0.0, residual: torch.Tensor | None = None, silu_mul: bool = False) -> None:
+    """`_gemv_kernel` over the rows of x2d [R, K] into out [R, N] (N = half the weight's rows with silu_mul)."""
+    rows, n_in = x2d.shape
+    n_out = out.shape[1]
+    block_n, block_k = QLINEAR_BLOCKS["gemv"]
+    while x2d.is_cuda and block_n > 8 and rows * triton.cdiv(n_out, block_n) < QLINEAR_GEMV_MIN_PROGRAMS:
+        block_n //= 2
+    quantized = scale is not None
+    int4 = weight.dtype == torch.uint8
+    dummy = x2d  # stands in for the pointers a flag leaves unread
+    scale = scale.contiguous() if quantized else dummy
+    _gemv_kernel[(rows, triton.cdiv(n_out, block_n))](
+        x2d, weight, scale, zero.contiguous() if int4 else dummy,
+        dummy if norm_weight is None else norm_weight.contiguous(), dummy if residual is None else residual, out,
+        n_out, n_in, n_out if silu_mul else 0, float(eps),
+        x2d.stride(0), weight.stride(0), scale.stride(0) if quantized else 0,
+        0 if residual is None else residual.stride(0), out.stride(0), group_n, group_k,
+        INT4=int4, GROUPED=quantized and weight.dtype != torch.int8, PER_ROW=weight.dtype == torch.int8,
+        NORM=norm_weight is not None, SILU_MUL=silu_mul, RESIDUAL=residual is not None,
+        BLOCK_N=block_n, BLOCK_K=block_within_group(block_k, group_k, n_in),
+    )
+
+
 def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                             group_n: int, group_k: int) -> torch.Tensor:
     """`quantized_linear` through the Triton kernels (any device Triton runs on, the interpreter included)."""
@@ -180,12 +245,7 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
                                      FP32_DOT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
                                      BLOCK_K=block_k)
     else:
-        block_n, block_k = QLINEAR_BLOCKS["gemv"]
-        while x.is_cuda and block_n > 8 and rows * triton.cdiv(n_out, block_n) < QLINEAR_GEMV_MIN_PROGRAMS:
-            block_n //= 2
-        grid = (rows, triton.cdiv(n_out, block_n))
-        _quantized_gemv_kernel[grid](*args, out, n_out, n_in, *strides, **flags, BLOCK_N=block_n,
-                                     BLOCK_K=block_within_group(block_k, group_k, n_in))
+        _launch_gemv(x2d, qweight, scale, zero, group_n, group_k, out)
     return out.view(*x.shape[:-1], n_out)
 
 
@@ -213,22 +273,22 @@ def quantized_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: to
     return (x.float() @ weight.T).to(x.dtype)
 
 
-_kernel_unavailable: str | None = None  # why Triton could not build the kernel on this GPU, once it failed
+_kernel_unavailable: str | None = None  # why Triton could not build a GEMV/GEMM kernel on this GPU, once it failed
 
 
-def quantized_linear_gpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                         group_n: int, group_k: int) -> torch.Tensor:
-    """The Triton kernel; where Triton cannot build it (e.g. no e4m3 conversion on an older GPU), dequantize-then-
-    matmul from then on, with one warning: slower, never a failed request."""
+def triton_or_reference(triton_fn: Callable, reference_fn: Callable, *args) -> torch.Tensor:
+    """`triton_fn(*args)`; where Triton cannot build the kernel (e.g. no e4m3 conversion on an older GPU),
+    `reference_fn(*args)` from then on, with one warning: slower, never a failed request."""
     global _kernel_unavailable
     if _kernel_unavailable is None:
         try:
-            return quantized_linear_triton(x, qweight, scale, zero, group_n, group_k)
+            return triton_fn(*args)
         except (CompilationError, OutOfResources) as error:
             _kernel_unavailable = f"{type(error).__name__}: {error}"
-            logger.warning("qwen3_accel: the quantized linear kernel cannot be built on this GPU (%s); quantized "
-                           "projections dequantize their weights on every call instead (slow)", _kernel_unavailable)
-    return quantized_linear_reference(x, qweight, scale, zero, group_n, group_k)
+            logger.warning("qwen3_accel: the linear-layer kernels cannot be built on this GPU (%s); projections run "
+                           "their torch reference instead (quantized weights dequantized on every call: slow)",
+                           _kernel_unavailable)
+    return reference_fn(*args)
 
 
 @torch.library.custom_op("qwen3_accel::quantized_linear", mutates_args=())
@@ -236,13 +296,84 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
                      group_n: int, group_k: int) -> torch.Tensor:
     """x [..., K] @ dequantize(qweight).T -> [..., N], for the int8 / int4 / fp8 formats of this module."""
     if x.is_cuda:
-        return quantized_linear_gpu(x, qweight, scale, zero, group_n, group_k)
+        return triton_or_reference(quantized_linear_triton, quantized_linear_reference, x, qweight, scale, zero,
+                                   group_n, group_k)
     return quantized_linear_reference(x, qweight, scale, zero, group_n, group_k)
 
 
 @quantized_linear.register_fake
 def _(x, qweight, scale, zero, group_n, group_k):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# ------------------------------------------------------------------------------ the decode step's fused GEMV
+DECODE_LINEAR_MAX_ROWS = QLINEAR_GEMV_MAX_ROWS  # decode batches up to this many rows take `decode_linear`
+
+
+def _check_decode_linear(x, weight, scale, zero, group_n, group_k, norm_weight, residual, silu_mul) -> int:
+    """Raise a ValueError naming what does not fit; returns the number of outputs."""
+    n_in = x.shape[-1]
+    if scale is None:
+        if weight.shape[1] != n_in or weight.dtype != x.dtype:
+            raise ValueError(f"a weight in the model dtype must be [N, {n_in}] {x.dtype}; got {weight.dtype} "
+                             f"{list(weight.shape)}")
+    else:
+        check_quantized_weight(weight, scale, zero, group_n, group_k, n_in)
+    n_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    if silu_mul and (weight.shape[0] % 2 or (scale is not None and n_out % group_n)):
+        raise ValueError(f"silu_mul needs gate and up halves of equal rows, each whole scale blocks of {group_n} rows; "
+                         f"got {weight.shape[0]} rows")
+    if norm_weight is not None and norm_weight.shape != (n_in,):
+        raise ValueError(f"norm_weight must be [{n_in}]; got {list(norm_weight.shape)}")
+    if residual is not None and residual.shape != (*x.shape[:-1], n_out):
+        raise ValueError(f"residual must be {[*x.shape[:-1], n_out]}; got {list(residual.shape)}")
+    return n_out
+
+
+def decode_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                         zero: torch.Tensor | None, group_n: int, group_k: int, norm_weight: torch.Tensor | None,
+                         eps: float, residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+    """`decode_linear` through `_gemv_kernel` (any device Triton runs on, the interpreter included)."""
+    n_out = _check_decode_linear(x, weight, scale, zero, group_n, group_k, norm_weight, residual, silu_mul)
+    n_in = x.shape[-1]
+    x2d = x.reshape(-1, n_in).contiguous()
+    out = x2d.new_empty((x2d.shape[0], n_out))
+    if out.numel():
+        res2d = None if residual is None else residual.reshape(-1, n_out).contiguous()
+        _launch_gemv(x2d, weight, scale, zero, group_n if scale is not None else 1,
+                     group_k if scale is not None else n_in, out, norm_weight, eps, res2d, silu_mul)
+    return out.view(*x.shape[:-1], n_out)
+
+
+def decode_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                            zero: torch.Tensor | None, group_n: int, group_k: int, norm_weight: torch.Tensor | None,
+                            eps: float, residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+    """HF's modules one after the other: RMSNorm, the projection, SiLU(gate) * up, the residual add."""
+    _check_decode_linear(x, weight, scale, zero, group_n, group_k, norm_weight, residual, silu_mul)
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    y = F.linear(x, weight) if scale is None else quantized_linear_reference(x, weight, scale, zero, group_n, group_k)
+    if silu_mul:
+        y = silu_and_mul_reference(y)
+    return y if residual is None else residual + y
+
+
+@torch.library.custom_op("qwen3_accel::decode_linear", mutates_args=())
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                  group_n: int, group_k: int, norm_weight: torch.Tensor | None, eps: float,
+                  residual: torch.Tensor | None, silu_mul: bool) -> torch.Tensor:
+    """A decode-sized projection (x [..., K], a few rows) in one launch: optional RMSNorm of x first, weight in the
+    model dtype (scale None) or quantized as in `quantized_linear`, optional SiLU(gate) * up of the two halves of
+    the output and residual add; HF's roundings at each step."""
+    args = (x, weight, scale, zero, group_n, group_k, norm_weight, eps, residual, silu_mul)
+    if x.is_cuda:
+        return triton_or_reference(decode_linear_triton, decode_linear_reference, *args)
+    return decode_linear_reference(*args)
+
+
+@decode_linear.register_fake
+def _(x, weight, scale, zero, group_n, group_k, norm_weight, eps, residual, silu_mul):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if silu_mul else weight.shape[0]))
 
 
 # ------------------------------------------------------------------------------ quantizers (torch, once)
