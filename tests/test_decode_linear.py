@@ -1,9 +1,14 @@
 """`decode_linear`: the decode step's projections with RMSNorm, SiLU·mul and the residual add folded in, for weights
 in the model dtype and every quantized format, interpreted, against HF's modules run one after the other."""
 
+import dataclasses
+
 import pytest
 import torch
 
+import qwen3_accel
+from conftest import left_padded_batch, model_pair
+from qwen3_accel.configs import build_model, get_config
 from qwen3_accel.custom_ops import linear as ql
 
 FORMATS = [None, "int8", "int4", "fp8"]
@@ -85,3 +90,45 @@ def test_bad_operands_are_named():
 def test_op_registration(fmt):
     args = operands(None if fmt == "dense" else fmt, 2 * 32, 48, 3, torch.float32, True, True, True, seed=1)
     torch.library.opcheck(torch.ops.qwen3_accel.decode_linear, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def counting_decode_linear(optimized):
+    """Count the model's `decode_linear` calls (the real kernel still runs)."""
+    acc = optimized.qwen3_accel
+    calls = []
+    real = acc.kernels.decode_linear
+    acc.kernels = dataclasses.replace(acc.kernels, decode_linear=lambda *a: calls.append(a[1].dtype) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("name,weights", [("tiny", None), ("tiny", "int4"), ("tiny-moe", None), ("tiny-moe", "int8")])
+def test_tiny_models_decode_through_decode_linear(name, weights):
+    """Dense and MoE (layer 1 a dense MLP) models on the Triton kernels, interpreted: every decode step runs its
+    projections through `decode_linear` (4 per dense layer, 2 per MoE layer) and the greedy tokens are HF eager's
+    (quantized: those of the dequantized model, the quantization error being the same on both sides)."""
+    from test_quantized import dequantized_reference
+
+    config = get_config(name, **({"mlp_only_layers": [1]} if name == "tiny-moe" else {}))
+    reference = build_model(config)
+    optimized = build_model(config, seed=1)
+    optimized.load_state_dict(reference.state_dict())
+    optimized = qwen3_accel.optimize(optimized, compile=False, kernels="triton", weights=weights)
+    if weights:
+        reference = dequantized_reference(optimized, reference)
+    calls = counting_decode_linear(optimized)
+    ids, mask = left_padded_batch([9, 4, 7], config.vocab_size, seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    layers = config.num_hidden_layers
+    per_step = 4 * layers if name == "tiny" else 2 * layers + 2
+    assert len(calls) == 4 * per_step  # 4 decode steps after the prefill
+    assert set(calls) == {torch.uint8 if weights == "int4" else torch.int8 if weights else torch.float32}
+
+
+def test_wider_batches_keep_the_unfused_path():
+    reference, optimized = model_pair("tiny", compile=False, kernels="triton")
+    calls = counting_decode_linear(optimized)
+    ids, mask = left_padded_batch([3, 5, 4, 6, 2], 512, seed=4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert not calls

@@ -31,6 +31,7 @@ class Kernels:
     moe_route: Callable
     fused_moe: Callable
     quantized_linear: Callable
+    decode_linear: Callable
 
 
 def _check_interpreter(what: str, device: torch.device) -> None:
@@ -79,7 +80,7 @@ def select_kernels(mode: str, device: torch.device, attention_backend: str = "au
             mode, rms_norm.rms_norm_reference, rms_norm.fused_add_rms_norm_reference,
             rope.qk_norm_rope_reference, rope.qk_norm_rope_store_kv_reference, activation.silu_and_mul_reference,
             decode_attention, moe.moe_route_reference, moe.fused_moe_reference,
-            linear.quantized_linear_reference,
+            linear.quantized_linear_reference, linear.decode_linear_reference,
         )
     if mode == "triton" and device.type != "cuda":
         _check_interpreter("kernels='triton'", device)
@@ -87,8 +88,9 @@ def select_kernels(mode: str, device: torch.device, attention_backend: str = "au
             mode, rms_norm.rms_norm_triton, rms_norm.fused_add_rms_norm_triton,
             rope.qk_norm_rope_triton, rope.qk_norm_rope_store_kv_triton, activation.silu_and_mul_triton,
             decode_attention, moe.moe_route_triton, moe.fused_moe_triton, linear.quantized_linear_triton,
+            linear.decode_linear_triton,
         )
     return Kernels(
         mode, ops.rms_norm, ops.fused_add_rms_norm, ops.qk_norm_rope, ops.qk_norm_rope_store_kv, ops.silu_and_mul,
-        decode_attention, ops.moe_route, ops.fused_moe, ops.quantized_linear,
+        decode_attention, ops.moe_route, ops.fused_moe, ops.quantized_linear, ops.decode_linear,
     )

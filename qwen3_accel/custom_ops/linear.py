@@ -307,7 +307,11 @@ def _(x, qweight, scale, zero, group_n, group_k):
 
 
 # ------------------------------------------------------------------------------ the decode step's fused GEMV
-DECODE_LINEAR_MAX_ROWS = QLINEAR_GEMV_MAX_ROWS  # decode batches up to this many rows take `decode_linear`
+# Decode steps of up to this many rows run their projections through `decode_linear`: always for quantized weights,
+# and for weights in the model dtype (where it replaces cuBLAS) in models up to this hidden size, where a decode
+# step is launch-bound (Qwen3-0.6B / 1.7B). A first guess, to be placed by measurement on a GPU.
+DECODE_LINEAR_MAX_ROWS = QLINEAR_GEMV_MAX_ROWS
+DECODE_LINEAR_DENSE_MAX_HIDDEN = 2048
 
 
 def _check_decode_linear(x, weight, scale, zero, group_n, group_k, norm_weight, residual, silu_mul) -> int:

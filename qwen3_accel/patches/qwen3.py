@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import Qwen3ForCausalLM
 
 from ..custom_ops import Kernels
+from ..custom_ops.linear import DECODE_LINEAR_DENSE_MAX_HIDDEN, DECODE_LINEAR_MAX_ROWS
 from ..parallel import SingleDevice, local, shard_like
 from ..quantize import LinearFormat, linear_format, quantized_forward
 
@@ -168,22 +169,55 @@ def prepare(model: Qwen3ForCausalLM) -> list[FusedLinears]:
     return groups
 
 
+Operands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int]  # weight, scale, zero, groups
+
+
+def linear_operands(module: nn.Module) -> Operands:
+    """A projection's weight as the linear ops take it: (weight, scale, zero, group_n, group_k); no scale in the
+    model dtype."""
+    fmt = linear_format(module)
+    if fmt is None:
+        return local(module.weight), None, None, 1, module.weight.shape[1]
+    return module.weight, getattr(module, fmt.scale), getattr(module, fmt.zero) if fmt.zero else None, \
+        fmt.group_n, fmt.group_k
+
+
+def fused_operands(parent: nn.Module, fused_name: str) -> Operands:
+    """The fused projection `parent.<fused_name>_*` (see _fuse_linears) as the linear ops take it."""
+    weight, fmt = getattr(parent, f"{fused_name}_weight"), getattr(parent, f"{fused_name}_format")
+    if fmt is None:
+        return weight, None, None, 1, weight.shape[1]
+    zero = getattr(parent, f"{fused_name}_zero") if fmt.zero else None
+    return weight, getattr(parent, f"{fused_name}_scale"), zero, fmt.group_n, fmt.group_k
+
+
+def _linear(kernels: Kernels, x: torch.Tensor, operands: Operands, bias: torch.Tensor | None) -> torch.Tensor:
+    weight, scale, zero, group_n, group_k = operands
+    if scale is None:
+        return F.linear(x, weight, bias)
+    out = kernels.quantized_linear(x, weight, scale, zero, group_n, group_k)
+    return out if bias is None else out + bias
+
+
 def linear(kernels: Kernels, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """`module(x)` for a projection in the model dtype (this rank's shard) or quantized."""
-    if linear_format(module) is None:
-        return F.linear(x, local(module.weight), None if module.bias is None else local(module.bias))
-    return quantized_forward(module, x, kernels.quantized_linear)
+    return _linear(kernels, x, linear_operands(module), None if module.bias is None else local(module.bias))
 
 
 def fused_linear(kernels: Kernels, x: torch.Tensor, parent: nn.Module, fused_name: str) -> torch.Tensor:
-    """x through the fused projection `parent.<fused_name>_*` (see _fuse_linears)."""
-    weight, bias = getattr(parent, f"{fused_name}_weight"), getattr(parent, f"{fused_name}_bias")
-    fmt = getattr(parent, f"{fused_name}_format")
-    if fmt is None:
-        return F.linear(x, weight, bias)
-    zero = getattr(parent, f"{fused_name}_zero") if fmt.zero else None
-    out = kernels.quantized_linear(x, weight, getattr(parent, f"{fused_name}_scale"), zero, fmt.group_n, fmt.group_k)
-    return out if bias is None else out + bias
+    """x through the fused projection `parent.<fused_name>_*`."""
+    return _linear(kernels, x, fused_operands(parent, fused_name), getattr(parent, f"{fused_name}_bias"))
+
+
+def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice) -> bool:
+    """Whether a decode step of `rows` rows runs its projections through `decode_linear`, with the RMSNorms, SiLU·mul
+    and residual adds folded in (7 launches per dense layer instead of 12): up to DECODE_LINEAR_MAX_ROWS rows, one
+    device, no biases; quantized projections always (they run our GEMV either way), projections in the model dtype
+    (which it takes from cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
+    attn = model.model.layers[0].self_attn
+    if tp.world_size > 1 or rows > DECODE_LINEAR_MAX_ROWS or attn.qkv_bias is not None or attn.o_proj.bias is not None:
+        return False
+    return attn.qkv_format is not None or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -235,17 +269,23 @@ def forward_hidden(
     shape = model_shape(model)
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     flat_positions = positions.reshape(-1)
-    residual = None
+    fused = decode_slot is not None and fuses_decode_linears(model, batch * seq_len, tp)
+    residual = None  # unfused: the residual stream, one add behind `hidden`; fused: `hidden` is the stream
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         norm = layer.input_layernorm
-        if residual is None:
-            residual = hidden
-            x = kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        if fused:
+            qkv = kernels.decode_linear(hidden, *fused_operands(attn, "qkv"), norm.weight, norm.variance_epsilon,
+                                        None, False)
         else:
-            x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+            if residual is None:
+                residual = hidden
+                x = kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+            else:
+                x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+            qkv = fused_linear(kernels, x, attn, "qkv")
 
-        qkv = fused_linear(kernels, x, attn, "qkv").view(batch * seq_len, n_q + 2 * n_kv, head_dim)
+        qkv = qkv.view(batch * seq_len, n_q + 2 * n_kv, head_dim)
         q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
         norm_rope = (attn.q_norm.weight, attn.k_norm.weight, cos_sin, flat_positions, attn.q_norm.variance_epsilon)
         if decode_slot is None:
@@ -256,12 +296,29 @@ def forward_hidden(
                                               decode_slot.write_pos)
             k, v = decode_slot.keys[i], decode_slot.values[i]
         out = attend(i, q.view(batch, seq_len, n_q, head_dim), k, v)
-        hidden = row_parallel_linear(kernels, tp, out, attn.o_proj)
 
         norm = layer.post_attention_layernorm
-        x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-        hidden = tp.all_reduce(mlp_fn(kernels, layer.mlp, x))
+        if fused:
+            hidden = kernels.decode_linear(out, *linear_operands(attn.o_proj), None, 0.0, hidden, False)
+            hidden = _fused_decode_mlp(kernels, layer.mlp, norm, hidden, mlp_fn)
+        else:
+            hidden = row_parallel_linear(kernels, tp, out, attn.o_proj)
+            x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+            hidden = tp.all_reduce(mlp_fn(kernels, layer.mlp, x))
 
     norm = model.model.norm
+    if fused:
+        return kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
     hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
     return hidden
+
+
+def _fused_decode_mlp(kernels: Kernels, mlp_module: nn.Module, norm: nn.Module, stream: torch.Tensor,
+                      mlp_fn: MlpFn) -> torch.Tensor:
+    """The residual stream after a layer's feed-forward block, for `forward_hidden`'s fused decode: a dense MLP in
+    two `decode_linear` launches (norm + gate/up + SiLU·mul, then down + residual), a MoE block after its norm."""
+    if not hasattr(mlp_module, "gate_up_weight"):
+        return stream + mlp_fn(kernels, mlp_module, kernels.rms_norm(stream, norm.weight, norm.variance_epsilon))
+    act = kernels.decode_linear(stream, *fused_operands(mlp_module, "gate_up"), norm.weight, norm.variance_epsilon,
+                                None, True)
+    return kernels.decode_linear(act, *linear_operands(mlp_module.down_proj), None, 0.0, stream, False)
