@@ -38,6 +38,7 @@ class BenchConfig:
     repeats: int = 3
     kernels: str = "auto"
     weights: tuple[str, ...] = ()  # quantized formats measured after the others, each as `qwen3_accel_<format>`
+    decode_linear: tuple[str, ...] = ()  # other `decode_linear` modes, each as `qwen3_accel_decode_linear_<mode>`
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -284,7 +285,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
         "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
     }
-    steps = (len(cfg.contenders) + len(cfg.weights)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
+    # Variants of qwen3_accel, each measured after the others on a fresh copy of the weights (optimize patches
+    # in place; quantizing replaces them), one at a time.
+    variants = [(f"qwen3_accel_{w}", dict(weights=w)) for w in cfg.weights]
+    variants += [(f"qwen3_accel_decode_linear_{m}", dict(decode_linear=m)) for m in cfg.decode_linear]
+    steps = (len(cfg.contenders) + len(variants)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
     context = cfg.decode_prompt_length + cfg.decode_tokens // 2
     max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
     step_bytes = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
@@ -296,17 +301,17 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                                      max_cache_len=max_len)
             report["contenders"][contender] = bench_contender(model, contender, cfg, progress)
             torch._dynamo.reset()
-        # Each quantized format on a fresh copy of the weights (quantizing replaces them), one at a time.
         quantized_bytes = {}
-        for weights in cfg.weights:
+        for name, options in variants:
             del model
             _free_memory(device)
-            model = qwen3_accel.optimize(load_model(cfg.model, device, dtype), weights=weights, kernels=cfg.kernels,
-                                         max_batch_size=max(cfg.batch_sizes), max_cache_len=max_len)
-            name = f"qwen3_accel_{weights}"
+            model = qwen3_accel.optimize(load_model(cfg.model, device, dtype), kernels=cfg.kernels,
+                                         max_batch_size=max(cfg.batch_sizes), max_cache_len=max_len, **options)
             report["contenders"][name] = bench_contender(model, "qwen3_accel", cfg, progress)
-            report["contenders"][name]["weight_bytes"] = _projection_bytes(model)
-            quantized_bytes[name] = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
+            if "weights" in options:
+                report["contenders"][name]["weight_bytes"] = _projection_bytes(model)
+                quantized_bytes[name] = {batch: decode_bytes_per_step(model, batch, context)
+                                         for batch in cfg.batch_sizes}
             torch._dynamo.reset()
     report["roofline"] = {}
     for batch in cfg.batch_sizes:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import Timer, copy_bandwidth, environment, median_time
+from .configs import get_config
 from .custom_ops import activation, attention, linear, moe, rms_norm, rope
 
 # Shapes used by published RMSNorm benchmarks, so the figures can sit beside theirs.
@@ -292,6 +293,50 @@ def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLIN
     return cases
 
 
+def _fused_layer_linears(stream, _previous, attn_out, norm1, norm2, w_qkv, w_o, w_gate_up, w_down):
+    """A decode layer's projections as `fuses_decode_linears` runs them: 4 `decode_linear` launches."""
+    op = torch.ops.qwen3_accel.decode_linear
+    qkv = op(stream, w_qkv, None, None, 1, w_qkv.shape[1], norm1, 1e-6, None, False)
+    stream = op(attn_out, w_o, None, None, 1, w_o.shape[1], None, 0.0, stream, False)
+    act = op(stream, w_gate_up, None, None, 1, w_gate_up.shape[1], norm2, 1e-6, None, True)
+    return qkv, op(act, w_down, None, None, 1, w_down.shape[1], None, 0.0, stream, False)
+
+
+def _unfused_layer_linears(stream, previous, attn_out, norm1, norm2, w_qkv, w_o, w_gate_up, w_down):
+    """The same projections otherwise: cuBLAS GEMMs beside our add+norm and SiLU·mul kernels (7 launches)."""
+    ops = torch.ops.qwen3_accel
+    x, residual = ops.fused_add_rms_norm(stream, previous, norm1, 1e-6)
+    qkv = torch.nn.functional.linear(x, w_qkv)
+    x, residual = ops.fused_add_rms_norm(torch.nn.functional.linear(attn_out, w_o), residual, norm2, 1e-6)
+    act = ops.silu_and_mul(torch.nn.functional.linear(x, w_gate_up))
+    return qkv, torch.nn.functional.linear(act, w_down)
+
+
+def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=("Qwen3-0.6B", "Qwen3-8B"),
+                              row_counts=(1, 2, 4)) -> list[Case]:
+    """The projections of one decode layer in the model dtype, through `decode_linear` (what `decode_linear="auto"`
+    picks up to hidden size 2048) and through cuBLAS with separate kernels: the figures that place that bound."""
+    cases = []
+    for name in models:
+        config = get_config(name)
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_dim, kv_dim = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        shapes = [(q_dim + 2 * kv_dim, hidden), (hidden, q_dim), (2 * inter, hidden), (hidden, inter)]
+        weight_bytes = sum(n * k for n, k in shapes) * torch.finfo(dtype).bits // 8
+        for rows in row_counts:
+            def make(rows=rows):
+                def randn(*shape, scale=1.0):
+                    return torch.randn(*shape, device=device, dtype=dtype) * scale
+
+                return (randn(rows, hidden), randn(rows, hidden), randn(rows, q_dim), 1 + randn(hidden, scale=0.1),
+                        1 + randn(hidden, scale=0.1), *(randn(n, k, scale=0.02) for n, k in shapes))
+
+            cases.append(Case("decode_layer_linears", f"{name} {rows} row(s)", weight_bytes, make, {
+                "qwen3_accel": _fused_layer_linears, "cublas+ops": _unfused_layer_linears,
+            }))
+    return cases
+
+
 def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool = False) -> dict[str, Any]:
     """Every case, every contender; `quick` keeps one shape per op (for CPU smoke runs)."""
     dev, dt = torch.device(device), getattr(torch, dtype)
@@ -301,6 +346,7 @@ def run_kernel_bench(device: str = "cuda", dtype: str = "bfloat16", quick: bool 
     cases += attention_cases(dev, dt, [(1, 256)], [(1, 256)]) if quick else attention_cases(dev, dt)
     cases += moe_cases(dev, dt, "tiny-moe" if quick else "Qwen3-30B-A3B", (3,) if quick else (1, 2, 4, 8, 64, 512))
     cases += quantized_linear_cases(dev, dt, [(96, 256)], (3,)) if quick else quantized_linear_cases(dev, dt)
+    cases += decode_layer_linear_cases(dev, dt, ("tiny",), (3,)) if quick else decode_layer_linear_cases(dev, dt)
     rows = []
     for case in tqdm(cases, desc="bench-kernels", unit="case"):
         sets = input_sets(case, dev)

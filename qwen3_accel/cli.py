@@ -41,6 +41,14 @@ def _weights(text: str) -> tuple[str, ...]:
     return formats
 
 
+def _decode_linear_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(x for x in text.split(",") if x)
+    unknown = set(modes) - {"always", "never"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown decode_linear modes {sorted(unknown)}; choose from always, never")
+    return modes
+
+
 WEIGHTS_HELP = ("int8 (per output row), int4 (asymmetric, groups of 128) or fp8 (e4m3, 128x128 blocks): quantize "
                 "the decoder layers' projections at optimize time, weight-only")
 
@@ -74,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", type=_weights, default=(),
                        help=f"comma-separated formats, each measured after the others as qwen3_accel_<format> on a "
                             f"fresh copy of the model; {WEIGHTS_HELP}")
+    bench.add_argument("--decode-linear", type=_decode_linear_modes, default=(),
+                       help="comma-separated decode_linear modes (always, never) each measured after the others as "
+                            "qwen3_accel_decode_linear_<mode> on a fresh copy of the model, beside the default 'auto': "
+                            "how decode steps of up to 4 rows run their projections (our fused GEMV with RMSNorm, "
+                            "SiLU*mul and residual folded in, or cuBLAS and separate kernels)")
 
     kern = sub.add_parser(
         "bench-kernels", help="each op vs torch eager and torch.compile of its reference: µs, GB/s, %% of copy bandwidth",
@@ -153,6 +166,7 @@ def _bench(args) -> None:
         model=args.model, device=args.device, dtype=args.dtype, contenders=contenders, batch_sizes=args.batch_sizes,
         prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
         decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels, weights=args.weights,
+        decode_linear=args.decode_linear,
     )
     report = run_bench(cfg)
     if not is_main_process():

@@ -53,6 +53,9 @@ class OptimizeOptions:
         per 128x128 block: transformers' fine-grained FP8 format) quantizes the decoder layers' projections in
         place, weight-only (activations stay in the model dtype). Embeddings, norms, the router and the LM head are
         kept. Qwen3-MoE's experts too: transformers' FP8Experts for "fp8", our QuantizedExperts for int8/int4.
+    decode_linear: how decode steps of up to 4 rows run their projections: "auto" (through `decode_linear`, one
+        launch each with the RMSNorm, SiLU·mul and residual add folded in, for quantized weights and for models up to
+        hidden size 2048; cuBLAS with separate norm/activation kernels otherwise), "always" or "never".
     max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
         generate() call (length rounded up to 256 slots) and grows it, with a warning, when a later call needs
         more; growth re-allocates, so CUDA graphs are recorded again. An explicit value is a hard limit: a call
@@ -66,6 +69,7 @@ class OptimizeOptions:
     attention: str = "auto"
     fast_generate: bool = True
     weights: str | None = None
+    decode_linear: str = "auto"
 
 
 def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **kwargs: Any) -> torch.nn.Module:
@@ -82,6 +86,9 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
         return model
     _check_model(model)
     quantize.check_weights_option(model, options.weights)
+    if options.decode_linear not in dense.DECODE_LINEAR_MODES:
+        raise ValueError(f"decode_linear={options.decode_linear!r} is not supported; choose one of "
+                         f"{dense.DECODE_LINEAR_MODES}")
     if options.compile and options.kernels == "triton" and next(model.parameters()).device.type != "cuda":
         raise ValueError(
             "kernels='triton' on the CPU runs Triton's interpreter, which torch.compile cannot trace: pass "
@@ -474,9 +481,10 @@ class Qwen3Accelerator:
                                                 self.scale)
             return out.reshape(batch, 1, -1)
 
+        fuse_linears = dense.fuses_decode_linears(self.model, batch, self.tp, self.options.decode_linear)
         hidden = dense.forward_hidden(
             self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp,
-            dense.DecodeSlot(keys, values, write_pos),
+            dense.DecodeSlot(keys, values, write_pos), fuse_linears,
         )
         write_pos.add_(1)
         return self.logits(hidden)

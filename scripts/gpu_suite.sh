@@ -26,15 +26,16 @@ for stage in "${stages[@]}"; do
     tests)
         parallel=(); python3 -c "import xdist" 2>/dev/null && parallel=(-n 4)
         timeout 150 python3 -m pytest -q -rs -p no:cacheprovider "${parallel[@]}" tests/test_gpu.py tests/test_kernels.py \
-            tests/test_attention.py tests/test_moe.py --durations=12 2>&1 | grep -v "^DEBUG" | tee "$out/pytest.txt" | tail -24 ;;
+            tests/test_attention.py tests/test_moe.py "tests/test_decode_linear.py::test_decode_linear_matches_hf_modules" \
+            --durations=12 2>&1 | grep -v "^DEBUG" | tee "$out/pytest.txt" | tail -24 ;;
     kernels)
-        timeout 120 python3 -m qwen3_accel.cli bench-kernels --out "$out" 2>&1 | quiet ;;
+        timeout 150 python3 -m qwen3_accel.cli bench-kernels --out "$out" 2>&1 | quiet ;;
     Qwen3-0.6B)
-        timeout 210 "${bench[@]}" --out "$out" --model Qwen3-0.6B --batch-sizes 1,8 --prompt-lengths 128,2048 \
-            --decode-tokens 32 2>&1 | quiet ;;
+        timeout 240 "${bench[@]}" --out "$out" --model Qwen3-0.6B --batch-sizes 1,8 --prompt-lengths 128,2048 \
+            --decode-tokens 32 --decode-linear never 2>&1 | quiet ;;
     Qwen3-8B)
-        timeout 120 "${bench[@]}" --out "$out" --model Qwen3-8B --batch-sizes 1 --prompt-lengths 128,2048 \
-            --decode-tokens 32 2>&1 | quiet ;;
+        timeout 150 "${bench[@]}" --out "$out" --model Qwen3-8B --batch-sizes 1 --prompt-lengths 128,2048 \
+            --decode-tokens 32 --decode-linear always 2>&1 | quiet ;;
     quantized)
         # weight-only int8 / int4 / fp8 against bf16, each on a fresh copy of the model (issue 15's goal table)
         mkdir -p "$out/quantized"

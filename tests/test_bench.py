@@ -42,7 +42,7 @@ def test_bench_kernels_quick_run(tmp_path):
     report = json.loads((tmp_path / "kernels.json").read_text())
     ops = {row["op"] for row in report["cases"]}
     assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "qk_norm_rope_store_kv", "silu_and_mul",
-                   "decode_attention", "moe_block",
+                   "decode_attention", "moe_block", "decode_layer_linears",
                    "quantized_linear_int8", "quantized_linear_int4", "quantized_linear_fp8", "linear_float32"}
     for row in report["cases"]:
         ours = "torch_eager" if row["op"] == "linear_float32" else "qwen3_accel"  # the unquantized base line
@@ -93,9 +93,13 @@ def test_kernel_bench_forced_moe_paths_compute_the_block():
 
 def test_bench_measures_quantized_weights_on_a_fresh_copy():
     cfg = BenchConfig(model="tiny", device="cpu", dtype="float32", contenders=("qwen3_accel",), batch_sizes=(1,),
-                      prompt_lengths=(8,), decode_prompt_length=8, decode_tokens=8, repeats=1, weights=("int8", "fp8"))
+                      prompt_lengths=(8,), decode_prompt_length=8, decode_tokens=8, repeats=1, weights=("int8", "fp8"),
+                      decode_linear=("never",))
     report = run_bench(cfg)
-    assert set(report["contenders"]) == {"qwen3_accel", "qwen3_accel_int8", "qwen3_accel_fp8"}
+    assert set(report["contenders"]) == {"qwen3_accel", "qwen3_accel_int8", "qwen3_accel_fp8",
+                                         "qwen3_accel_decode_linear_never"}
+    assert report["speedup"]["qwen3_accel_decode_linear_never_vs_qwen3_accel"]["1"] > 0
+    assert "weight_bytes" not in report["contenders"]["qwen3_accel_decode_linear_never"]
     for fmt in ("int8", "fp8"):
         per_weight = report["contenders"][f"qwen3_accel_{fmt}"]["weight_bytes"]["bytes_per_weight"]
         assert 1 <= per_weight < 1.1  # one byte per weight plus scales (fp32, one per row / 64x128 block)
@@ -104,3 +108,5 @@ def test_bench_measures_quantized_weights_on_a_fresh_copy():
         assert report["speedup"][f"qwen3_accel_{fmt}_vs_qwen3_accel"]["1"] > 0
     with pytest.raises(SystemExit):
         main(["bench", "--weights", "int3"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--decode-linear", "sometimes"])

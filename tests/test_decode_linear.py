@@ -11,6 +11,7 @@ from conftest import left_padded_batch, model_pair
 from qwen3_accel.configs import build_model, get_config
 from qwen3_accel.custom_ops import linear as ql
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = [None, "int8", "int4", "fp8"]
 # (what the projection is in Qwen3, weight rows, K, norm, silu_mul, residual): K and rows not powers of two.
 FUSIONS = [
@@ -36,7 +37,8 @@ def operands(fmt, n_rows, n_in, rows, dtype, norm, silu_mul, residual, seed):
     n_out = n_rows // 2 if silu_mul else n_rows
     norm_weight = (1 + 0.1 * torch.randn(n_in, generator=g)).to(dtype) if norm else None
     res = torch.randn(rows, n_out, generator=g).to(dtype) if residual else None
-    return (x, *packed, norm_weight, 1e-6, res, silu_mul)
+    on_device = [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in (x, *packed, norm_weight, 1e-6, res)]
+    return (*on_device, silu_mul)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f or "dense")
@@ -55,7 +57,7 @@ def test_decode_linear_matches_hf_modules(fmt, fusion, rows, dtype):
 
 
 def test_reference_is_hf_modules():
-    """The reference against HF's own RMSNorm, Linear, MLP activation and residual add."""
+    """(CPU) The reference against HF's own RMSNorm, Linear, MLP activation and residual add."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     torch.manual_seed(0)
@@ -132,3 +134,23 @@ def test_wider_batches_keep_the_unfused_path():
     kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
     assert not calls
+
+
+@pytest.mark.parametrize("mode,weights,dense_max_hidden,fused", [
+    ("never", None, 2048, False), ("never", "int8", 2048, False), ("always", None, 0, True),
+    ("auto", None, 0, False), ("auto", "int8", 0, True), ("auto", None, 2048, True),
+])
+def test_decode_linear_modes(monkeypatch, mode, weights, dense_max_hidden, fused):
+    """"auto" fuses quantized projections always, those in the model dtype up to the hidden-size bound (set here
+    below and above the tiny model's); "always" and "never" override it. Tokens are HF's either way."""
+    monkeypatch.setattr(qwen3_accel.patches.qwen3, "DECODE_LINEAR_DENSE_MAX_HIDDEN", dense_max_hidden)
+    reference, optimized = model_pair("tiny", compile=False, kernels="triton", decode_linear=mode, weights=weights)
+    if weights:
+        from test_quantized import dequantized_reference
+
+        reference = dequantized_reference(optimized, reference)
+    calls = counting_decode_linear(optimized)
+    ids, mask = left_padded_batch([6, 3], 512, seed=5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert bool(calls) == fused

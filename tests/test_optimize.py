@@ -46,6 +46,8 @@ def test_rejects_unsupported_quantization_naming_the_method():
 def test_rejects_unknown_kernel_mode():
     with pytest.raises(ValueError, match="kernels='cuda' is not supported"):
         qwen3_accel.optimize(build_model("tiny"), kernels="cuda")
+    with pytest.raises(ValueError, match=r"decode_linear='fused' is not supported; choose one of \('auto'"):
+        qwen3_accel.optimize(build_model("tiny"), decode_linear="fused")
 
 
 def test_optimize_twice_is_a_no_op():

@@ -209,15 +209,20 @@ def fused_linear(kernels: Kernels, x: torch.Tensor, parent: nn.Module, fused_nam
     return _linear(kernels, x, fused_operands(parent, fused_name), getattr(parent, f"{fused_name}_bias"))
 
 
-def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice) -> bool:
+DECODE_LINEAR_MODES = ("auto", "always", "never")
+
+
+def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: str = "auto") -> bool:
     """Whether a decode step of `rows` rows runs its projections through `decode_linear`, with the RMSNorms, SiLU·mul
     and residual adds folded in (7 launches per dense layer instead of 12): up to DECODE_LINEAR_MAX_ROWS rows, one
-    device, no biases; quantized projections always (they run our GEMV either way), projections in the model dtype
-    (which it takes from cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
+    device, no biases; with mode "auto", quantized projections always (they run our GEMV either way) and projections
+    in the model dtype (which it takes from cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
     attn = model.model.layers[0].self_attn
-    if tp.world_size > 1 or rows > DECODE_LINEAR_MAX_ROWS or attn.qkv_bias is not None or attn.o_proj.bias is not None:
+    if mode == "never" or tp.world_size > 1 or rows > DECODE_LINEAR_MAX_ROWS:
         return False
-    return attn.qkv_format is not None or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
+    if attn.qkv_bias is not None or attn.o_proj.bias is not None:
+        return False
+    return mode == "always" or attn.qkv_format is not None or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -257,11 +262,13 @@ def forward_hidden(
     mlp_fn: MlpFn = mlp,
     tp: SingleDevice = SingleDevice(),
     decode_slot: DecodeSlot | None = None,
+    fuse_linears: bool = False,
 ) -> torch.Tensor:
     """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
 
     `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe). With
-    `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself.
+    `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself,
+    and with `fuse_linears` too (see `fuses_decode_linears`) the projections run through `decode_linear`.
     Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are
     partial sums, reduced over the ranks.
     """
@@ -269,7 +276,7 @@ def forward_hidden(
     shape = model_shape(model)
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     flat_positions = positions.reshape(-1)
-    fused = decode_slot is not None and fuses_decode_linears(model, batch * seq_len, tp)
+    fused = decode_slot is not None and fuse_linears
     residual = None  # unfused: the residual stream, one add behind `hidden`; fused: `hidden` is the stream
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
