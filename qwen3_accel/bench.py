@@ -4,6 +4,7 @@ Every contender generates from the same random prompts with the same weights. De
 isolated from prefill by timing `generate` with 1 and with 1 + N new tokens and dividing the
 difference; prefill latency is the time to the first token. The copy bandwidth measured in the same
 run gives the roofline: bytes a decode step must read (weights, plus the valid KV cache) over it.
+On CUDA the profiler also counts the GPU operations (kernels, copies) one decode step launches.
 """
 
 import datetime
@@ -125,6 +126,24 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -
     return run
 
 
+def device_ops_per_step(first: Callable[[], Any], full: Callable[[], Any], steps: int,
+                        device: torch.device) -> float | None:
+    """GPU kernels (and copies) per decode step: the profiler's count for `full` minus that for `first` (the same
+    request with one new token), over the `steps` extra tokens. Kernels replayed from a CUDA graph count one by
+    one. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(fn: Callable[[], Any]) -> int:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+    return (count(full) - count(first)) / steps
+
+
 def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> dict[str, Any]:
     """Prefill latency and time to first token by prompt length, decode tokens/s by batch size, for one contender.
 
@@ -135,7 +154,7 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
     timer = Timer(device)
     vocab = model.config.vocab_size
     result: dict[str, Any] = {"prefill_s": {}, "ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {},
-                              "first_call_s": {}}
+                              "first_call_s": {}, "device_ops_per_step": {}}
     static_caches: dict[int, Any] = {}
 
     def generate_fn(ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
@@ -181,6 +200,7 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
             seconds = float("nan")
         result["decode_tok_s"][str(batch)] = batch * cfg.decode_tokens / seconds
         result["decode_step_ms"][str(batch)] = 1e3 * seconds / cfg.decode_tokens
+        result["device_ops_per_step"][str(batch)] = device_ops_per_step(first, full, cfg.decode_tokens, device)
         progress.update(1)
     # Peak GPU memory while this contender ran (None on CPU, where it is not tracked).
     result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -282,6 +302,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device)
     report: dict[str, Any] = {
         "model": cfg.model, "dtype": cfg.dtype, "tensor_parallel": _world_size(),
+        "num_layers": model.config.num_hidden_layers,
         "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
         "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
     }
@@ -366,6 +387,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{'  % of bandwidth roofline':28}{row}")
         row = "".join(f"{report['contenders'][c]['first_call_s'][batch]:>18.1f} s" for c in contenders)
         lines.append(f"{'  first call (compiles)':28}{row}")
+        ops = [report["contenders"][c].get("device_ops_per_step", {}).get(batch) for c in contenders]
+        if any(n is not None for n in ops):
+            layers = report.get("num_layers") or 1
+            row = "".join(f"{'—' if n is None else f'{n:.0f} ({n / layers:.1f}/layer)':>20}" for n in ops)
+            lines.append(f"{'  GPU ops per step':28}{row}")
     if first["peak_memory_gib"] is not None:
         row = "".join(f"{report['contenders'][c]['peak_memory_gib']:>16.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")

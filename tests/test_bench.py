@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qwen3_accel.bench import BenchConfig, run_bench, write_report
+from qwen3_accel.bench import BenchConfig, format_table, run_bench, write_report
 from qwen3_accel.bench_kernels import _moe_block_with
 from qwen3_accel.cli import build_parser, main
 from qwen3_accel.configs import build_model
@@ -27,11 +27,15 @@ def test_bench_report_has_every_field(tmp_path):
         assert set(result["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in result["decode_tok_s"].values())
         assert set(result["first_call_s"]) == {"1", "2"} and all(v > 0 for v in result["first_call_s"].values())
         assert "peak_memory_gib" in result
+        assert result["device_ops_per_step"] == {"1": None, "2": None}  # counted on CUDA only
     for batch in ("1", "2"):
         roof = saved["roofline"][batch]
         assert roof["bytes_per_step"] > 0 and roof["bound_tok_s"] > 0 and set(roof["share"]) == set(saved["contenders"])
     assert set(saved["speedup"]) == {"qwen3_accel_vs_hf_eager", "qwen3_accel_vs_hf_static_compile"}
     assert any("ran uncompiled" in note for note in saved["notes"])  # HF compiles only on CUDA/XPU
+    assert "GPU ops per step" not in format_table(saved)
+    saved["contenders"]["qwen3_accel"]["device_ops_per_step"] = {"1": 19.0, "2": 21.0}  # as a CUDA run reports
+    assert "19 (" + f"{19 / saved['num_layers']:.1f}/layer)" in format_table(saved)
     for path in paths:
         assert (tmp_path / path.split("/")[-1]).stat().st_size > 0
     assert any(p.endswith(".png") for p in paths)

@@ -105,16 +105,17 @@ def counting_decode_linear(optimized):
 
 @pytest.mark.parametrize("name,weights", [("tiny", None), ("tiny", "int4"), ("tiny-moe", None), ("tiny-moe", "int8")])
 def test_tiny_models_decode_through_decode_linear(name, weights):
-    """Dense and MoE (layer 1 a dense MLP) models on the Triton kernels, interpreted: every decode step runs its
-    projections through `decode_linear` (4 per dense layer, 2 per MoE layer) and the greedy tokens are HF eager's
-    (quantized: those of the dequantized model, the quantization error being the same on both sides)."""
+    """Dense and MoE (layer 1 a dense MLP) models on the Triton kernels, interpreted, with decode_linear="always":
+    every decode step runs its projections through `decode_linear` (4 per dense layer, 2 per MoE layer) and the
+    greedy tokens are HF eager's (quantized: those of the dequantized model, whose weights the kernels read)."""
     from test_quantized import dequantized_reference
 
     config = get_config(name, **({"mlp_only_layers": [1]} if name == "tiny-moe" else {}))
     reference = build_model(config)
     optimized = build_model(config, seed=1)
     optimized.load_state_dict(reference.state_dict())
-    optimized = qwen3_accel.optimize(optimized, compile=False, kernels="triton", weights=weights)
+    optimized = qwen3_accel.optimize(optimized, compile=False, kernels="triton", weights=weights,
+                                     decode_linear="always")
     if weights:
         reference = dequantized_reference(optimized, reference)
     calls = counting_decode_linear(optimized)
@@ -136,15 +137,17 @@ def test_wider_batches_keep_the_unfused_path():
     assert not calls
 
 
-@pytest.mark.parametrize("mode,weights,dense_max_hidden,fused", [
-    ("never", None, 2048, False), ("never", "int8", 2048, False), ("always", None, 0, True),
-    ("auto", None, 0, False), ("auto", "int8", 0, True), ("auto", None, 2048, True),
+@pytest.mark.parametrize("name,mode,weights,dense_max_hidden,fused", [
+    ("tiny", "never", None, 2048, False), ("tiny", "never", "int8", 2048, False), ("tiny", "always", None, 0, True),
+    ("tiny", "auto", None, 0, False), ("tiny", "auto", "int8", 0, True), ("tiny", "auto", None, 2048, True),
+    ("tiny-moe", "auto", None, 2048, False), ("tiny-moe", "auto", "int8", 2048, True),
 ])
-def test_decode_linear_modes(monkeypatch, mode, weights, dense_max_hidden, fused):
-    """"auto" fuses quantized projections always, those in the model dtype up to the hidden-size bound (set here
-    below and above the tiny model's); "always" and "never" override it. Tokens are HF's either way."""
+def test_decode_linear_modes(monkeypatch, name, mode, weights, dense_max_hidden, fused):
+    """"auto" fuses quantized projections always, those in the model dtype in dense models up to the hidden-size
+    bound (set here below and above the tiny model's); "always" and "never" override it. Tokens are HF's either
+    way."""
     monkeypatch.setattr(qwen3_accel.patches.qwen3, "DECODE_LINEAR_DENSE_MAX_HIDDEN", dense_max_hidden)
-    reference, optimized = model_pair("tiny", compile=False, kernels="triton", decode_linear=mode, weights=weights)
+    reference, optimized = model_pair(name, compile=False, kernels="triton", decode_linear=mode, weights=weights)
     if weights:
         from test_quantized import dequantized_reference
 

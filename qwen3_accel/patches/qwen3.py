@@ -215,14 +215,18 @@ DECODE_LINEAR_MODES = ("auto", "always", "never")
 def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: str = "auto") -> bool:
     """Whether a decode step of `rows` rows runs its projections through `decode_linear`, with the RMSNorms, SiLU·mul
     and residual adds folded in (7 launches per dense layer instead of 12): up to DECODE_LINEAR_MAX_ROWS rows, one
-    device, no biases; with mode "auto", quantized projections always (they run our GEMV either way) and projections
-    in the model dtype (which it takes from cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
+    device, no biases. With mode "auto": quantized projections always (they run our GEMV either way); projections
+    in the model dtype (where it replaces cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN, and only in dense models
+    (a MoE layer saves no launch: its norm and residual add stay outside the experts)."""
     attn = model.model.layers[0].self_attn
     if mode == "never" or tp.world_size > 1 or rows > DECODE_LINEAR_MAX_ROWS:
         return False
     if attn.qkv_bias is not None or attn.o_proj.bias is not None:
         return False
-    return mode == "always" or attn.qkv_format is not None or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
+    if mode == "always" or attn.qkv_format is not None:
+        return True
+    dense = all(hasattr(layer.mlp, "gate_up_weight") for layer in model.model.layers)
+    return dense and model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
