@@ -316,14 +316,18 @@ def test_kernel_that_cannot_build_falls_back_to_dequantize_then_matmul(monkeypat
         calls.append(args)
         raise CompilationError("kernel.py", None, "fp8e4nv not supported in this architecture")
 
-    monkeypatch.setattr(ql, "_kernel_unavailable", None)
+    monkeypatch.setattr(ql, "_kernel_unavailable", {})
     packed = quantized(torch.randn(40, 64), "fp8", fp8_block=(32, 32))
     x = torch.randn(3, 64)
     for _ in range(2):
         torch.testing.assert_close(ql.triton_or_reference(cannot_build, ql.quantized_linear_reference, x, *packed),
                                    ql.quantized_linear_reference(x, *packed))
-    assert len(calls) == 1 and "CompilationError" in ql._kernel_unavailable
-    assert "cannot be built on this GPU" in caplog.text
+    assert len(calls) == 1 and "CompilationError" in ql._kernel_unavailable[("cannot_build", torch.float8_e4m3fn)]
+    assert "cannot build its kernel for torch.float8_e4m3fn weights on this GPU" in caplog.text
+    # Other weight dtypes still try their kernel.
+    int8 = quantized(torch.randn(40, 64), "int8")
+    ql.triton_or_reference(cannot_build, ql.quantized_linear_reference, x, *int8)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])

@@ -273,22 +273,24 @@ def quantized_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: to
     return (x.float() @ weight.T).to(x.dtype)
 
 
-_kernel_unavailable: str | None = None  # why Triton could not build a GEMV/GEMM kernel on this GPU, once it failed
+# Why Triton could not build a kernel on this GPU, by (launcher, weight dtype), once it failed.
+_kernel_unavailable: dict[tuple[str, torch.dtype], str] = {}
 
 
-def triton_or_reference(triton_fn: Callable, reference_fn: Callable, *args) -> torch.Tensor:
-    """`triton_fn(*args)`; where Triton cannot build the kernel (e.g. no e4m3 conversion on an older GPU),
-    `reference_fn(*args)` from then on, with one warning: slower, never a failed request."""
-    global _kernel_unavailable
-    if _kernel_unavailable is None:
+def triton_or_reference(triton_fn: Callable, reference_fn: Callable, x: torch.Tensor, weight: torch.Tensor,
+                        *args) -> torch.Tensor:
+    """`triton_fn(x, weight, *args)`; where Triton cannot build the kernel for this weight dtype (e.g. no e4m3
+    conversion on an older GPU), `reference_fn` from then on, with one warning: slower, never a failed request."""
+    key = (triton_fn.__name__, weight.dtype)
+    if key not in _kernel_unavailable:
         try:
-            return triton_fn(*args)
+            return triton_fn(x, weight, *args)
         except (CompilationError, OutOfResources) as error:
-            _kernel_unavailable = f"{type(error).__name__}: {error}"
-            logger.warning("qwen3_accel: the linear-layer kernels cannot be built on this GPU (%s); projections run "
-                           "their torch reference instead (quantized weights dequantized on every call: slow)",
-                           _kernel_unavailable)
-    return reference_fn(*args)
+            _kernel_unavailable[key] = f"{type(error).__name__}: {error}"
+            logger.warning("qwen3_accel: %s cannot build its kernel for %s weights on this GPU (%s); those "
+                           "projections run the torch reference instead (quantized weights dequantized on every "
+                           "call: slow)", triton_fn.__name__, weight.dtype, _kernel_unavailable[key])
+    return reference_fn(x, weight, *args)
 
 
 @torch.library.custom_op("qwen3_accel::quantized_linear", mutates_args=())
