@@ -314,8 +314,8 @@ def _unfused_layer_linears(stream, previous, attn_out, norm1, norm2, w_qkv, w_o,
 
 def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=("Qwen3-0.6B", "Qwen3-8B"),
                               row_counts=(1, 2, 4)) -> list[Case]:
-    """The projections of one decode layer in the model dtype, through `decode_linear` (what `decode_linear="auto"`
-    picks up to hidden size 2048) and through cuBLAS with separate kernels: the figures that place that bound."""
+    """The projections of one decode layer in the model dtype, through `decode_linear` and through cuBLAS with
+    separate kernels: the figures that place DECODE_LINEAR_DENSE_MAX_HIDDEN (`decode_linear="auto"`)."""
     cases = []
     for name in models:
         config = get_config(name)

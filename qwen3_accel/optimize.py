@@ -53,10 +53,10 @@ class OptimizeOptions:
         per 128x128 block: transformers' fine-grained FP8 format) quantizes the decoder layers' projections in
         place, weight-only (activations stay in the model dtype). Embeddings, norms, the router and the LM head are
         kept. Qwen3-MoE's experts too: transformers' FP8Experts for "fp8", our QuantizedExperts for int8/int4.
-    decode_linear: how decode steps of up to 4 rows run their projections: "auto" (through `decode_linear`, one
-        launch each with the RMSNorm, SiLU·mul and residual add folded in, for quantized weights and for dense
-        models up to hidden size 2048; cuBLAS with separate norm/activation kernels otherwise), "always" or
-        "never".
+    decode_linear: how decode steps of up to 4 rows run their projections: through `decode_linear`, one launch
+        each with the RMSNorm, SiLU·mul and residual add folded in, or cuBLAS with separate norm/activation kernels.
+        "auto": the first for quantized weights, the second for weights in the model dtype (until GPU measurements
+        place a model-size bound, custom_ops/linear.py DECODE_LINEAR_DENSE_MAX_HIDDEN); "always"; "never".
     max_batch_size, max_cache_len: size of the persistent KV cache. None (default) sizes it to the first
         generate() call (length rounded up to 256 slots) and grows it, with a warning, when a later call needs
         more; growth re-allocates, so CUDA graphs are recorded again. An explicit value is a hard limit: a call

@@ -32,7 +32,7 @@ for stage in "${stages[@]}"; do
         timeout 150 python3 -m qwen3_accel.cli bench-kernels --out "$out" 2>&1 | quiet ;;
     Qwen3-0.6B)
         timeout 240 "${bench[@]}" --out "$out" --model Qwen3-0.6B --batch-sizes 1,8 --prompt-lengths 128,2048 \
-            --decode-tokens 32 --decode-linear never 2>&1 | quiet ;;
+            --decode-tokens 32 --decode-linear always 2>&1 | quiet ;;
     Qwen3-8B)
         timeout 150 "${bench[@]}" --out "$out" --model Qwen3-8B --batch-sizes 1 --prompt-lengths 128,2048 \
             --decode-tokens 32 --decode-linear always 2>&1 | quiet ;;

@@ -1,17 +1,20 @@
 """The compiled decode step behind HF's loop: one graph per batch bucket, no graph breaks, no recompiles
 as prompts and outputs change. (The fast loop's graph is tested in test_fast_generate.py.)"""
 
+import pytest
 import torch
 from torch._dynamo.utils import ReinplaceCounters, counters
 
 from conftest import generate_without_recompiles, left_padded_batch, model_pair
 
 
-def test_decode_is_one_graph_with_no_recompiles():
+@pytest.mark.parametrize("decode_linear", ["never", "always"])
+def test_decode_is_one_graph_with_no_recompiles(decode_linear):
     torch._dynamo.reset()
     counters.clear()
     ReinplaceCounters.clear()
-    reference, optimized = model_pair("tiny", compile=True, fast_generate=False, max_batch_size=2, max_cache_len=64)
+    reference, optimized = model_pair("tiny", compile=True, fast_generate=False, max_batch_size=2, max_cache_len=64,
+                                      decode_linear=decode_linear)
     cases = [([9, 5], 6), ([14, 3], 11), ([4, 4], 3)]
     # Inductor's passes must run (not a cached graph from an earlier test) for the in-place check below.
     no_cache = dict(fx_graph_cache=False)

@@ -129,7 +129,7 @@ def test_tiny_models_decode_through_decode_linear(name, weights):
 
 
 def test_wider_batches_keep_the_unfused_path():
-    reference, optimized = model_pair("tiny", compile=False, kernels="triton")
+    reference, optimized = model_pair("tiny", compile=False, kernels="triton", decode_linear="always")
     calls = counting_decode_linear(optimized)
     ids, mask = left_padded_batch([3, 5, 4, 6, 2], 512, seed=4)
     kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)

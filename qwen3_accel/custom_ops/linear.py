@@ -309,11 +309,12 @@ def _(x, qweight, scale, zero, group_n, group_k):
 
 
 # ------------------------------------------------------------------------------ the decode step's fused GEMV
-# Decode steps of up to this many rows run their projections through `decode_linear`: always for quantized weights,
-# and for weights in the model dtype (where it replaces cuBLAS) in models up to this hidden size, where a decode
-# step is launch-bound (Qwen3-0.6B / 1.7B). A first guess, to be placed by measurement on a GPU.
+# Decode steps of up to this many rows run their projections through `decode_linear` (option decode_linear="auto"):
+# always for quantized weights, and for weights in the model dtype (where it replaces cuBLAS) in dense models up to
+# this hidden size. 0 until a GPU run measures where our GEMV beats cuBLAS (bench-kernels `decode_layer_linears`,
+# bench --decode-linear always): small models are launch-bound, so the bound is expected near 2048 (Qwen3-1.7B).
 DECODE_LINEAR_MAX_ROWS = QLINEAR_GEMV_MAX_ROWS
-DECODE_LINEAR_DENSE_MAX_HIDDEN = 2048
+DECODE_LINEAR_DENSE_MAX_HIDDEN = 0
 
 
 def _check_decode_linear(x, weight, scale, zero, group_n, group_k, norm_weight, residual, silu_mul) -> int:

@@ -214,7 +214,7 @@ DECODE_LINEAR_MODES = ("auto", "always", "never")
 
 def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: str = "auto") -> bool:
     """Whether a decode step of `rows` rows runs its projections through `decode_linear`, with the RMSNorms, SiLU·mul
-    and residual adds folded in (7 launches per dense layer instead of 12): up to DECODE_LINEAR_MAX_ROWS rows, one
+    and residual adds folded in (7 launches per dense layer instead of 10): up to DECODE_LINEAR_MAX_ROWS rows, one
     device, no biases. With mode "auto": quantized projections always (they run our GEMV either way); projections
     in the model dtype (where it replaces cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN, and only in dense models
     (a MoE layer saves no launch: its norm and residual add stay outside the experts)."""
