@@ -121,7 +121,8 @@ def test_one_model_serves_a_random_stream_like_hf(name):
 
 def test_three_models_alternating_in_one_process():
     """Two of them with decode_linear="always" (the fused decode projections, default only for quantized weights)."""
-    pairs = [model_pair("tiny", compile=False, seed=0), model_pair("tiny", compile=False, seed=1, decode_linear="always"),
+    pairs = [model_pair("tiny", compile=False, seed=0),
+             model_pair("tiny", compile=False, seed=1, decode_linear="always"),
              model_pair("tiny-moe", compile=False, decode_linear="always")]
     failures = run_stream(pairs, calls=60, seed=3)
     assert not failures, "\n".join(failures)
