@@ -18,7 +18,6 @@ kernel downloaded from the Hub. Embeddings, norms, the router and the LM head st
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -125,12 +124,12 @@ def linear_format(module: nn.Module) -> LinearFormat | None:
     return None
 
 
-def quantized_forward(module: nn.Module, x: torch.Tensor, op: Callable | None = None) -> torch.Tensor:
-    """`module(x)` for a quantized projection through `op` (default: our registered op; HF's forward runs this)."""
+def quantized_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for a quantized projection through our registered op (what HF's own forward runs)."""
     fmt = linear_format(module)
     zero = getattr(module, fmt.zero) if fmt.zero else None
-    op = op or torch.ops.qwen3_accel.quantized_linear
-    out = op(x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n, fmt.group_k)
+    out = torch.ops.qwen3_accel.quantized_linear(x, module.weight, getattr(module, fmt.scale), zero, fmt.group_n,
+                                                 fmt.group_k)
     return out if module.bias is None else out + module.bias
 
 

@@ -1,6 +1,8 @@
-"""Weight-only quantized linear layers: `y = x @ dequantize(weight).T`, dequantized inside the kernel.
+"""Linear layers on our kernels: weight-only quantized projections (`quantized_linear`), and the decode step's
+projections with their RMSNorm, SiLU·mul or residual add folded in (`decode_linear`, any weight format).
 
-Three weight formats, told apart by the weight's dtype:
+`quantized_linear` computes `y = x @ dequantize(weight).T`, dequantized inside the kernel. Three weight formats, told
+apart by the weight's dtype:
 
   int8     `torch.int8 [N, K]`, symmetric, one scale per output row: `scale [N, 1]`.
   int4     `torch.uint8 [N, ceil(K/2)]`, two values per byte (even k in the low nibble), asymmetric in groups along

@@ -25,7 +25,7 @@ from transformers import Qwen3ForCausalLM
 from ..custom_ops import Kernels
 from ..custom_ops.linear import DECODE_LINEAR_DENSE_MAX_HIDDEN, DECODE_LINEAR_MAX_ROWS
 from ..parallel import SingleDevice, local, shard_like
-from ..quantize import LinearFormat, linear_format, quantized_forward
+from ..quantize import LinearFormat, linear_format
 
 # Attention callback: (layer index, q [B, L, Hq, D], k [B, L, Hkv, D], v [B, L, Hkv, D]) -> [B, L, Hq * D]; with
 # a `DecodeSlot`, k and v are the layer's whole cache [rows, len, Hkv, D], the new tokens already in it.
