@@ -225,8 +225,8 @@ def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: st
         return False
     if mode == "always" or attn.qkv_format is not None:
         return True
-    dense = all(hasattr(layer.mlp, "gate_up_weight") for layer in model.model.layers)
-    return dense and model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
+    return model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN and all(
+        hasattr(layer.mlp, "gate_up_weight") for layer in model.model.layers)
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
