@@ -13,12 +13,12 @@ from qwen3_accel.custom_ops import linear as ql
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = [None, "int8", "int4", "fp8"]
-# (what the projection is in Qwen3, weight rows, K, norm, silu_mul, residual): K and rows not powers of two.
+# (the projection in Qwen3, weight rows, K, norm, silu_mul, residual): K and rows not powers of two.
 FUSIONS = [
-    ("qkv: norm first", 96, 72, True, False, False),
-    ("gate/up: norm first, SiLU * up after", 2 * 64, 72, True, True, False),
-    ("o/down: residual after", 72, 200, False, False, True),
-    ("all three", 2 * 64, 130, True, True, True),
+    ("qkv_norm_first", 96, 72, True, False, False),
+    ("gate_up_norm_first_silu_mul_after", 2 * 64, 72, True, True, False),
+    ("o_down_residual_after", 72, 200, False, False, True),
+    ("all_three", 2 * 64, 130, True, True, True),
 ]
 
 
