@@ -482,10 +482,10 @@ class Qwen3Accelerator:
                                                 self.scale)
             return out.reshape(batch, 1, -1)
 
-        fuse_linears = dense.fuses_decode_linears(self.model, batch, self.tp, self.options.decode_linear)
+        fuse = dense.fuses_decode_linears(self.model, batch, self.tp, self.options.decode_linear)
         hidden = dense.forward_hidden(
             self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp,
-            dense.DecodeSlot(keys, values, write_pos), fuse_linears,
+            dense.DecodeSlot(keys, values, write_pos), self.patches.decode_mlp if fuse else None,
         )
         write_pos.add_(1)
         return self.logits(hidden)

@@ -98,6 +98,32 @@ def test_both_moe_paths_match_reference_on_odd_shapes(path, n_tokens, top_k, dty
     torch.testing.assert_close(out, expected, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+def test_moe_with_norm_before_and_residual_after(n_tokens, dtype):
+    """The fused decode step's MoE call: the post-attention RMSNorm folded into the gate/up GEMVs and the residual
+    add into the down GEMVs' epilogue (17 tokens: the grouped path, wrapped), against HF's RMSNorm, the expert loop
+    and the add."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    n_experts, hidden, inter, top_k = 12, 72, 40, 3
+    g = torch.Generator().manual_seed(n_tokens)
+    stream = (3 * torch.randn(n_tokens, hidden, generator=g)).to(DEVICE, dtype)
+    norm = Qwen3MoeRMSNorm(hidden, eps=1e-6).to(DEVICE, dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    gate_up = (0.2 * torch.randn(n_experts, 2 * inter, hidden, generator=g)).to(DEVICE, dtype)
+    down = (0.2 * torch.randn(n_experts, hidden, inter, generator=g)).to(DEVICE, dtype)
+    weights, ids = _routing(n_tokens, n_experts, top_k, seed=n_tokens)
+    with torch.no_grad():
+        expected = stream + fused_moe_reference(norm(stream), gate_up, down, weights, ids)
+        folded = dict(norm_weight=norm.weight, eps=1e-6, residual=stream)
+        torch.testing.assert_close(fused_moe_reference(stream, gate_up, down, weights, ids, **folded), expected,
+                                   rtol=0, atol=0)
+        out = fused_moe_triton(stream, gate_up, down, weights, ids, **folded)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expected, **tol)
+
+
 def test_gemv_path_that_cannot_build_falls_back_to_grouped(monkeypatch):
     """A GPU where Triton cannot build the GEMVs (simulated: the launcher raises Triton's out-of-resources error)
     still gets correct results, from the grouped GEMMs, and stops trying the GEMVs."""
@@ -123,6 +149,9 @@ def test_moe_op_registration():
     x = torch.randn(3, 32, device=DEVICE)
     args = (x, torch.randn(8, 48, 32, device=DEVICE), torch.randn(8, 32, 24, device=DEVICE), weights, ids)
     torch.library.opcheck(torch.ops.qwen3_accel.fused_moe, args, test_utils=("test_schema", "test_faketensor"))
+    folded = dict(norm_weight=torch.rand(32, device=DEVICE), eps=1e-6, residual=torch.randn(3, 32, device=DEVICE))
+    torch.library.opcheck(torch.ops.qwen3_accel.fused_moe, args, folded,
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.qwen3_accel.moe_route, (torch.randn(3, 8, device=DEVICE), 2, True),
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -17,6 +17,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from .linear import block_within_group
+from .rms_norm import rms_norm_reference
 
 logger = logging.getLogger(__name__)
 
@@ -295,25 +296,36 @@ def moe_config(n_tokens: int) -> MoeConfig:
 def _moe_gemv_gate_up_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr, hidden, inter, top_k,
     x_row_stride, w_expert_stride, w_row_stride, out_row_stride,
-    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
-    SCALED: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k, norm_ptr, eps,
+    SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[slot, n] = silu(x[token] . gate[expert, n]) * (x[token] . up[expert, n]) for one slot and BLOCK_N columns.
-    # Grid: (T * top_k, cdiv(I, BLOCK_N)). Products accumulate per lane, reduced once at the end (no tl.dot: one
-    # activation row cannot fill a tensor-core tile).
+    # out[slot, n] = silu(x[token] . gate[expert, n]) * (x[token] . up[expert, n]) for one slot and BLOCK_N columns,
+    # x RMS-normalised first with NORM (HF's roundings). Grid: (T * top_k, cdiv(I, BLOCK_N)). Products accumulate
+    # per lane, reduced once at the end (no tl.dot: one activation row cannot fill a tensor-core tile).
     slot = tl.program_id(0)
     token = (slot // top_k).to(tl.int64)
     expert = tl.load(ids_ptr + slot).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < inter
     kk = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + token * x_row_stride
+    dtype = out_ptr.dtype.element_ty
+    if NORM:
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            a = tl.load(x_row + k0 + kk, mask=(k0 + kk) < hidden, other=0.0).to(tl.float32)
+            squares += a * a
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / hidden + eps)
     gate_rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
     up_rows = gate_rows + inter * w_row_stride
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k_valid = (k0 + kk) < hidden
-        a = tl.load(x_ptr + token * x_row_stride + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
+        a = tl.load(x_row + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
+        if NORM:
+            norm_weight = tl.load(norm_ptr + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
+            a = ((a * rstd).to(dtype).to(tl.float32) * norm_weight).to(dtype).to(tl.float32)
         w_mask = n_valid[:, None] & k_valid[None, :]
         gate_w = _load_weight(gate_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
         up_w = _load_weight(up_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
@@ -329,7 +341,6 @@ def _moe_gemv_gate_up_kernel(
                                 group_n, group_k)[:, None]
         acc_gate += gate_w * a[None, :]
         acc_up += up_w * a[None, :]
-    dtype = out_ptr.dtype.element_ty
     # HF's roundings, as in the grouped GEMM: each projection, SiLU, the product.
     gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
     up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
@@ -341,11 +352,12 @@ def _moe_gemv_gate_up_kernel(
 def _moe_gemv_down_kernel(
     act_ptr, w_ptr, ids_ptr, slot_weight_ptr, out_ptr, hidden, inter, top_k,
     act_row_stride, w_expert_stride, w_row_stride, out_row_stride,
-    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
-    SCALED: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k, residual_ptr, residual_row_stride,
+    SCALED: tl.constexpr, INT4: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[token, n] = sum over the token's k slots of weight[slot] * (act[slot] . down[expert(slot), n]).
-    # Grid: (T, cdiv(H, BLOCK_N)); each program owns its outputs, so the top-k sum needs no atomics.
+    # out[token, n] = sum over the token's k slots of weight[slot] * (act[slot] . down[expert(slot), n]), plus
+    # residual[token, n] with RESIDUAL. Grid: (T, cdiv(H, BLOCK_N)); each program owns its outputs, so the top-k sum
+    # needs no atomics.
     token = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = n < hidden
@@ -372,6 +384,9 @@ def _moe_gemv_down_kernel(
         # Rounded where the grouped path stores: the projection, then the weighted slot row.
         weighted = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
         total += weighted
+    if RESIDUAL:
+        residual = tl.load(residual_ptr + token * residual_row_stride + n, mask=n_valid, other=0.0)
+        total = total.to(dtype).to(tl.float32) + residual.to(tl.float32)
     tl.store(out_ptr + token * out_row_stride + n, total.to(dtype), mask=n_valid)
 
 
@@ -384,9 +399,11 @@ MOE_GEMV_BLOCKS = dict(gate_up=(16, 128), down=(16, 128))  # (BLOCK_N, BLOCK_K) 
 
 
 def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
-    """`fused_moe` for a few tokens: a GEMV per (token, expert) pair for gate/up + SiLU·mul, then per token the
-    down projections, routing weights and top-k sum in one program per output block."""
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None,
+        norm_weight=None, eps=0.0, residual=None):
+    """`fused_moe` for a few tokens: a GEMV per (token, expert) pair for gate/up + SiLU·mul (after the RMSNorm,
+    if any), then per token the down projections, routing weights, top-k sum (and residual) in one program per
+    output block."""
     n_tokens, hidden = x.shape
     inter = gate_up_proj.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -401,7 +418,8 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         x, gate_up_proj, ids, hidden_act, hidden, inter, top_k,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
         *_scale_args(gate_up_scale, gate_up_zero, gate_up_proj), group_n, group_k,
-        SCALED=scaled, INT4=int4, BLOCK_N=block_n,
+        x if norm_weight is None else norm_weight.contiguous(), float(eps),
+        SCALED=scaled, INT4=int4, NORM=norm_weight is not None, BLOCK_N=block_n,
         BLOCK_K=block_within_group(block_k, group_k, hidden) if scaled else block_k,
     )
     slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
@@ -410,7 +428,8 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         hidden_act, down_proj, ids, slot_weights, out, hidden, inter, top_k,
         hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
         *_scale_args(down_scale, down_zero, down_proj), group_n, group_k,
-        SCALED=scaled, INT4=int4, BLOCK_N=block_n,
+        x if residual is None else residual, 0 if residual is None else residual.stride(0),
+        SCALED=scaled, INT4=int4, RESIDUAL=residual is not None, BLOCK_N=block_n,
         BLOCK_K=block_within_group(block_k, group_k, inter) if scaled else block_k,
     )
     return out
@@ -420,7 +439,8 @@ _gemv_unavailable: str | None = None  # why the GEMV path cannot run on this mac
 
 
 def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None,
+        norm_weight=None, eps=0.0, residual=None):
     """`fused_moe` on the GPU: the decode-sized GEMVs for at most MOE_GEMV_MAX_TOKENS tokens, else grouped GEMMs.
 
     The GEMVs are newer than the grouped path and not yet built on every GPU we support: if Triton cannot build
@@ -431,11 +451,23 @@ def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     if x.shape[0] <= MOE_GEMV_MAX_TOKENS and _gemv_unavailable is None:
         _check_moe_shapes(x, gate_up_proj, down_proj)
         try:
-            return fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, *scales)
+            return fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, *scales, norm_weight, eps,
+                                  residual)
         except (CompilationError, OutOfResources) as error:
             _gemv_unavailable = f"{type(error).__name__}: {error}"
             logger.debug("qwen3_accel: MoE GEMV kernels unavailable, using the grouped GEMMs (%s)", _gemv_unavailable)
-    return fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids, *scales)
+    return _around(fused_moe_grouped, x, gate_up_proj, down_proj, topk_weights, topk_ids, *scales, norm_weight, eps,
+                   residual)
+
+
+def _around(experts_fn, x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n,
+            group_k, gate_up_zero, down_zero, norm_weight, eps, residual):
+    """`experts_fn` (no norm, no residual) with the RMSNorm before it and the residual add after it, as HF does."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    out = experts_fn(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n, group_k,
+                     gate_up_zero, down_zero)
+    return out if residual is None else residual + out
 
 
 def _check_moe_shapes(x, gate_up_proj, down_proj) -> None:
@@ -505,9 +537,13 @@ def dequantize_experts(weight: torch.Tensor, scale: torch.Tensor, group_n: int, 
 
 
 def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids,
-        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None):
-    """HF v5's eager `Qwen3MoeExperts.forward`, step for step (routing weights cast to x's dtype); quantized
-    experts are dequantized to x's dtype first."""
+        gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None,
+        norm_weight=None, eps=0.0, residual=None):
+    """HF v5's eager `Qwen3MoeExperts.forward`, step for step (routing weights cast to x's dtype), with the layer's
+    RMSNorm before it and the residual add after it when given; quantized experts are dequantized to x's dtype."""
+    if norm_weight is not None or residual is not None:
+        return _around(fused_moe_reference, x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale,
+                       down_scale, group_n, group_k, gate_up_zero, down_zero, norm_weight, eps, residual)
     if gate_up_scale is not None:
         gate_up_proj = dequantize_experts(gate_up_proj, gate_up_scale, group_n, group_k, x.dtype, gate_up_zero)
         down_proj = dequantize_experts(down_proj, down_scale, group_n, group_k, x.dtype, down_zero)
@@ -530,11 +566,13 @@ def fused_moe(
     topk_weights: torch.Tensor, topk_ids: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None, group_n: int = 1, group_k: int = 1,
     gate_up_zero: torch.Tensor | None = None, down_zero: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MoE experts for x [T, H] routed by (topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]; fp8, int8 or
-    packed int4 experts with their block scales and int4 zero points (see above)."""
+    packed int4 experts with their block scales and int4 zero points (see above). With `norm_weight`, x is the
+    residual stream and is RMS-normalised first; with `residual` [T, H], the result is residual + experts."""
     args = (x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n, group_k,
-            gate_up_zero, down_zero)
+            gate_up_zero, down_zero, norm_weight, eps, residual)
     if x.is_cuda:
         return fused_moe_triton(*args)
     return fused_moe_reference(*args)
@@ -542,5 +580,5 @@ def fused_moe(
 
 @fused_moe.register_fake
 def _(x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale=None, down_scale=None, group_n=1,
-      group_k=1, gate_up_zero=None, down_zero=None):
+      group_k=1, gate_up_zero=None, down_zero=None, norm_weight=None, eps=0.0, residual=None):
     return x.new_empty(x.shape)

@@ -32,6 +32,9 @@ from ..quantize import LinearFormat, linear_format
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Feed-forward callback: (kernels, the layer's `mlp` module, x [B, L, H]) -> [B, L, H].
 MlpFn = Callable[[Kernels, nn.Module, torch.Tensor], torch.Tensor]
+# Fused decode feed-forward callback: (kernels, `mlp` module, its RMSNorm, residual stream [B, 1, H]) -> the stream
+# after the block, the norm and the residual add folded into its kernels.
+DecodeMlpFn = Callable[[Kernels, nn.Module, nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -215,23 +218,26 @@ DECODE_LINEAR_MODES = ("auto", "always", "never")
 def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: str = "auto") -> bool:
     """Whether a decode step of `rows` rows runs its projections through `decode_linear`, with the RMSNorms, SiLU·mul
     and residual adds folded in (7 launches per dense layer instead of 10): up to DECODE_LINEAR_MAX_ROWS rows, one
-    device, no biases. With mode "auto": quantized projections always (they run our GEMV either way); projections
-    in the model dtype (where it replaces cuBLAS) up to DECODE_LINEAR_DENSE_MAX_HIDDEN, and only in dense models
-    (a MoE layer saves no launch: its norm and residual add stay outside the experts)."""
+    device, no biases. With mode "auto": quantized projections always (they run our GEMV either way), projections
+    in the model dtype (where it replaces cuBLAS) in models up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
     attn = model.model.layers[0].self_attn
     if mode == "never" or tp.world_size > 1 or rows > DECODE_LINEAR_MAX_ROWS:
         return False
     if attn.qkv_bias is not None or attn.o_proj.bias is not None:
         return False
-    if mode == "always" or attn.qkv_format is not None:
-        return True
-    return model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN and all(
-        hasattr(layer.mlp, "gate_up_weight") for layer in model.model.layers)
+    return mode == "always" or attn.qkv_format is not None or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
 
 
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Qwen3MLP: one GEMM for gate/up, SiLU * up, down projection (a partial sum under tensor parallelism)."""
     return linear(kernels, kernels.silu_and_mul(fused_linear(kernels, x, module, "gate_up")), module.down_proj)
+
+
+def decode_mlp(kernels: Kernels, module: nn.Module, norm: nn.Module, stream: torch.Tensor) -> torch.Tensor:
+    """Qwen3MLP in a fused decode step: norm + gate/up + SiLU·mul, then down + residual: two launches."""
+    act = kernels.decode_linear(stream, *fused_operands(module, "gate_up"), norm.weight, norm.variance_epsilon,
+                                None, True)
+    return kernels.decode_linear(act, *linear_operands(module.down_proj), None, 0.0, stream, False)
 
 
 def row_parallel_linear(kernels: Kernels, tp: SingleDevice, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -266,13 +272,14 @@ def forward_hidden(
     mlp_fn: MlpFn = mlp,
     tp: SingleDevice = SingleDevice(),
     decode_slot: DecodeSlot | None = None,
-    fuse_linears: bool = False,
+    fused_mlp: DecodeMlpFn | None = None,
 ) -> torch.Tensor:
     """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
 
     `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe). With
     `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself,
-    and with `fuse_linears` too (see `fuses_decode_linears`) the projections run through `decode_linear`.
+    and with `fused_mlp` too (see `fuses_decode_linears`) the attention projections run through `decode_linear`
+    and each feed-forward block through `fused_mlp`, every RMSNorm and residual add folded into them.
     Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are
     partial sums, reduced over the ranks.
     """
@@ -280,7 +287,7 @@ def forward_hidden(
     shape = model_shape(model)
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     flat_positions = positions.reshape(-1)
-    fused = decode_slot is not None and fuse_linears
+    fused = decode_slot is not None and fused_mlp is not None
     residual = None  # unfused: the residual stream, one add behind `hidden`; fused: `hidden` is the stream
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -311,7 +318,7 @@ def forward_hidden(
         norm = layer.post_attention_layernorm
         if fused:
             hidden = kernels.decode_linear(out, *linear_operands(attn.o_proj), None, 0.0, hidden, False)
-            hidden = _fused_decode_mlp(kernels, layer.mlp, norm, hidden, mlp_fn)
+            hidden = fused_mlp(kernels, layer.mlp, norm, hidden)
         else:
             hidden = row_parallel_linear(kernels, tp, out, attn.o_proj)
             x, residual = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
@@ -322,14 +329,3 @@ def forward_hidden(
         return kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
     hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
     return hidden
-
-
-def _fused_decode_mlp(kernels: Kernels, mlp_module: nn.Module, norm: nn.Module, stream: torch.Tensor,
-                      mlp_fn: MlpFn) -> torch.Tensor:
-    """The residual stream after a layer's feed-forward block, for `forward_hidden`'s fused decode: a dense MLP in
-    two `decode_linear` launches (norm + gate/up + SiLU·mul, then down + residual), a MoE block after its norm."""
-    if not hasattr(mlp_module, "gate_up_weight"):
-        return stream + mlp_fn(kernels, mlp_module, kernels.rms_norm(stream, norm.weight, norm.variance_epsilon))
-    act = kernels.decode_linear(stream, *fused_operands(mlp_module, "gate_up"), norm.weight, norm.variance_epsilon,
-                                None, True)
-    return kernels.decode_linear(act, *linear_operands(mlp_module.down_proj), None, 0.0, stream, False)

@@ -70,3 +70,19 @@ def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     experts = module.experts
     return kernels.fused_moe(x2d, local(experts.gate_up_proj), local(experts.down_proj), weights, ids,
                              *expert_scales(experts)).view(x.shape)
+
+
+def decode_mlp(kernels: Kernels, module: nn.Module, norm: nn.Module, stream: torch.Tensor) -> torch.Tensor:
+    """A sparse MoE block in a fused decode step: the router GEMV with the norm folded in, routing, then the experts
+    with the norm folded into their gate/up GEMVs and the residual add into the down GEMVs; dense layers as in
+    Qwen3."""
+    if not isinstance(module, Qwen3MoeSparseMoeBlock):
+        return qwen3.decode_mlp(kernels, module, norm, stream)
+    router, experts = module.gate, module.experts
+    x2d = stream.reshape(-1, stream.shape[-1])
+    logits = kernels.decode_linear(x2d, *qwen3.linear_operands(router), norm.weight, norm.variance_epsilon, None,
+                                   False)
+    weights, ids = kernels.moe_route(logits, router.top_k, router.norm_topk_prob)
+    return kernels.fused_moe(x2d, local(experts.gate_up_proj), local(experts.down_proj), weights, ids,
+                             *expert_scales(experts), norm_weight=norm.weight, eps=norm.variance_epsilon,
+                             residual=x2d).view(stream.shape)
