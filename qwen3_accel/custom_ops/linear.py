@@ -61,6 +61,24 @@ def _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4: tl.conste
 
 
 @triton.jit
+def row_rstd(x_row, n_in, eps, BLOCK_K: tl.constexpr):
+    """1 / RMS of the activation row x_row[0:n_in] in fp32, as HF's RMSNorm computes it (for a norm prologue)."""
+    kk = tl.arange(0, BLOCK_K)
+    squares = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        a = tl.load(x_row + k0 + kk, mask=(k0 + kk) < n_in, other=0.0).to(tl.float32)
+        squares += a * a
+    return tl.rsqrt(tl.sum(squares, axis=0) / n_in + eps)
+
+
+@triton.jit
+def rms_normed(a, rstd, norm_ptr, k, k_valid, DTYPE: tl.constexpr):
+    """Activations `a` (fp32) of columns k normalised and weighted with HF's two roundings to DTYPE, in fp32."""
+    norm_weight = tl.load(norm_ptr + k, mask=k_valid, other=0.0).to(tl.float32)
+    return ((a * rstd).to(DTYPE).to(tl.float32) * norm_weight).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n, k, k0, n_valid, k_valid, w_row_stride, scale_row_stride,
                        group_n, group_k, INT4: tl.constexpr, GROUPED: tl.constexpr):
     """Weight rows n, columns k in fp32 [BLOCK_N, BLOCK_K], the group's zero point and scale applied (GROUPED)."""
@@ -93,11 +111,7 @@ def _gemv_kernel(
     x_row = x_ptr + row * x_row_stride
     dtype = x_ptr.dtype.element_ty
     if NORM:
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            a = tl.load(x_row + k0 + kk, mask=k0 + kk < n_in, other=0.0).to(tl.float32)
-            squares += a * a
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / n_in + eps)
+        rstd = row_rstd(x_row, n_in, eps, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if SILU_MUL:
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -106,8 +120,7 @@ def _gemv_kernel(
         k_valid = k < n_in
         a = tl.load(x_row + k, mask=k_valid, other=0.0).to(tl.float32)
         if NORM:
-            norm_weight = tl.load(norm_ptr + k, mask=k_valid, other=0.0).to(tl.float32)
-            a = ((a * rstd).to(dtype).to(tl.float32) * norm_weight).to(dtype).to(tl.float32)
+            a = rms_normed(a, rstd, norm_ptr, k, k_valid, dtype)
         acc += _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n, k, k0, n_valid, k_valid, w_row_stride,
                                   scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
         if SILU_MUL:

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from .linear import block_within_group
+from .linear import block_within_group, rms_normed, row_rstd
 from .rms_norm import rms_norm_reference
 
 logger = logging.getLogger(__name__)
@@ -311,11 +311,7 @@ def _moe_gemv_gate_up_kernel(
     x_row = x_ptr + token * x_row_stride
     dtype = out_ptr.dtype.element_ty
     if NORM:
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            a = tl.load(x_row + k0 + kk, mask=(k0 + kk) < hidden, other=0.0).to(tl.float32)
-            squares += a * a
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / hidden + eps)
+        rstd = row_rstd(x_row, hidden, eps, BLOCK_K)
     gate_rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
     up_rows = gate_rows + inter * w_row_stride
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -324,8 +320,7 @@ def _moe_gemv_gate_up_kernel(
         k_valid = (k0 + kk) < hidden
         a = tl.load(x_row + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
         if NORM:
-            norm_weight = tl.load(norm_ptr + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
-            a = ((a * rstd).to(dtype).to(tl.float32) * norm_weight).to(dtype).to(tl.float32)
+            a = rms_normed(a, rstd, norm_ptr, k0 + kk, k_valid, dtype)
         w_mask = n_valid[:, None] & k_valid[None, :]
         gate_w = _load_weight(gate_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
         up_w = _load_weight(up_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
