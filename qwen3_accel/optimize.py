@@ -430,8 +430,11 @@ class Qwen3Accelerator:
                     k, v = keys.transpose(1, 2), values.transpose(1, 2)
                 return prefill_attention(q, k, v, key_valid, self.scale)
 
+        # A few tokens (beam search or a user's loop stepping over HF's cache): the decode-sized fused projections.
+        fuse = dense.fuses_decode_linears(self.model, batch * seq_len, self.tp, self.options.decode_linear)
         hidden = dense.forward_hidden(
-            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp
+            self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp,
+            None, self.patches.decode_mlp if fuse else None,
         )
         if isinstance(cache, Qwen3StaticCache):
             cache.seq_length = end

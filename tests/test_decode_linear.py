@@ -158,3 +158,14 @@ def test_decode_linear_modes(monkeypatch, name, mode, weights, dense_max_hidden,
     kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
     assert bool(calls) == fused
+
+
+def test_beam_search_steps_over_hf_cache_use_the_fused_projections():
+    """HF's loop over its DynamicCache (beam search) reaches our forward a few tokens at a time: those steps take
+    the fused projections too (the prompt, 2 beams x 6 tokens, does not), with HF's tokens."""
+    reference, optimized = model_pair("tiny", compile=False, kernels="triton", decode_linear="always")
+    calls = counting_decode_linear(optimized)
+    ids, mask = left_padded_batch([6], 512, seed=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert len(calls) == 3 * 4 * reference.config.num_hidden_layers  # 3 steps after the prompt, 4 per layer

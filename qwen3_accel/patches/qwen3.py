@@ -216,9 +216,9 @@ DECODE_LINEAR_MODES = ("auto", "always", "never")
 
 
 def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: str = "auto") -> bool:
-    """Whether a decode step of `rows` rows runs its projections through `decode_linear`, with the RMSNorms, SiLU·mul
-    and residual adds folded in (7 launches per dense layer instead of 10): up to DECODE_LINEAR_MAX_ROWS rows, one
-    device, no biases. With mode "auto": quantized projections always (they run our GEMV either way), projections
+    """Whether a forward of `rows` tokens (a decode step, or a few tokens over HF's cache) runs its projections
+    through `decode_linear`, with the RMSNorms, SiLU·mul and residual adds folded in (7 launches per dense layer
+    instead of 10): up to DECODE_LINEAR_MAX_ROWS rows, one device, no biases. With mode "auto": quantized projections always (they run our GEMV either way), projections
     in the model dtype (where it replaces cuBLAS) in models up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
     attn = model.model.layers[0].self_attn
     if mode == "never" or tp.world_size > 1 or rows > DECODE_LINEAR_MAX_ROWS:
@@ -277,9 +277,9 @@ def forward_hidden(
     """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
 
     `mlp_fn(kernels, layer.mlp, x)` runs each layer's feed-forward block (dense here, MoE in qwen3_moe). With
-    `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself,
-    and with `fused_mlp` too (see `fuses_decode_linears`) the attention projections run through `decode_linear`
-    and each feed-forward block through `fused_mlp`, every RMSNorm and residual add folded into them.
+    `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself.
+    With `fused_mlp` (a few tokens: see `fuses_decode_linears`) the attention projections run through
+    `decode_linear` and each feed-forward block through `fused_mlp`, every RMSNorm and residual add folded in.
     Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are
     partial sums, reduced over the ranks.
     """
@@ -287,7 +287,7 @@ def forward_hidden(
     shape = model_shape(model)
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     flat_positions = positions.reshape(-1)
-    fused = decode_slot is not None and fused_mlp is not None
+    fused = fused_mlp is not None
     residual = None  # unfused: the residual stream, one add behind `hidden`; fused: `hidden` is the stream
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
