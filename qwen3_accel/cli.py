@@ -42,10 +42,13 @@ def _weights(text: str) -> tuple[str, ...]:
 
 
 def _decode_linear_modes(text: str) -> tuple[str, ...]:
+    from .patches.qwen3 import DECODE_LINEAR_MODES
+
     modes = tuple(x for x in text.split(",") if x)
-    unknown = set(modes) - {"always", "never"}
+    others = [m for m in DECODE_LINEAR_MODES if m != "auto"]  # "auto" is the qwen3_accel contender itself
+    unknown = set(modes) - set(others)
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown decode_linear modes {sorted(unknown)}; choose from always, never")
+        raise argparse.ArgumentTypeError(f"unknown decode_linear modes {sorted(unknown)}; choose from {others}")
     return modes
 
 
