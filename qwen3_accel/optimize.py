@@ -138,6 +138,20 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
+def _implementations(model: torch.nn.Module) -> dict[str, str | None]:
+    """The attention and (MoE) experts implementations HF's forward uses now."""
+    return {"attention": model.config._attn_implementation,
+            "experts": getattr(model.config, "_experts_implementation", None)}
+
+
+def _set_implementations(model: torch.nn.Module, implementations: dict[str, str | None]) -> None:
+    if model.config._attn_implementation != implementations["attention"]:
+        model.set_attn_implementation(implementations["attention"])
+    experts = implementations["experts"]
+    if experts is not None and model.config._experts_implementation != experts:
+        model.set_experts_implementation(experts)
+
+
 def _require_tokens(tokens: Any) -> None:
     """HF fails deep inside on an empty prompt; say what is wrong instead."""
     if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[1] == 0:
@@ -156,6 +170,7 @@ class Qwen3Accelerator:
         self.options = options
         self.hf_forward = model.forward
         self.hf_generate = model.generate
+        self.hf_implementations = _implementations(model)  # before _setup selects ours
         self._setup()
         model.forward = self.forward
         model.generate = self.generate
@@ -173,6 +188,11 @@ class Qwen3Accelerator:
         self.shape = dense.model_shape(model)
         self.scale = model.model.layers[0].self_attn.scaling
         self.fused = self.patches.prepare(model)
+        # HF's own forward (requests ours hands it) attends through our decode kernel, unless the user chose an
+        # implementation other than HF's default or asked for SDPA / the torch references.
+        ours_asked = options.attention != "sdpa" and options.kernels != "torch"
+        if self.hf_implementations["attention"] == "sdpa" and ours_asked:
+            model.set_attn_implementation(dense.ATTENTION_IMPLEMENTATION)
         quantize.use_our_fp8_forward(model)
         self.cos_sin = dense.rope_table(model, model.config.max_position_embeddings)
         self.cache: Qwen3StaticCache | None = None
@@ -184,7 +204,7 @@ class Qwen3Accelerator:
         self._ready = True
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"model": self.model, "options": self.options}
+        return {"model": self.model, "options": self.options, "hf_implementations": self.hf_implementations}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _ready=False)  # the model is not restored yet: set up on first use
@@ -254,13 +274,17 @@ class Qwen3Accelerator:
 
     @contextlib.contextmanager
     def disabled(self):
-        """Run HF's own forward and generate (same weights) inside this block, e.g. for a baseline."""
+        """Run HF's own forward and generate (same weights, HF's attention and experts implementations) inside this
+        block, e.g. for a baseline."""
         self._ensure_ready()
+        ours = _implementations(self.model)
         self.model.forward, self.model.generate = self.hf_forward, self.hf_generate
+        _set_implementations(self.model, self.hf_implementations)
         try:
             yield self.model
         finally:
             self.model.forward, self.model.generate = self.forward, self.generate
+            _set_implementations(self.model, ours)
 
     def fast_state(self, rows: int, max_len: int) -> fast_generate.FastDecodeState:
         """The fast loop's static buffers for a batch bucket (allocated once per bucket and cache size)."""
@@ -366,8 +390,9 @@ class Qwen3Accelerator:
                    if kwargs.get(flag, getattr(config, flag, False))]
         if labels is not None:
             hf_only.append("labels")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            hf_only.append("a 4-D attention mask")
+        mask_2d = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+        if not mask_2d:  # 4-D, or the per-layer-type dict HF's generate prepares for its static caches
+            hf_only.append("a prepared attention mask")
         if torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad:
             hf_only.append("gradients")
         if hf_only and ours:
@@ -376,7 +401,7 @@ class Qwen3Accelerator:
         # the Cache API; any other cache class, or a mask that does not cover the cache, runs HF's forward.
         if cache is not None and not ours and type(cache) is not DynamicCache:
             hf_only.append(f"a {type(cache).__name__}")
-        elif type(cache) is DynamicCache and attention_mask is not None and tokens is not None and (
+        elif type(cache) is DynamicCache and mask_2d and attention_mask is not None and tokens is not None and (
             attention_mask.shape[-1] != past + tokens.shape[1]
         ):
             hf_only.append("an attention mask that does not cover the cache")

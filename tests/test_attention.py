@@ -38,6 +38,18 @@ def test_decode_kernel_matches_float64_reference(context, group, head_dim, dtype
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_kernel_reads_hf_cache_layout_in_place(dtype):
+    """HF's caches are [B, kv_heads, S, D]: the kernel reads their transposed view (the attention interface
+    entry passes it without a copy)."""
+    q, k, v, valid, start, end = _cache_case(1000, 2, 64, dtype)
+    hf_keys, hf_values = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    out = decode_attention_triton(q, hf_keys.transpose(1, 2), hf_values.transpose(1, 2), valid, start, end, 0.125)
+    expected = decode_attention_reference(q.double(), k.double(), v.double(), valid, start, end, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
 def test_decode_attention_registration():
     q, k, v, valid, start, end = _cache_case(17, 2, 64, torch.float32)
     torch.library.opcheck(torch.ops.qwen3_accel.decode_attention, (q, k, v, valid, start, end, 0.125),

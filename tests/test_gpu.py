@@ -141,3 +141,20 @@ def test_decode_linear_cuts_gpu_ops_per_step():
                                         torch.device("cuda"))
     layers = reference.config.num_hidden_layers
     assert ops["never"] - ops["always"] >= 3 * layers, ops
+
+
+@pytest.mark.parametrize("request_kwargs", [dict(cache_implementation="static"),
+                                            dict(output_hidden_states=True, return_dict_in_generate=True)])
+def test_hf_forward_decodes_through_our_kernel_on_gpu(request_kwargs):
+    """Requests our forward hands to HF's attend through the split-KV Triton kernel over HF's cache (fp32, CUDA):
+    HF eager's tokens, one kernel call per layer and step."""
+    reference, optimized = model_pair("tiny", device="cuda")
+    ids, mask = left_padded_batch([9, 5, 12], 512, seed=5)
+    kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=6, do_sample=False, pad_token_id=0, **request_kwargs)
+    expected = reference.generate(ids.cuda(), **kwargs)
+    with torch.profiler.profile() as profile:
+        actual = optimized.generate(ids.cuda(), **kwargs)
+    calls = sum(event.name == "qwen3_accel::decode_attention" for event in profile.events())
+    assert calls == 5 * reference.config.num_hidden_layers
+    sequences = [out if isinstance(out, torch.Tensor) else out.sequences for out in (expected, actual)]
+    assert torch.equal(*sequences)

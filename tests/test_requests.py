@@ -215,3 +215,48 @@ def test_hf_forward_of_an_optimized_moe_uses_our_experts():
     name = "model.layers.1.mlp.experts.down_proj"
     torch.testing.assert_close(optimized.get_parameter(name).grad, reference.get_parameter(name).grad,
                                atol=1e-5, rtol=1e-4)
+
+
+def op_calls(profile, op: str) -> int:
+    return sum(event.name == f"qwen3_accel::{op}" for event in profile.events())
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("request_kwargs", [dict(output_hidden_states=True, return_dict_in_generate=True),
+                                            dict(cache_implementation="static")], ids=["hidden-states", "hf-static"])
+def test_hf_forward_decodes_through_our_attention(name, request_kwargs):
+    """Decode steps our forward hands to HF's (extra outputs; HF's StaticCache) attend through transformers'
+    AttentionInterface entry "qwen3_accel": decode_attention over HF's cache, one call per layer and step, with HF
+    eager's tokens. Prompts stay on SDPA; `disabled()` runs HF's own implementations (no op of ours at all)."""
+    reference, optimized = model_pair(name, compile=False)
+    assert optimized.config._attn_implementation == "qwen3_accel"
+    ids, mask = left_padded_batch([6, 4], 512, seed=12)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, **request_kwargs, **GREEDY)
+    expected = reference.generate(ids, **kwargs)
+    with torch.profiler.profile() as profile:
+        actual = optimized.generate(ids, **kwargs)
+    assert op_calls(profile, "decode_attention") == 4 * reference.config.num_hidden_layers  # 4 steps after the prompt
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected)
+    else:
+        assert torch.equal(actual.sequences, expected.sequences)
+        for step_expected, step_actual in zip(expected.hidden_states, actual.hidden_states):
+            torch.testing.assert_close(step_actual, step_expected, atol=1e-5, rtol=1e-5)
+
+    with optimized.qwen3_accel.disabled(), torch.profiler.profile() as profile:
+        assert optimized.config._attn_implementation == reference.config._attn_implementation
+        assert getattr(optimized.config, "_experts_implementation", None) == \
+            getattr(reference.config, "_experts_implementation", None)
+        baseline = optimized.generate(ids, **kwargs)
+    assert not any(event.name.startswith("qwen3_accel::") for event in profile.events())
+    assert torch.equal(baseline if isinstance(baseline, torch.Tensor) else baseline.sequences,
+                       expected if isinstance(expected, torch.Tensor) else expected.sequences)
+    assert optimized.config._attn_implementation == "qwen3_accel"
+
+
+@pytest.mark.parametrize("implementation, options", [("eager", {}), ("sdpa", dict(attention="sdpa")),
+                                                     ("sdpa", dict(kernels="torch"))])
+def test_hf_attention_is_kept_when_the_user_chose_it(implementation, options):
+    model = build_model("tiny", attn_implementation=implementation)
+    qwen3_accel.optimize(model, compile=False, **options)
+    assert model.config._attn_implementation == implementation
