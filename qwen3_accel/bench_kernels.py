@@ -312,10 +312,23 @@ def _unfused_layer_linears(stream, previous, attn_out, norm1, norm2, w_qkv, w_o,
     return qkv, torch.nn.functional.linear(act, w_down)
 
 
+def _fused_head(stream, _previous, norm, w_head):
+    """The final RMSNorm folded into the LM head's GEMV (`decode_logits`): one launch."""
+    return torch.ops.qwen3_accel.decode_linear(stream, w_head, None, None, 1, w_head.shape[1], norm, 1e-6, None,
+                                               False)
+
+
+def _unfused_head(stream, previous, norm, w_head):
+    """The last residual add + final RMSNorm kernel, then cuBLAS for the LM head: two launches."""
+    x, _ = torch.ops.qwen3_accel.fused_add_rms_norm(stream, previous, norm, 1e-6)
+    return torch.nn.functional.linear(x, w_head)
+
+
 def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=("Qwen3-0.6B", "Qwen3-8B"),
                               row_counts=(1, 2, 4)) -> list[Case]:
-    """The projections of one decode layer in the model dtype, through `decode_linear` and through cuBLAS with
-    separate kernels: the figures that place DECODE_LINEAR_DENSE_MAX_HIDDEN (`decode_linear="auto"`)."""
+    """The projections of one decode layer in the model dtype, and the final norm + LM head, through
+    `decode_linear` and through cuBLAS with separate kernels: the figures that place DECODE_LINEAR_DENSE_MAX_HIDDEN
+    (`decode_linear="auto"`)."""
     cases = []
     for name in models:
         config = get_config(name)
@@ -333,6 +346,16 @@ def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=(
 
             cases.append(Case("decode_layer_linears", f"{name} {rows} row(s)", weight_bytes, make, {
                 "qwen3_accel": _fused_layer_linears, "cublas+ops": _unfused_layer_linears,
+            }))
+
+            def make_head(rows=rows):
+                stream, previous = (torch.randn(rows, hidden, device=device, dtype=dtype) for _ in range(2))
+                norm = 1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)
+                return stream, previous, norm, 0.02 * torch.randn(config.vocab_size, hidden, device=device, dtype=dtype)
+
+            head_bytes = config.vocab_size * hidden * torch.finfo(dtype).bits // 8
+            cases.append(Case("decode_norm_lm_head", f"{name} {rows} row(s)", head_bytes, make_head, {
+                "qwen3_accel": _fused_head, "cublas+ops": _unfused_head,
             }))
     return cases
 

@@ -510,13 +510,15 @@ class Qwen3Accelerator:
                                                 self.scale)
             return out.reshape(batch, 1, -1)
 
-        fuse = dense.fuses_decode_linears(self.model, batch, self.tp, self.options.decode_linear)
+        mode = self.options.decode_linear
+        fuse = dense.fuses_decode_linears(self.model, batch, self.tp, mode)
+        fuse_head = fuse and dense.fuses_decode_head(self.model, mode)
         hidden = dense.forward_hidden(
             self.model, self.kernels, self.cos_sin, embeds, position_ids, attend, self.patches.mlp, self.tp,
-            dense.DecodeSlot(keys, values, write_pos), self.patches.decode_mlp if fuse else None,
+            dense.DecodeSlot(keys, values, write_pos), self.patches.decode_mlp if fuse else None, not fuse_head,
         )
         write_pos.add_(1)
-        return self.logits(hidden)
+        return dense.decode_logits(self.kernels, self.model, hidden) if fuse_head else self.logits(hidden)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (this rank's vocabulary rows summed over ranks under tensor parallelism)."""

@@ -46,7 +46,7 @@ def test_bench_kernels_quick_run(tmp_path):
     report = json.loads((tmp_path / "kernels.json").read_text())
     ops = {row["op"] for row in report["cases"]}
     assert ops == {"rms_norm", "fused_add_rms_norm", "qk_norm_rope", "qk_norm_rope_store_kv", "silu_and_mul",
-                   "decode_attention", "moe_block", "decode_layer_linears",
+                   "decode_attention", "moe_block", "decode_layer_linears", "decode_norm_lm_head",
                    "quantized_linear_int8", "quantized_linear_int4", "quantized_linear_fp8", "linear_float32"}
     for row in report["cases"]:
         ours = "torch_eager" if row["op"] == "linear_float32" else "qwen3_accel"  # the unquantized base line

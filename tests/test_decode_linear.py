@@ -95,19 +95,25 @@ def test_op_registration(fmt):
 
 
 def counting_decode_linear(optimized):
-    """Count the model's `decode_linear` calls (the real kernel still runs)."""
+    """Record the weight (dtype, shape) of each of the model's `decode_linear` calls (the real kernel still runs)."""
     acc = optimized.qwen3_accel
     calls = []
     real = acc.kernels.decode_linear
-    acc.kernels = dataclasses.replace(acc.kernels, decode_linear=lambda *a: calls.append(a[1].dtype) or real(*a))
+    acc.kernels = dataclasses.replace(
+        acc.kernels, decode_linear=lambda *a: calls.append((a[1].dtype, tuple(a[1].shape))) or real(*a))
     return calls
+
+
+def head_calls(calls: list, model) -> int:
+    """How many recorded calls ran the LM head (final norm folded in)."""
+    return sum(shape == tuple(model.lm_head.weight.shape) for _, shape in calls)
 
 
 @pytest.mark.parametrize("name,weights", [("tiny", None), ("tiny", "int4"), ("tiny-moe", None), ("tiny-moe", "int8")])
 def test_tiny_models_decode_through_decode_linear(name, weights):
     """Dense and MoE (layer 1 a dense MLP) models on the Triton kernels, interpreted, with decode_linear="always":
     every decode step runs its projections through `decode_linear` (4 per dense layer; per MoE layer QKV, o_proj
-    and the router, the norm and residual add going into `fused_moe`) and the
+    and the router, the norm and residual add going into `fused_moe`; the final norm with the LM head) and the
     greedy tokens are HF eager's (quantized: those of the dequantized model, whose weights the kernels read)."""
     from test_quantized import dequantized_reference
 
@@ -125,9 +131,10 @@ def test_tiny_models_decode_through_decode_linear(name, weights):
     assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
     layers = config.num_hidden_layers
     per_step = 4 * layers if name == "tiny" else 3 * layers + 1  # MoE layers: QKV, o_proj and the router
-    assert len(calls) == 4 * per_step  # 4 decode steps after the prefill
+    assert len(calls) == 4 * (per_step + 1)  # 4 decode steps after the prefill, each with the LM head
+    assert head_calls(calls, optimized) == 4
     projections = {torch.uint8 if weights == "int4" else torch.int8 if weights else torch.float32}
-    assert set(calls) == projections | ({torch.float32} if name == "tiny-moe" else set())  # the router stays fp32
+    assert {dtype for dtype, _ in calls} == projections | {torch.float32}  # the router and the LM head stay fp32
 
 
 def test_wider_batches_keep_the_unfused_path():
@@ -139,14 +146,17 @@ def test_wider_batches_keep_the_unfused_path():
     assert not calls
 
 
-@pytest.mark.parametrize("name,mode,weights,dense_max_hidden,fused", [
-    ("tiny", "never", None, 2048, False), ("tiny", "never", "int8", 2048, False), ("tiny", "always", None, 0, True),
-    ("tiny", "auto", None, 0, False), ("tiny", "auto", "int8", 0, True), ("tiny", "auto", None, 2048, True),
-    ("tiny-moe", "auto", None, 0, False), ("tiny-moe", "auto", None, 2048, True), ("tiny-moe", "auto", "int8", 0, True),
+@pytest.mark.parametrize("name,mode,weights,dense_max_hidden,fused,head", [
+    ("tiny", "never", None, 2048, False, False), ("tiny", "never", "int8", 2048, False, False),
+    ("tiny", "always", None, 0, True, True), ("tiny", "auto", None, 0, False, False),
+    ("tiny", "auto", "int8", 0, True, False), ("tiny", "auto", "int8", 2048, True, True),
+    ("tiny", "auto", None, 2048, True, True), ("tiny-moe", "auto", None, 0, False, False),
+    ("tiny-moe", "auto", None, 2048, True, True), ("tiny-moe", "auto", "int8", 0, True, False),
 ])
-def test_decode_linear_modes(monkeypatch, name, mode, weights, dense_max_hidden, fused):
-    """"auto" fuses quantized projections always, those in the model dtype up to the hidden-size bound (set here
-    below and above the tiny models'); "always" and "never" override it. Tokens are HF's either way."""
+def test_decode_linear_modes(monkeypatch, name, mode, weights, dense_max_hidden, fused, head):
+    """"auto" fuses quantized projections always, those in the model dtype (the LM head among them) up to the
+    hidden-size bound (set here below and above the tiny models'); "always" and "never" override it. Tokens are
+    HF's either way."""
     monkeypatch.setattr(qwen3_accel.patches.qwen3, "DECODE_LINEAR_DENSE_MAX_HIDDEN", dense_max_hidden)
     reference, optimized = model_pair(name, compile=False, kernels="triton", decode_linear=mode, weights=weights)
     if weights:
@@ -158,6 +168,7 @@ def test_decode_linear_modes(monkeypatch, name, mode, weights, dense_max_hidden,
     kwargs = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
     assert bool(calls) == fused
+    assert head_calls(calls, optimized) == (2 if head else 0)  # 2 decode steps after the prompt
 
 
 def test_beam_search_steps_over_hf_cache_use_the_fused_projections():

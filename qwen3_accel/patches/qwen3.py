@@ -266,6 +266,22 @@ def fuses_decode_linears(model: nn.Module, rows: int, tp: SingleDevice, mode: st
     return mode == "always" or attn.qkv_format is not None or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
 
 
+def fuses_decode_head(model: nn.Module, mode: str = "auto") -> bool:
+    """Whether a fused decode step (see `fuses_decode_linears`) also folds the final RMSNorm into the LM head's
+    GEMV. The LM head stays in the model dtype, so it follows the rule for such projections: mode "always", or
+    "auto" in models up to DECODE_LINEAR_DENSE_MAX_HIDDEN."""
+    if mode == "never" or model.lm_head.bias is not None:
+        return False
+    return mode == "always" or model.config.hidden_size <= DECODE_LINEAR_DENSE_MAX_HIDDEN
+
+
+def decode_logits(kernels: Kernels, model: nn.Module, stream: torch.Tensor) -> torch.Tensor:
+    """Final RMSNorm + LM head in one `decode_linear` launch, on the residual stream of a fused decode step."""
+    norm, weight = model.model.norm, local(model.lm_head.weight)
+    return kernels.decode_linear(stream, weight, None, None, 1, weight.shape[1], norm.weight, norm.variance_epsilon,
+                                 None, False)
+
+
 def mlp(kernels: Kernels, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Qwen3MLP: one GEMM for gate/up, SiLU * up, down projection (a partial sum under tensor parallelism)."""
     return linear(kernels, kernels.silu_and_mul(fused_linear(kernels, x, module, "gate_up")), module.down_proj)
@@ -311,6 +327,7 @@ def forward_hidden(
     tp: SingleDevice = SingleDevice(),
     decode_slot: DecodeSlot | None = None,
     fused_mlp: DecodeMlpFn | None = None,
+    final_norm: bool = True,
 ) -> torch.Tensor:
     """The decoder stack on embeddings `hidden` [B, L, H] at `positions` [B, L] -> final-normed [B, L, H].
 
@@ -318,6 +335,8 @@ def forward_hidden(
     `decode_slot` (one token per row) the QK-norm + RoPE kernel writes the keys and values into the cache itself.
     With `fused_mlp` (a few tokens: see `fuses_decode_linears`) the attention projections run through
     `decode_linear` and each feed-forward block through `fused_mlp`, every RMSNorm and residual add folded in.
+    With `fused_mlp` and `final_norm=False`, the residual stream is returned before the final RMSNorm (for
+    `decode_logits`, which folds it into the LM head).
     Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are
     partial sums, reduced over the ranks.
     """
@@ -364,6 +383,8 @@ def forward_hidden(
 
     norm = model.model.norm
     if fused:
-        return kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        return kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon) if final_norm else hidden
+    if not final_norm:
+        raise ValueError("final_norm=False needs the fused decode path (fused_mlp)")
     hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
     return hidden
