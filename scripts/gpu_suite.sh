@@ -11,6 +11,8 @@
 #                                    ops inside the CUDA graph instead of calling our Triton ops
 #                   soak             8 minutes of mixed generate() requests on one Qwen3-0.6B model: crashes,
 #                                    graphs held, memory after warm-up and at the end (scripts/soak.py)
+#                   sizes            the other dense sizes (Qwen3-1.7B, 4B, 14B, 32B), qwen3_accel at batch 1,
+#                                    tok/s, % of roofline and GPU operations per step (one call of its own)
 # Each stage has its own time limit; $OUT_DIR/timing.txt records how long each one took.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_suite.sh OUT_DIR [STAGE...]}
@@ -74,6 +76,12 @@ for stage in "${stages[@]}"; do
             --contenders qwen3_accel --kernels torch --batch-sizes 1,8 --prompt-lengths 128 2>&1 | quiet ;;
     soak)
         timeout 570 python3 scripts/soak.py --model Qwen3-0.6B --minutes 8 2>&1 | tee "$out/soak.txt" ;;
+    sizes)
+        mkdir -p "$out/sizes"
+        for model in Qwen3-1.7B Qwen3-4B Qwen3-14B Qwen3-32B; do
+            timeout 140 "${bench[@]}" --out "$out/sizes" --model $model --contenders qwen3_accel --batch-sizes 1 \
+                --prompt-lengths 128 --decode-tokens 32 --decode-linear always 2>&1 | quiet
+        done ;;
     *) echo "unknown stage $stage" ;;
     esac
     echo "$stage $((SECONDS - stage_start)) s" | tee -a "$out/timing.txt"
