@@ -76,7 +76,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def compile_all(arch: int) -> list[Compiled]:
-    """Every launcher on the shapes and formats below, compiled for sm_<arch>; raises on the first failure."""
+    """Every launcher on the shapes and formats below, compiled for sm_<arch>; raises naming each case that fails."""
     results: list[Compiled] = []
     current_case = [""]
     launch = JITFunction.run
@@ -92,9 +92,15 @@ def compile_all(arch: int) -> list[Compiled]:
     # For the rest of this process: it only compiles.
     driver.set_active(TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
+    failures = []
     for name, call in cases():
         current_case[0] = name
-        call()
+        try:
+            call()
+        except Exception as error:  # report every case that does not compile, then fail
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+    if failures:
+        raise RuntimeError(f"{len(failures)} case(s) did not compile for sm_{arch}:\n" + "\n\n".join(failures))
     return results
 
 

@@ -49,15 +49,50 @@ QLINEAR_BLOCKS = dict(gemv=(32, 128), gemm=(64, 64, 64))  # (BLOCK_N, BLOCK_K), 
 
 
 @triton.jit
-def _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4: tl.constexpr, DTYPE: tl.constexpr):
-    """Weight rows n, columns k as stored (no scale, no zero point), exactly in DTYPE, 0 outside: [BLOCK_N, BLOCK_K]."""
-    mask = n_valid[:, None] & k_valid[None, :]
-    rows = w_ptr + n[:, None].to(tl.int64) * w_row_stride
+def load_weight(row_ptrs, k, mask, INT4: tl.constexpr, DTYPE: tl.constexpr):
+    """Weights at row pointers `row_ptrs`, columns `k` (broadcast together), as stored (no scale, no zero point),
+    exactly in DTYPE, 0 where masked. int4: two values per byte, the even column in the low nibble."""
+    # One return at the end: Triton compiles the statements after a return inside a constexpr `if` too.
     if INT4:
-        packed = tl.load(rows + (k // 2)[None, :], mask=mask, other=0).to(tl.int32)
-        return ((packed >> ((k & 1) * 4)[None, :]) & 0xF).to(DTYPE)
-    # No `other=`: it cannot be cast to fp8 (in the interpreter); masked lanes are zeroed after the conversion.
-    return tl.where(mask, tl.load(rows + k[None, :], mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
+        packed = tl.load(row_ptrs + k // 2, mask=mask, other=0).to(tl.int32)
+        w = ((packed >> ((k & 1) * 4)) & 0xF).to(DTYPE)
+    elif row_ptrs.dtype.element_ty.is_fp8():
+        # No `other=`: Triton cannot cast it to fp8; masked lanes are zeroed after the conversion instead.
+        w = tl.where(mask, tl.load(row_ptrs + k, mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
+    else:
+        w = tl.load(row_ptrs + k, mask=mask, other=0).to(DTYPE)
+    return w
+
+
+@triton.jit
+def group_value(base_ptr, rows, row_valid, k0, row_stride, group_n, group_k):
+    """The scale (or zero point) of each of `rows` in the group holding column k0, in fp32: [len(rows)]."""
+    ptrs = base_ptr + (rows // group_n).to(tl.int64) * row_stride + k0 // group_k
+    return tl.load(ptrs, mask=row_valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def dequantized_rows(row_ptrs, rows, row_valid, k, k_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n,
+                     group_k, INT4: tl.constexpr, GROUPED: tl.constexpr):
+    """A GEMV's weight block in fp32, [len(rows), len(k)]: `row_ptrs` [len(rows), 1] point at the rows, columns k
+    lie in one scale group (from k0); with GROUPED its zero point (int4) and scale are applied."""
+    w = load_weight(row_ptrs, k[None, :], row_valid[:, None] & k_valid[None, :], INT4, tl.float32)
+    if GROUPED:
+        if INT4:
+            w -= group_value(zero_ptr, rows, row_valid, k0, scale_row_stride, group_n, group_k)[:, None]
+        w *= group_value(scale_ptr, rows, row_valid, k0, scale_row_stride, group_n, group_k)[:, None]
+    return w
+
+
+@triton.jit
+def scaled_partial(part, a, cols, col_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n, group_k,
+                   INT4: tl.constexpr):
+    """A GEMM's partial product `part` = a @ q [M, len(cols)] over one scale group's columns (from k0), with the
+    group's scale per output column; int4's zero point enters through the row sums of a: x.(q - z)s = s(x.q - z sum x)."""
+    if INT4:
+        zero = group_value(zero_ptr, cols, col_valid, k0, scale_row_stride, group_n, group_k)
+        part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
+    return part * group_value(scale_ptr, cols, col_valid, k0, scale_row_stride, group_n, group_k)[None, :]
 
 
 @triton.jit
@@ -76,19 +111,6 @@ def rms_normed(a, rstd, norm_ptr, k, k_valid, DTYPE: tl.constexpr):
     """Activations `a` (fp32) of columns k normalised and weighted with HF's two roundings to DTYPE, in fp32."""
     norm_weight = tl.load(norm_ptr + k, mask=k_valid, other=0.0).to(tl.float32)
     return ((a * rstd).to(DTYPE).to(tl.float32) * norm_weight).to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n, k, k0, n_valid, k_valid, w_row_stride, scale_row_stride,
-                       group_n, group_k, INT4: tl.constexpr, GROUPED: tl.constexpr):
-    """Weight rows n, columns k in fp32 [BLOCK_N, BLOCK_K], the group's zero point and scale applied (GROUPED)."""
-    w = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, tl.float32)
-    if GROUPED:
-        groups = (n // group_n).to(tl.int64) * scale_row_stride + k0 // group_k
-        if INT4:
-            w -= tl.load(zero_ptr + groups, mask=n_valid, other=0).to(tl.float32)[:, None]
-        w *= tl.load(scale_ptr + groups, mask=n_valid, other=0.0).to(tl.float32)[:, None]
-    return w
 
 
 @triton.jit
@@ -112,8 +134,10 @@ def _gemv_kernel(
     dtype = x_ptr.dtype.element_ty
     if NORM:
         rstd = row_rstd(x_row, n_in, eps, BLOCK_K)
+    rows = w_ptr + n[:, None].to(tl.int64) * w_row_stride
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     if SILU_MUL:
+        up_rows = rows + up_offset * w_row_stride
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + kk
@@ -121,11 +145,11 @@ def _gemv_kernel(
         a = tl.load(x_row + k, mask=k_valid, other=0.0).to(tl.float32)
         if NORM:
             a = rms_normed(a, rstd, norm_ptr, k, k_valid, dtype)
-        acc += _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n, k, k0, n_valid, k_valid, w_row_stride,
-                                  scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
+        acc += dequantized_rows(rows, n, n_valid, k, k_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n,
+                                group_k, INT4, GROUPED) * a[None, :]
         if SILU_MUL:
-            acc_up += _gemv_weight_block(w_ptr, scale_ptr, zero_ptr, n + up_offset, k, k0, n_valid, k_valid,
-                                         w_row_stride, scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
+            acc_up += dequantized_rows(up_rows, n + up_offset, n_valid, k, k_valid, k0, scale_ptr, zero_ptr,
+                                       scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
     y = tl.sum(acc, axis=1)
     if PER_ROW:
         y *= tl.load(scale_ptr + n.to(tl.int64) * scale_row_stride, mask=n_valid, other=0.0).to(tl.float32)
@@ -157,8 +181,7 @@ def _quantized_gemm_kernel(
     m_valid = m < rows
     n_valid = n < n_out
     kk = tl.arange(0, BLOCK_K)
-    scale_rows = scale_ptr + (n // group_n).to(tl.int64) * scale_row_stride
-    zero_rows = zero_ptr + (n // group_n).to(tl.int64) * scale_row_stride
+    w_rows = w_ptr + n[:, None].to(tl.int64) * w_row_stride
     dot_dtype = tl.float32 if FP32_DOT else x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, n_in, BLOCK_K):
@@ -166,18 +189,15 @@ def _quantized_gemm_kernel(
         k_valid = k < n_in
         a = tl.load(x_ptr + m[:, None].to(tl.int64) * x_row_stride + k[None, :],
                     mask=m_valid[:, None] & k_valid[None, :], other=0.0).to(dot_dtype)
-        q = _load_quantized(w_ptr, n, k, n_valid, k_valid, w_row_stride, INT4, dot_dtype)
+        q = load_weight(w_rows, k[None, :], n_valid[:, None] & k_valid[None, :], INT4, dot_dtype)
         part = tl.dot(a, tl.trans(q), input_precision="ieee") if FP32_DOT else tl.dot(a, tl.trans(q))
         if PER_ROW:
             acc += part
         else:
-            group = k0 // group_k
-            if INT4:
-                zero = tl.load(zero_rows + group, mask=n_valid, other=0).to(tl.float32)
-                part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
-            acc += part * tl.load(scale_rows + group, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+            acc += scaled_partial(part, a, n, n_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n, group_k,
+                                  INT4)
     if PER_ROW:
-        acc *= tl.load(scale_rows, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+        acc *= group_value(scale_ptr, n, n_valid, 0, scale_row_stride, 1, 1)[None, :]
     out = out_ptr + m[:, None].to(tl.int64) * out_row_stride + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from .linear import block_within_group, rms_normed, row_rstd
+from .linear import block_within_group, dequantized_rows, load_weight, rms_normed, row_rstd, scaled_partial
 from .rms_norm import rms_norm_reference
 
 logger = logging.getLogger(__name__)
@@ -166,26 +166,9 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 # `scale [E, ceil(rows/group_n), ceil(cols/group_k)]` (transformers' FP8Experts: `gate_up_proj_scale_inv`,
 # `down_proj_scale_inv`), or int4 values packed two per byte along the columns (`[E, rows, cols/2]` uint8, even
 # column in the low nibble) with a uint8 zero point beside each scale: `w = (q - zero) * scale`. The kernels convert
-# the values exactly, apply zero point and scale to each BLOCK_K partial product (BLOCK_K divides group_k, so one
+# the values exactly (linear.py's `load_weight`, `dequantized_rows`, `scaled_partial`, shared with the linear layers),
+# apply zero point and scale to each BLOCK_K partial product (BLOCK_K divides group_k, so one
 # block lies in one group) and accumulate in fp32.
-@triton.jit
-def _load_weight(row_ptrs, k, mask, SCALED: tl.constexpr, INT4: tl.constexpr, DTYPE: tl.constexpr):
-    """Weights at row pointers `row_ptrs`, columns `k` (broadcast together), as stored, in DTYPE, 0 where masked."""
-    if INT4:
-        packed = tl.load(row_ptrs + k // 2, mask=mask, other=0).to(tl.int32)
-        return ((packed >> ((k & 1) * 4)) & 0xF).to(DTYPE)
-    if SCALED:  # no `other=`: it cannot be cast to fp8 in the interpreter; masked lanes zeroed after conversion
-        return tl.where(mask, tl.load(row_ptrs + k, mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
-    return tl.load(row_ptrs + k, mask=mask, other=0.0).to(DTYPE)
-
-
-@triton.jit
-def _load_scale(scale_ptr, expert, rows, row_valid, k0, scale_expert_stride, scale_row_stride, group_n, group_k):
-    """The scale of each of `rows` for the group holding column k0 (fp32, [len(rows)])."""
-    ptrs = scale_ptr + expert * scale_expert_stride + (rows // group_n).to(tl.int64) * scale_row_stride + k0 // group_k
-    return tl.load(ptrs, mask=row_valid, other=0.0).to(tl.float32)
-
-
 def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None, weight: torch.Tensor) -> tuple:
     """(scale pointer, zero pointer, expert stride, row stride) of the scales and zero points (same shape); the
     weight stands in for what is absent (never read)."""
@@ -221,6 +204,8 @@ def _moe_gemm_kernel(
     kk = tl.arange(0, BLOCK_K)
     a_base = a_ptr + a_rows[:, None].to(tl.int64) * a_row_stride
     w_base = w_ptr + expert * w_expert_stride + n[None, :].to(tl.int64) * w_row_stride
+    scale_base = scale_ptr + expert * scale_expert_stride
+    zero_base = zero_ptr + expert * scale_expert_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     dot_dtype = tl.float32 if FP32_DOT else a_ptr.dtype.element_ty
@@ -228,28 +213,18 @@ def _moe_gemm_kernel(
         k_valid = (k0 + kk) < k_dim
         w_mask = k_valid[:, None] & n_valid[None, :]
         a = tl.load(a_base + (k0 + kk)[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(dot_dtype)
-        if INT4:
-            a_sum = tl.sum(a.to(tl.float32), axis=1)  # the zero point enters as zero * sum(a) per output
-        w = _load_weight(w_base, (k0 + kk)[:, None], w_mask, SCALED, INT4, dot_dtype)
+        w = load_weight(w_base, (k0 + kk)[:, None], w_mask, INT4, dot_dtype)
         part = tl.dot(a, w, input_precision="ieee") if FP32_DOT else tl.dot(a, w)
         if SCALED:
-            if INT4:
-                part -= a_sum[:, None] * _load_scale(zero_ptr, expert, n, n_valid, k0, scale_expert_stride,
-                                                     scale_row_stride, group_n, group_k)[None, :]
-            part *= _load_scale(scale_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
-                                group_n, group_k)[None, :]
+            part = scaled_partial(part, a, n, n_valid, k0, scale_base, zero_base, scale_row_stride, group_n, group_k,
+                                  INT4)
         acc += part
         if GATE_UP:
-            w_up = _load_weight(w_base + gate_up_offset * w_row_stride, (k0 + kk)[:, None], w_mask, SCALED, INT4,
-                                dot_dtype)
+            w_up = load_weight(w_base + gate_up_offset * w_row_stride, (k0 + kk)[:, None], w_mask, INT4, dot_dtype)
             part = tl.dot(a, w_up, input_precision="ieee") if FP32_DOT else tl.dot(a, w_up)
             if SCALED:
-                if INT4:
-                    part -= a_sum[:, None] * _load_scale(zero_ptr, expert, gate_up_offset + n, n_valid, k0,
-                                                         scale_expert_stride, scale_row_stride, group_n,
-                                                         group_k)[None, :]
-                part *= _load_scale(scale_ptr, expert, gate_up_offset + n, n_valid, k0, scale_expert_stride,
-                                    scale_row_stride, group_n, group_k)[None, :]
+                part = scaled_partial(part, a, gate_up_offset + n, n_valid, k0, scale_base, zero_base,
+                                      scale_row_stride, group_n, group_k, INT4)
             acc_up += part
     dtype = out_ptr.dtype.element_ty
     # Round where HF's eager expert loop rounds: each GEMM output, SiLU, the product, the weighting.
@@ -314,28 +289,20 @@ def _moe_gemv_gate_up_kernel(
         rstd = row_rstd(x_row, hidden, eps, BLOCK_K)
     gate_rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
     up_rows = gate_rows + inter * w_row_stride
+    scale_base = scale_ptr + expert * scale_expert_stride
+    zero_base = zero_ptr + expert * scale_expert_stride
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        k_valid = (k0 + kk) < hidden
-        a = tl.load(x_row + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
+        k = k0 + kk
+        k_valid = k < hidden
+        a = tl.load(x_row + k, mask=k_valid, other=0.0).to(tl.float32)
         if NORM:
-            a = rms_normed(a, rstd, norm_ptr, k0 + kk, k_valid, dtype)
-        w_mask = n_valid[:, None] & k_valid[None, :]
-        gate_w = _load_weight(gate_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
-        up_w = _load_weight(up_rows, (k0 + kk)[None, :], w_mask, SCALED, INT4, tl.float32)
-        if SCALED:
-            if INT4:
-                gate_w -= _load_scale(zero_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
-                                      group_n, group_k)[:, None]
-                up_w -= _load_scale(zero_ptr, expert, inter + n, n_valid, k0, scale_expert_stride,
-                                    scale_row_stride, group_n, group_k)[:, None]
-            gate_w *= _load_scale(scale_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
-                                  group_n, group_k)[:, None]
-            up_w *= _load_scale(scale_ptr, expert, inter + n, n_valid, k0, scale_expert_stride, scale_row_stride,
-                                group_n, group_k)[:, None]
-        acc_gate += gate_w * a[None, :]
-        acc_up += up_w * a[None, :]
+            a = rms_normed(a, rstd, norm_ptr, k, k_valid, dtype)
+        acc_gate += dequantized_rows(gate_rows, n, n_valid, k, k_valid, k0, scale_base, zero_base, scale_row_stride,
+                                     group_n, group_k, INT4, SCALED) * a[None, :]
+        acc_up += dequantized_rows(up_rows, inter + n, n_valid, k, k_valid, k0, scale_base, zero_base,
+                                   scale_row_stride, group_n, group_k, INT4, SCALED) * a[None, :]
     # HF's roundings, as in the grouped GEMM: each projection, SiLU, the product.
     gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
     up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
@@ -364,18 +331,15 @@ def _moe_gemv_down_kernel(
         expert = tl.load(ids_ptr + slot).to(tl.int64)
         weight = tl.load(slot_weight_ptr + slot).to(tl.float32)
         rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
+        scale_base = scale_ptr + expert * scale_expert_stride
+        zero_base = zero_ptr + expert * scale_expert_stride
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, inter, BLOCK_K):
-            k_valid = (k0 + kk) < inter
-            a = tl.load(act_ptr + slot * act_row_stride + k0 + kk, mask=k_valid, other=0.0).to(tl.float32)
-            w = _load_weight(rows, (k0 + kk)[None, :], n_valid[:, None] & k_valid[None, :], SCALED, INT4, tl.float32)
-            if SCALED:
-                if INT4:
-                    w -= _load_scale(zero_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
-                                     group_n, group_k)[:, None]
-                w *= _load_scale(scale_ptr, expert, n, n_valid, k0, scale_expert_stride, scale_row_stride,
-                                 group_n, group_k)[:, None]
-            acc += w * a[None, :]
+            k = k0 + kk
+            k_valid = k < inter
+            a = tl.load(act_ptr + slot * act_row_stride + k, mask=k_valid, other=0.0).to(tl.float32)
+            acc += dequantized_rows(rows, n, n_valid, k, k_valid, k0, scale_base, zero_base, scale_row_stride,
+                                    group_n, group_k, INT4, SCALED) * a[None, :]
         # Rounded where the grouped path stores: the projection, then the weighted slot row.
         weighted = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
         total += weighted
