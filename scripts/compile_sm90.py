@@ -64,7 +64,7 @@ class TargetOnlyDriver:
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG / LOCAL / SHARED of the cubin's kernel, as `cuobjdump --dump-resource-usage` (bundled with Triton) reports."""
+    """REG / LOCAL / SHARED of the cubin's kernel, as Triton's bundled `cuobjdump --dump-resource-usage` reports."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

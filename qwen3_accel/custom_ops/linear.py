@@ -88,7 +88,8 @@ def dequantized_rows(row_ptrs, rows, row_valid, k, k_valid, k0, scale_ptr, zero_
 def scaled_partial(part, a, cols, col_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n, group_k,
                    INT4: tl.constexpr):
     """A GEMM's partial product `part` = a @ q [M, len(cols)] over one scale group's columns (from k0), with the
-    group's scale per output column; int4's zero point enters through the row sums of a: x.(q - z)s = s(x.q - z sum x)."""
+    group's scale per output column; int4's zero point enters through the row sums of a:
+    x.(q - z)s = s(x.q - z sum x)."""
     if INT4:
         zero = group_value(zero_ptr, cols, col_valid, k0, scale_row_stride, group_n, group_k)
         part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
