@@ -123,13 +123,14 @@ def cases():
         cache = randn(4, 64, 8, 128, dtype=dtype)
         yield f"qk_norm_rope_store_kv {tag}", lambda a=rope_args, q=qkv, c=cache: rope.qk_norm_rope_store_kv_triton(
             *a[:2], q[:, 40:], *a[2:], c, c.clone(), torch.tensor([7]))
-        for head_dim, group in ((128, 4), (64, 1), (128, 8)):
-            q = randn(3, 8 * group, head_dim, dtype=dtype)
-            kv = randn(4, 512, 8, head_dim, dtype=dtype)
-            valid = torch.ones(4, 512, dtype=torch.bool)
-            yield (f"decode_attention {tag} d{head_dim} g{group}",
+        for head_dim, group, batch, slots in ((128, 4, 3, 256), (64, 1, 3, 256), (128, 8, 1, 2048)):
+            q = randn(batch, 2 * group, head_dim, dtype=dtype)
+            kv = randn(batch + 1, slots, 2, head_dim, dtype=dtype)
+            valid = torch.ones(batch + 1, slots, dtype=torch.bool)
+            splits = attention.num_kv_splits(batch, 2, slots, attention._num_sms(q.device))
+            yield (f"decode_attention {tag} d{head_dim} g{group} {splits} split(s)",
                    lambda q=q, kv=kv, valid=valid: attention.decode_attention_triton(
-                       q, kv, kv.clone(), valid, torch.zeros(4, dtype=torch.int32), torch.tensor([300]), 0.1))
+                       q, kv, kv.clone(), valid, torch.zeros(len(kv), dtype=torch.int32), torch.tensor([200]), 0.1))
 
     hidden, inter, experts, top_k = 256, 128, 8, 2
     yield "moe_route", lambda: moe.moe_route_triton(torch.randn(3, experts), top_k, True)
@@ -185,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     results = compile_all(args.arch)
-    print(f"{'case':38}{'kernel':30}{'regs':>6}{'local B':>9}{'shared B':>10}{'s':>7}")
+    print(f"{'case':46}{'kernel':30}{'regs':>6}{'local B':>9}{'shared B':>10}{'s':>7}")
     for r in results:
-        print(f"{r.case:38}{r.kernel:30}{r.registers:>6}{r.local_bytes:>9}{r.shared_bytes:>10}{r.seconds:>7.1f}")
+        print(f"{r.case:46}{r.kernel:30}{r.registers:>6}{r.local_bytes:>9}{r.shared_bytes:>10}{r.seconds:>7.1f}")
     print(f"{len(results)} kernel configurations compiled for sm_{args.arch} (triton {triton.__version__})")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, model_pair
-from qwen3_accel.custom_ops.attention import decode_attention_reference, decode_attention_triton
+from qwen3_accel.custom_ops.attention import (_num_sms, decode_attention_reference, decode_attention_triton,
+                                              num_kv_splits)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -30,7 +31,10 @@ def _cache_case(context, group, head_dim, dtype, batch=3, kv_heads=2, spare_slot
 @pytest.mark.parametrize("group", [1, 2, 8])
 @pytest.mark.parametrize("context", [1, 17, 1000, 4096])
 def test_decode_kernel_matches_float64_reference(context, group, head_dim, dtype):
+    """Short caches take one split (the kernel writes the output itself), long ones several and the merge."""
     q, k, v, valid, start, end = _cache_case(context, group, head_dim, dtype)
+    splits = num_kv_splits(q.shape[0], k.shape[2], k.shape[1], _num_sms(q.device))
+    assert (splits == 1) == (context < 1000)
     scale = head_dim**-0.5
     out = decode_attention_triton(q, k, v, valid, start, end, scale)
     expected = decode_attention_reference(q.double(), k.double(), v.double(), valid, start, end, scale)

@@ -53,7 +53,8 @@ def _decode_split_kernel(
 ):
     # q: [B, Hq, D]; k, v: [B, T, Hkv, D]; part_out: [B, Hq, S, D] fp32; part_lse: [B, Hq, S] fp32.
     # Grid: (B, Hkv, S). One program reads each K/V block once for all GROUP query heads of its kv head,
-    # over its share of the sequence's valid range [seq_start[b], seq_end).
+    # over its share of the sequence's valid range [seq_start[b], seq_end). With one split there is nothing to
+    # merge: part_out is the final [B, Hq, D] output, in its own dtype, and part_lse is not written.
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -97,10 +98,12 @@ def _decode_split_kernel(
 
     has_keys = l > 0
     out = acc / tl.where(has_keys, l, 1.0)[:, None]
-    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
     row = (batch * n_q_heads + heads) * NUM_SPLITS + split
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g[:, None] < GROUP)
-    tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(part_out_ptr.dtype.element_ty),
+             mask=g[:, None] < GROUP)
+    if NUM_SPLITS > 1:
+        lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
 
 
 @triton.jit
@@ -143,8 +146,10 @@ def decode_attention_triton(q, key_cache, value_cache, kv_valid, seq_start, seq_
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
     group = n_q_heads // n_kv_heads
     splits = num_kv_splits(batch, n_kv_heads, key_cache.shape[1], _num_sms(q.device))
-    part_out = torch.empty((batch, n_q_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((batch, n_q_heads, splits), dtype=torch.float32, device=q.device)
+    out = q.new_empty((batch, n_q_heads, head_dim))
+    # One split (short caches) writes the output itself: one launch instead of two.
+    part_out = out if splits == 1 else q.new_empty((batch, n_q_heads, splits, head_dim), dtype=torch.float32)
+    part_lse = out if splits == 1 else q.new_empty((batch, n_q_heads, splits), dtype=torch.float32)
     _decode_split_kernel[(batch, n_kv_heads, splits)](
         q, key_cache, value_cache, kv_valid.view(torch.uint8), seq_start, seq_end, part_out, part_lse,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), kv_valid.stride(0),
@@ -152,10 +157,10 @@ def decode_attention_triton(q, key_cache, value_cache, kv_valid, seq_start, seq_
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=64, NUM_SPLITS=splits, FP32_DOT=q.dtype == torch.float32, num_warps=4, num_stages=2,
     )
-    out = q.new_empty((batch, n_q_heads, head_dim))
-    _decode_combine_kernel[(batch * n_q_heads,)](
-        part_out, part_lse, out, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-    )
+    if splits > 1:
+        _decode_combine_kernel[(batch * n_q_heads,)](
+            part_out, part_lse, out, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+        )
     return out
 
 
