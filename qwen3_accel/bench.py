@@ -24,6 +24,11 @@ from tqdm.auto import tqdm
 from .compat import CACHE_ARG
 
 CONTENDERS = ("hf_eager", "hf_static_compile", "qwen3_accel")
+# Requests that run HF's generation loop (not the fast loop), measured at batch 1 for hf_eager and qwen3_accel:
+# beam search and assisted decoding over HF's DynamicCache, a logits processor over our cache. The assistant is
+# the model itself (every draft accepted: the upper bound of assisted decoding, and the only meaningful one with
+# random weights).
+REQUESTS = ("beam4", "assisted", "penalty")
 
 
 @dataclass
@@ -40,6 +45,7 @@ class BenchConfig:
     kernels: str = "auto"
     weights: tuple[str, ...] = ()  # quantized formats measured after the others, each as `qwen3_accel_<format>`
     decode_linear: tuple[str, ...] = ()  # other `decode_linear` modes, each as `qwen3_accel_decode_linear_<mode>`
+    requests: tuple[str, ...] = ()  # from REQUESTS: HF-loop requests timed for hf_eager and qwen3_accel
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -124,6 +130,44 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -
         return model.generate(ids, **{CACHE_ARG: static_cache}, **kwargs)
 
     return run
+
+
+def request_kwargs(name: str, model) -> dict[str, Any]:
+    """The generate() arguments of a named HF-loop request (see REQUESTS)."""
+    if name == "beam4":
+        return dict(num_beams=4)
+    if name == "assisted":
+        return dict(assistant_model=model)
+    if name == "penalty":
+        return dict(repetition_penalty=1.1)
+    raise ValueError(f"unknown request {name!r}; choose from {REQUESTS}")
+
+
+def bench_requests(model, cfg: BenchConfig, progress: tqdm) -> dict[str, dict[str, float]]:
+    """Decode tokens/s of each HF-loop request at batch 1: as for plain decode, `generate` with 1 + N new tokens
+    minus `generate` with 1, over N."""
+    device = model.device
+    timer = Timer(device)
+    ids = _prompts(1, cfg.decode_prompt_length, model.config.vocab_size, device)
+    results = {}
+    for name in cfg.requests:
+        progress.set_postfix_str(f"request {name}")
+        extra = request_kwargs(name, model)
+
+        def call(new_tokens: int, extra=extra) -> Callable[[], Any]:
+            return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                          do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+
+        first, full = call(1), call(1 + cfg.decode_tokens)
+        full()  # warm-up
+        seconds = median_time(timer, full, cfg.repeats) - median_time(timer, first, cfg.repeats)
+        if seconds <= 0:
+            warnings.warn(f"request {name}: decode time lost in timing noise; raise --decode-tokens")
+            seconds = float("nan")
+        results[name] = {"decode_tok_s": cfg.decode_tokens / seconds,
+                         "decode_step_ms": 1e3 * seconds / cfg.decode_tokens}
+        progress.update(1)
+    return results
 
 
 def device_ops_per_step(first: Callable[[], Any], full: Callable[[], Any], steps: int,
@@ -311,6 +355,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     variants = [(f"qwen3_accel_{w}", dict(weights=w)) for w in cfg.weights]
     variants += [(f"qwen3_accel_decode_linear_{m}", dict(decode_linear=m)) for m in cfg.decode_linear]
     steps = (len(cfg.contenders) + len(variants)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
+    request_contenders = [c for c in ("hf_eager", "qwen3_accel") if c in cfg.contenders] if cfg.requests else []
+    steps += len(request_contenders) * len(cfg.requests)
     context = cfg.decode_prompt_length + cfg.decode_tokens // 2
     max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
     step_bytes = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
@@ -321,6 +367,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(cfg.batch_sizes),
                                      max_cache_len=max_len)
             report["contenders"][contender] = bench_contender(model, contender, cfg, progress)
+            if contender in request_contenders:
+                report["contenders"][contender]["requests"] = bench_requests(model, cfg, progress)
             torch._dynamo.reset()
         quantized_bytes = {}
         for name, options in variants:
@@ -353,6 +401,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for ours in tok_s if ours.startswith("qwen3_accel")
         for base in ("hf_eager", "hf_static_compile", "qwen3_accel") if base in tok_s and base != ours
     }
+    if len(request_contenders) == 2:
+        ours, base = (report["contenders"][c]["requests"] for c in ("qwen3_accel", "hf_eager"))
+        report["request_speedup"] = {name: ours[name]["decode_tok_s"] / base[name]["decode_tok_s"]
+                                     for name in cfg.requests}
     report["notes"] = []
     if "hf_static_compile" in cfg.contenders and device.type not in ("cuda", "xpu"):
         report["notes"].append(f"transformers compiles the static-cache decode only on CUDA/XPU (and a few "
@@ -395,8 +447,15 @@ def format_table(report: dict[str, Any]) -> str:
     if first["peak_memory_gib"] is not None:
         row = "".join(f"{report['contenders'][c]['peak_memory_gib']:>16.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")
+    for request in report["config"].get("requests", ()):
+        results = [report["contenders"][c].get("requests", {}).get(request) for c in contenders]
+        row = "".join(f"{'—':>20}" if r is None else f"{r['decode_tok_s']:>14.1f} tok/s" for r in results)
+        lines.append(f"{request + ' (HF loop), batch 1':28}{row}")
     for name, by_batch in report["speedup"].items():
         lines.append(f"{name}: " + ", ".join(f"batch {b}: {x:.2f}x" for b, x in by_batch.items()))
+    if report.get("request_speedup"):
+        lines.append("qwen3_accel_vs_hf_eager, HF-loop requests: " +
+                     ", ".join(f"{name}: {x:.2f}x" for name, x in report["request_speedup"].items()))
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .bench import CONTENDERS, BenchConfig
+from .bench import CONTENDERS, REQUESTS, BenchConfig
 from .eval import Thresholds
 from .quantize import WEIGHT_FORMATS
 
@@ -39,6 +39,14 @@ def _weights(text: str) -> tuple[str, ...]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown weight formats {sorted(unknown)}; choose from {WEIGHT_FORMATS}")
     return formats
+
+
+def _requests(text: str) -> tuple[str, ...]:
+    names = tuple(x for x in text.split(",") if x)
+    unknown = set(names) - set(REQUESTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown requests {sorted(unknown)}; choose from {REQUESTS}")
+    return names
 
 
 def _decode_linear_modes(text: str) -> tuple[str, ...]:
@@ -90,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "qwen3_accel_decode_linear_<mode> on a fresh copy of the model, beside the default 'auto': "
                             "how decode steps of up to 4 rows run their projections (our fused GEMV with RMSNorm, "
                             "SiLU*mul and residual folded in, or cuBLAS and separate kernels)")
+    bench.add_argument("--requests", type=_requests, default=(),
+                       help="comma-separated requests that run HF's generation loop, timed at batch 1 for hf_eager and "
+                            "qwen3_accel: beam4 (num_beams=4), assisted (the model as its own assistant: every draft "
+                            "accepted, the upper bound), penalty (repetition_penalty=1.1)")
 
     kern = sub.add_parser(
         "bench-kernels", help="each op vs torch eager and torch.compile of its reference: µs, GB/s, %% of copy bandwidth",
@@ -169,7 +181,7 @@ def _bench(args) -> None:
         model=args.model, device=args.device, dtype=args.dtype, contenders=contenders, batch_sizes=args.batch_sizes,
         prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
         decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels, weights=args.weights,
-        decode_linear=args.decode_linear,
+        decode_linear=args.decode_linear, requests=args.requests,
     )
     report = run_bench(cfg)
     if not is_main_process():

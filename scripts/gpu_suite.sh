@@ -13,6 +13,8 @@
 #                                    graphs held, memory after warm-up and at the end (scripts/soak.py)
 #                   sizes            the other dense sizes (Qwen3-1.7B, 4B, 14B, 32B), qwen3_accel at batch 1,
 #                                    tok/s, % of roofline and GPU operations per step (one call of its own)
+#                   requests         HF-loop requests (beam search with 4 beams, self-assisted decoding, a
+#                                    repetition penalty) on Qwen3-0.6B and Qwen3-8B: HF eager vs qwen3_accel
 # Each stage has its own time limit; $OUT_DIR/timing.txt records how long each one took.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_suite.sh OUT_DIR [STAGE...]}
@@ -76,6 +78,12 @@ for stage in "${stages[@]}"; do
             --contenders qwen3_accel --kernels torch --batch-sizes 1,8 --prompt-lengths 128 2>&1 | quiet ;;
     soak)
         timeout 570 python3 scripts/soak.py --model Qwen3-0.6B --minutes 8 2>&1 | tee "$out/soak.txt" ;;
+    requests)
+        mkdir -p "$out/requests"
+        for model in Qwen3-0.6B Qwen3-8B; do
+            timeout 240 "${bench[@]}" --out "$out/requests" --model $model --contenders hf_eager,qwen3_accel \
+                --batch-sizes 1 --prompt-lengths 128 --decode-tokens 32 --requests beam4,assisted,penalty 2>&1 | quiet
+        done ;;
     sizes)
         mkdir -p "$out/sizes"
         for model in Qwen3-1.7B Qwen3-4B Qwen3-14B Qwen3-32B; do

@@ -114,3 +114,21 @@ def test_bench_measures_quantized_weights_on_a_fresh_copy():
         main(["bench", "--weights", "int3"])
     with pytest.raises(SystemExit):
         main(["bench", "--decode-linear", "sometimes"])
+
+
+def test_bench_times_hf_loop_requests(tmp_path):
+    """Beam search, self-assisted decoding and a repetition penalty (HF's generation loop) for HF eager and
+    qwen3_accel at batch 1, with the ratio, in the JSON and the table."""
+    main(["bench", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--contenders",
+          "hf_eager,qwen3_accel", "--batch-sizes", "1", "--prompt-lengths", "8", "--decode-prompt-length", "8",
+          "--decode-tokens", "16", "--repeats", "1", "--requests", "beam4,assisted,penalty", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_tiny.json").read_text())
+    for contender in ("hf_eager", "qwen3_accel"):
+        requests = report["contenders"][contender]["requests"]
+        assert set(requests) == {"beam4", "assisted", "penalty"}
+        assert all(r["decode_tok_s"] > 0 and r["decode_step_ms"] > 0 for r in requests.values())
+    assert set(report["request_speedup"]) == {"beam4", "assisted", "penalty"}
+    table = (tmp_path / "bench_tiny.txt").read_text()
+    assert "beam4 (HF loop), batch 1" in table and "HF-loop requests: beam4" in table
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--requests", "beam9"])
