@@ -5,7 +5,8 @@ loading and launching a kernel needs the GPU. This script calls each op's Triton
 dtypes and flags the GPU path uses, with Triton's driver replaced by one that reports the target GPU and a
 `JITFunction.run` that compiles without launching. What it catches that the interpreter (how CI runs kernels)
 cannot: errors only the compiler raises (types, layouts, conversions, resources), and the resource use of each
-configuration: registers per thread, local memory (spills) and shared memory, from the cubin.
+configuration: registers per thread, local memory (spills) and shared memory, from the cubin, and how many of
+its global loads are 8- or 16-byte vector loads, from the PTX.
 
 Block sizes follow the CPU branch of each launcher (e.g. `_launch_gemv` narrows BLOCK_N only on CUDA), so a few
 GPU configurations differ in their block sizes from the ones compiled here.
@@ -44,6 +45,8 @@ class Compiled:
     registers: int
     local_bytes: int  # per thread: register spills and local arrays
     shared_bytes: int
+    vector_loads: int  # ld.global.v2 / .v4 instructions in the PTX: 8- or 16-byte loads from global memory
+    scalar_loads: int
     seconds: float
 
 
@@ -85,8 +88,11 @@ def compile_all(arch: int) -> list[Compiled]:
         start = time.perf_counter()
         kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
         usage = resource_usage(kernel.asm["cubin"])
+        loads = re.findall(r"ld\.global(?:\.[a-z]+)*\.(v[24]\.)?[bfsu]\d+", kernel.asm["ptx"])
+        vector = sum(1 for width in loads if width)
         results.append(Compiled(current_case[0], self.fn.__name__, usage["REG"], usage["LOCAL"],
-                                max(usage["SHARED"], kernel.metadata.shared), time.perf_counter() - start))
+                                max(usage["SHARED"], kernel.metadata.shared), vector, len(loads) - vector,
+                                time.perf_counter() - start))
         return kernel
 
     # For the rest of this process: it only compiles.
@@ -186,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     results = compile_all(args.arch)
-    print(f"{'case':46}{'kernel':30}{'regs':>6}{'local B':>9}{'shared B':>10}{'s':>7}")
+    print(f"{'case':46}{'kernel':30}{'regs':>6}{'local B':>9}{'shared B':>10}{'ld vec/scalar':>15}{'s':>7}")
     for r in results:
-        print(f"{r.case:46}{r.kernel:30}{r.registers:>6}{r.local_bytes:>9}{r.shared_bytes:>10}{r.seconds:>7.1f}")
+        loads = f"{r.vector_loads}/{r.scalar_loads}"
+        print(f"{r.case:46}{r.kernel:30}{r.registers:>6}{r.local_bytes:>9}{r.shared_bytes:>10}{loads:>15}"
+              f"{r.seconds:>7.1f}")
     print(f"{len(results)} kernel configurations compiled for sm_{args.arch} (triton {triton.__version__})")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))

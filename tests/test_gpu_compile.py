@@ -31,3 +31,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert len(kernels) >= 10, kernels
     assert kernels <= {r["kernel"] for r in results}, f"never compiled: {kernels - {r['kernel'] for r in results}}"
     assert all(r["registers"] > 0 for r in results)
+    # The decode GEMVs stream weights: they must read them with vector loads, in every format (int4 once read
+    # its packed bytes one at a time, at a fraction of the bandwidth, while every interpreted test passed).
+    gemvs = [r for r in results if r["kernel"] in ("_gemv_kernel", "_moe_gemv_gate_up_kernel", "_moe_gemv_down_kernel")]
+    assert {r["case"].split()[1] for r in gemvs if r["case"].startswith("decode_linear")} == {
+        "bf16", "int8", "int4", "fp8"}
+    assert all(r["vector_loads"] > 0 for r in gemvs), [r for r in gemvs if not r["vector_loads"]]

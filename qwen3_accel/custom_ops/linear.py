@@ -49,19 +49,25 @@ QLINEAR_BLOCKS = dict(gemv=(32, 128), gemm=(64, 64, 64))  # (BLOCK_N, BLOCK_K), 
 
 
 @triton.jit
-def load_weight(row_ptrs, k, mask, INT4: tl.constexpr, DTYPE: tl.constexpr):
-    """Weights at row pointers `row_ptrs`, columns `k` (broadcast together), as stored (no scale, no zero point),
-    exactly in DTYPE, 0 where masked. int4: two values per byte, the even column in the low nibble."""
-    # One return at the end: Triton compiles the statements after a return inside a constexpr `if` too.
+def load_weight(row_ptrs, row_valid, k0, w_cols, BLOCK_K: tl.constexpr, INT4: tl.constexpr, DTYPE: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of the rows at `row_ptrs` [R, 1], as stored (no scale, no zero point), exactly in
+    DTYPE: [R, BLOCK_K], 0 outside the valid rows and the w_cols stored columns. int4 (two values per byte, the
+    even column in the low nibble; w_cols counts bytes): the bytes are read contiguously and their nibbles
+    interleaved. The bound is the stored width, a kernel argument, so that Triton knows its divisibility and
+    vectorizes the loads (ceil(K/2) computed in the kernel would not tell it)."""
     if INT4:
-        packed = tl.load(row_ptrs + k // 2, mask=mask, other=0).to(tl.int32)
-        w = ((packed >> ((k & 1) * 4)) & 0xF).to(DTYPE)
-    elif row_ptrs.dtype.element_ty.is_fp8():
-        # No `other=`: Triton cannot cast it to fp8; masked lanes are zeroed after the conversion instead.
-        w = tl.where(mask, tl.load(row_ptrs + k, mask=mask).to(DTYPE), 0.0).to(DTYPE)  # keep DTYPE for tl.dot
+        j = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # alignment lost in the division
+        packed = tl.load(row_ptrs + j[None, :], mask=row_valid[:, None] & (j < w_cols)[None, :], other=0)
+        w = tl.interleave(packed & 0xF, packed >> 4).to(DTYPE)
     else:
-        w = tl.load(row_ptrs + k, mask=mask, other=0).to(DTYPE)
-    return w
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = row_valid[:, None] & (k < w_cols)[None, :]
+        if row_ptrs.dtype.element_ty.is_fp8():
+            # No `other=`: Triton cannot cast it to fp8; masked lanes are zeroed after the conversion instead.
+            w = tl.where(mask, tl.load(row_ptrs + k[None, :], mask=mask).to(DTYPE), 0.0).to(DTYPE)
+        else:
+            w = tl.load(row_ptrs + k[None, :], mask=mask, other=0).to(DTYPE)
+    return w  # one return at the end: Triton compiles what follows a return inside a constexpr `if` too
 
 
 @triton.jit
@@ -72,11 +78,11 @@ def group_value(base_ptr, rows, row_valid, k0, row_stride, group_n, group_k):
 
 
 @triton.jit
-def dequantized_rows(row_ptrs, rows, row_valid, k, k_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n,
-                     group_k, INT4: tl.constexpr, GROUPED: tl.constexpr):
-    """A GEMV's weight block in fp32, [len(rows), len(k)]: `row_ptrs` [len(rows), 1] point at the rows, columns k
-    lie in one scale group (from k0); with GROUPED its zero point (int4) and scale are applied."""
-    w = load_weight(row_ptrs, k[None, :], row_valid[:, None] & k_valid[None, :], INT4, tl.float32)
+def dequantized_rows(row_ptrs, rows, row_valid, k0, w_cols, scale_ptr, zero_ptr, scale_row_stride, group_n, group_k,
+                     BLOCK_K: tl.constexpr, INT4: tl.constexpr, GROUPED: tl.constexpr):
+    """A GEMV's weight block in fp32, [len(rows), BLOCK_K]: `row_ptrs` [len(rows), 1] point at the rows, columns
+    k0 .. k0 + BLOCK_K lie in one scale group; with GROUPED its zero point (int4) and scale are applied."""
+    w = load_weight(row_ptrs, row_valid, k0, w_cols, BLOCK_K, INT4, tl.float32)
     if GROUPED:
         if INT4:
             w -= group_value(zero_ptr, rows, row_valid, k0, scale_row_stride, group_n, group_k)[:, None]
@@ -116,7 +122,7 @@ def rms_normed(a, rstd, norm_ptr, k, k_valid, DTYPE: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, norm_ptr, residual_ptr, out_ptr, n_out, n_in, up_offset, eps,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, norm_ptr, residual_ptr, out_ptr, n_out, n_in, w_cols, up_offset, eps,
     x_row_stride, w_row_stride, scale_row_stride, residual_row_stride, out_row_stride, group_n, group_k,
     INT4: tl.constexpr, GROUPED: tl.constexpr, PER_ROW: tl.constexpr,
     NORM: tl.constexpr, SILU_MUL: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -146,11 +152,11 @@ def _gemv_kernel(
         a = tl.load(x_row + k, mask=k_valid, other=0.0).to(tl.float32)
         if NORM:
             a = rms_normed(a, rstd, norm_ptr, k, k_valid, dtype)
-        acc += dequantized_rows(rows, n, n_valid, k, k_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n,
-                                group_k, INT4, GROUPED) * a[None, :]
+        acc += dequantized_rows(rows, n, n_valid, k0, w_cols, scale_ptr, zero_ptr, scale_row_stride, group_n,
+                                group_k, BLOCK_K, INT4, GROUPED) * a[None, :]
         if SILU_MUL:
-            acc_up += dequantized_rows(up_rows, n + up_offset, n_valid, k, k_valid, k0, scale_ptr, zero_ptr,
-                                       scale_row_stride, group_n, group_k, INT4, GROUPED) * a[None, :]
+            acc_up += dequantized_rows(up_rows, n + up_offset, n_valid, k0, w_cols, scale_ptr, zero_ptr,
+                                       scale_row_stride, group_n, group_k, BLOCK_K, INT4, GROUPED) * a[None, :]
     y = tl.sum(acc, axis=1)
     if PER_ROW:
         y *= tl.load(scale_ptr + n.to(tl.int64) * scale_row_stride, mask=n_valid, other=0.0).to(tl.float32)
@@ -169,7 +175,7 @@ def _gemv_kernel(
 
 @triton.jit
 def _quantized_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, rows, n_out, n_in,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, out_ptr, rows, n_out, n_in, w_cols,
     x_row_stride, w_row_stride, scale_row_stride, out_row_stride, group_n, group_k,
     INT4: tl.constexpr, PER_ROW: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -190,8 +196,8 @@ def _quantized_gemm_kernel(
         k_valid = k < n_in
         a = tl.load(x_ptr + m[:, None].to(tl.int64) * x_row_stride + k[None, :],
                     mask=m_valid[:, None] & k_valid[None, :], other=0.0).to(dot_dtype)
-        q = load_weight(w_rows, k[None, :], n_valid[:, None] & k_valid[None, :], INT4, dot_dtype)
-        part = tl.dot(a, tl.trans(q), input_precision="ieee") if FP32_DOT else tl.dot(a, tl.trans(q))
+        q = tl.trans(load_weight(w_rows, n_valid, k0, w_cols, BLOCK_K, INT4, dot_dtype))  # [BLOCK_K, BLOCK_N]
+        part = tl.dot(a, q, input_precision="ieee") if FP32_DOT else tl.dot(a, q)
         if PER_ROW:
             acc += part
         else:
@@ -247,7 +253,7 @@ def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     _gemv_kernel[(rows, triton.cdiv(n_out, block_n))](
         x2d, weight, scale, zero.contiguous() if int4 else dummy,
         dummy if norm_weight is None else norm_weight.contiguous(), dummy if residual is None else residual, out,
-        n_out, n_in, n_out if silu_mul else 0, float(eps),
+        n_out, n_in, weight.shape[1], n_out if silu_mul else 0, float(eps),
         x2d.stride(0), weight.stride(0), scale.stride(0) if quantized else 0,
         0 if residual is None else residual.stride(0), out.stride(0), group_n, group_k,
         INT4=int4, GROUPED=quantized and weight.dtype != torch.int8, PER_ROW=weight.dtype == torch.int8,
@@ -277,7 +283,7 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
     block_k = block_within_group(block_k, group_k, n_in)
     if rows > QLINEAR_GEMV_MAX_ROWS and block_k >= 16:
         grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
-        _quantized_gemm_kernel[grid](*args, out, rows, n_out, n_in, *strides, **flags,
+        _quantized_gemm_kernel[grid](*args, out, rows, n_out, n_in, qweight.shape[1], *strides, **flags,
                                      FP32_DOT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
                                      BLOCK_K=block_k)
     else:

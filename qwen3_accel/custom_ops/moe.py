@@ -181,7 +181,7 @@ def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None, weight: t
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_slots_ptr, block_expert_ptr, n_padded_ptr, slot_weight_ptr,
-    n_out, k_dim, n_slots, top_k, gate_up_offset,
+    n_out, k_dim, w_cols, n_slots, top_k, gate_up_offset,
     a_row_stride, w_expert_stride, w_row_stride, out_row_stride,
     scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k,
     A_ROWS_ARE_TOKENS: tl.constexpr, GATE_UP: tl.constexpr, WEIGHTED: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -203,7 +203,7 @@ def _moe_gemm_kernel(
     n_valid = n < n_out
     kk = tl.arange(0, BLOCK_K)
     a_base = a_ptr + a_rows[:, None].to(tl.int64) * a_row_stride
-    w_base = w_ptr + expert * w_expert_stride + n[None, :].to(tl.int64) * w_row_stride
+    w_rows = w_ptr + expert * w_expert_stride + n[:, None].to(tl.int64) * w_row_stride
     scale_base = scale_ptr + expert * scale_expert_stride
     zero_base = zero_ptr + expert * scale_expert_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -211,16 +211,16 @@ def _moe_gemm_kernel(
     dot_dtype = tl.float32 if FP32_DOT else a_ptr.dtype.element_ty
     for k0 in range(0, k_dim, BLOCK_K):
         k_valid = (k0 + kk) < k_dim
-        w_mask = k_valid[:, None] & n_valid[None, :]
         a = tl.load(a_base + (k0 + kk)[None, :], mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(dot_dtype)
-        w = load_weight(w_base, (k0 + kk)[:, None], w_mask, INT4, dot_dtype)
+        w = tl.trans(load_weight(w_rows, n_valid, k0, w_cols, BLOCK_K, INT4, dot_dtype))  # [BLOCK_K, BLOCK_N]
         part = tl.dot(a, w, input_precision="ieee") if FP32_DOT else tl.dot(a, w)
         if SCALED:
             part = scaled_partial(part, a, n, n_valid, k0, scale_base, zero_base, scale_row_stride, group_n, group_k,
                                   INT4)
         acc += part
         if GATE_UP:
-            w_up = load_weight(w_base + gate_up_offset * w_row_stride, (k0 + kk)[:, None], w_mask, INT4, dot_dtype)
+            w_up = tl.trans(load_weight(w_rows + gate_up_offset * w_row_stride, n_valid, k0, w_cols, BLOCK_K, INT4,
+                                        dot_dtype))
             part = tl.dot(a, w_up, input_precision="ieee") if FP32_DOT else tl.dot(a, w_up)
             if SCALED:
                 part = scaled_partial(part, a, gate_up_offset + n, n_valid, k0, scale_base, zero_base,
@@ -269,7 +269,7 @@ def moe_config(n_tokens: int) -> MoeConfig:
 # ------------------------------------------------------------------------------ decode-sized GEMVs
 @triton.jit
 def _moe_gemv_gate_up_kernel(
-    x_ptr, w_ptr, ids_ptr, out_ptr, hidden, inter, top_k,
+    x_ptr, w_ptr, ids_ptr, out_ptr, hidden, inter, w_cols, top_k,
     x_row_stride, w_expert_stride, w_row_stride, out_row_stride,
     scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k, norm_ptr, eps,
     SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -299,10 +299,10 @@ def _moe_gemv_gate_up_kernel(
         a = tl.load(x_row + k, mask=k_valid, other=0.0).to(tl.float32)
         if NORM:
             a = rms_normed(a, rstd, norm_ptr, k, k_valid, dtype)
-        acc_gate += dequantized_rows(gate_rows, n, n_valid, k, k_valid, k0, scale_base, zero_base, scale_row_stride,
-                                     group_n, group_k, INT4, SCALED) * a[None, :]
-        acc_up += dequantized_rows(up_rows, inter + n, n_valid, k, k_valid, k0, scale_base, zero_base,
-                                   scale_row_stride, group_n, group_k, INT4, SCALED) * a[None, :]
+        acc_gate += dequantized_rows(gate_rows, n, n_valid, k0, w_cols, scale_base, zero_base, scale_row_stride,
+                                     group_n, group_k, BLOCK_K, INT4, SCALED) * a[None, :]
+        acc_up += dequantized_rows(up_rows, inter + n, n_valid, k0, w_cols, scale_base, zero_base,
+                                   scale_row_stride, group_n, group_k, BLOCK_K, INT4, SCALED) * a[None, :]
     # HF's roundings, as in the grouped GEMM: each projection, SiLU, the product.
     gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
     up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
@@ -312,7 +312,7 @@ def _moe_gemv_gate_up_kernel(
 
 @triton.jit
 def _moe_gemv_down_kernel(
-    act_ptr, w_ptr, ids_ptr, slot_weight_ptr, out_ptr, hidden, inter, top_k,
+    act_ptr, w_ptr, ids_ptr, slot_weight_ptr, out_ptr, hidden, inter, w_cols, top_k,
     act_row_stride, w_expert_stride, w_row_stride, out_row_stride,
     scale_ptr, zero_ptr, scale_expert_stride, scale_row_stride, group_n, group_k, residual_ptr, residual_row_stride,
     SCALED: tl.constexpr, INT4: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -338,8 +338,8 @@ def _moe_gemv_down_kernel(
             k = k0 + kk
             k_valid = k < inter
             a = tl.load(act_ptr + slot * act_row_stride + k, mask=k_valid, other=0.0).to(tl.float32)
-            acc += dequantized_rows(rows, n, n_valid, k, k_valid, k0, scale_base, zero_base, scale_row_stride,
-                                    group_n, group_k, INT4, SCALED) * a[None, :]
+            acc += dequantized_rows(rows, n, n_valid, k0, w_cols, scale_base, zero_base, scale_row_stride,
+                                    group_n, group_k, BLOCK_K, INT4, SCALED) * a[None, :]
         # Rounded where the grouped path stores: the projection, then the weighted slot row.
         weighted = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
         total += weighted
@@ -374,7 +374,7 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     scaled, int4 = gate_up_scale is not None, gate_up_proj.dtype == torch.uint8
     block_n, block_k = MOE_GEMV_BLOCKS["gate_up"]
     _moe_gemv_gate_up_kernel[(n_tokens * top_k, triton.cdiv(inter, block_n))](
-        x, gate_up_proj, ids, hidden_act, hidden, inter, top_k,
+        x, gate_up_proj, ids, hidden_act, hidden, inter, gate_up_proj.shape[2], top_k,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
         *_scale_args(gate_up_scale, gate_up_zero, gate_up_proj), group_n, group_k,
         x if norm_weight is None else norm_weight.contiguous(), float(eps),
@@ -384,7 +384,7 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
     block_n, block_k = MOE_GEMV_BLOCKS["down"]
     _moe_gemv_down_kernel[(n_tokens, triton.cdiv(hidden, block_n))](
-        hidden_act, down_proj, ids, slot_weights, out, hidden, inter, top_k,
+        hidden_act, down_proj, ids, slot_weights, out, hidden, inter, down_proj.shape[2], top_k,
         hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
         *_scale_args(down_scale, down_zero, down_proj), group_n, group_k,
         x if residual is None else residual, 0 if residual is None else residual.stride(0),
@@ -461,7 +461,7 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     hidden_act = x.new_empty((n_slots, inter))
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(inter, cfg.block_n))](
         x, gate_up_proj, hidden_act, sorted_slots, block_expert, n_padded, topk_weights,
-        inter, hidden, n_slots, top_k, inter,
+        inter, hidden, gate_up_proj.shape[2], n_slots, top_k, inter,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), hidden_act.stride(0),
         *_scale_args(gate_up_scale, gate_up_zero, gate_up_proj), group_n, group_k,
         A_ROWS_ARE_TOKENS=True, GATE_UP=True, WEIGHTED=False, **common,
@@ -470,7 +470,7 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     slot_weights = topk_weights.to(x.dtype).contiguous()  # HF casts routing weights to the model dtype
     _moe_gemm_kernel[(block_expert.numel(), triton.cdiv(hidden, cfg.block_n))](
         hidden_act, down_proj, weighted, sorted_slots, block_expert, n_padded, slot_weights,
-        hidden, inter, n_slots, top_k, 0,
+        hidden, inter, down_proj.shape[2], n_slots, top_k, 0,
         hidden_act.stride(0), down_proj.stride(0), down_proj.stride(1), weighted.stride(0),
         *_scale_args(down_scale, down_zero, down_proj), group_n, group_k,
         A_ROWS_ARE_TOKENS=False, GATE_UP=False, WEIGHTED=True, **common,
