@@ -166,9 +166,9 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 # `scale [E, ceil(rows/group_n), ceil(cols/group_k)]` (transformers' FP8Experts: `gate_up_proj_scale_inv`,
 # `down_proj_scale_inv`), or int4 values packed two per byte along the columns (`[E, rows, cols/2]` uint8, even
 # column in the low nibble) with a uint8 zero point beside each scale: `w = (q - zero) * scale`. The kernels convert
-# the values exactly (linear.py's `load_weight`, `dequantized_rows`, `scaled_partial`, shared with the linear layers),
-# apply zero point and scale to each BLOCK_K partial product (BLOCK_K divides group_k, so one
-# block lies in one group) and accumulate in fp32.
+# the values exactly, apply zero point and scale to each BLOCK_K partial product (BLOCK_K divides group_k, so one
+# block lies in one group) and accumulate in fp32, through the helpers they share with the linear layers
+# (linear.py: `load_weight`, `dequantized_rows`, `scaled_partial`).
 def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None, weight: torch.Tensor) -> tuple:
     """(scale pointer, zero pointer, expert stride, row stride) of the scales and zero points (same shape); the
     weight stands in for what is absent (never read)."""

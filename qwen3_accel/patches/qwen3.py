@@ -345,6 +345,8 @@ def forward_hidden(
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     flat_positions = positions.reshape(-1)
     fused = fused_mlp is not None
+    if not (final_norm or fused):
+        raise ValueError("final_norm=False needs the fused decode path (fused_mlp)")
     residual = None  # unfused: the residual stream, one add behind `hidden`; fused: `hidden` is the stream
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -384,7 +386,5 @@ def forward_hidden(
     norm = model.model.norm
     if fused:
         return kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon) if final_norm else hidden
-    if not final_norm:
-        raise ValueError("final_norm=False needs the fused decode path (fused_mlp)")
     hidden, _ = kernels.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
     return hidden
