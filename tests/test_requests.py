@@ -46,6 +46,19 @@ def test_right_padded_mask(pair):
     both(reference, optimized, ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
 
 
+def test_queries_that_see_no_token_get_hfs_zeros(pair):
+    """Padding queries that see no real token (left padding, a row of padding only) get zero attention output, as
+    torch's SDPA gives them in HF: the logits match HF's at every position, padding included, and a batch with an
+    all-padding row generates HF's tokens for every row."""
+    reference, optimized = pair
+    ids = torch.tensor([[0, 0, 0, 5, 9], [0, 0, 0, 0, 0], [3, 4, 5, 6, 7]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(ids, attention_mask=mask).logits,
+                                   reference(ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
+
+
 def test_a_replaced_weight_in_any_layer_is_used():
     reference, optimized = model_pair("tiny", compile=False)
     ids, mask = left_padded_batch([6, 9], 512, seed=3)

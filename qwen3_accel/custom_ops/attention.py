@@ -33,12 +33,17 @@ def prefill_attention(
         query_pos = torch.arange(q_len, device=q.device)[:, None] + offset
         key_pos = torch.arange(k.shape[1], device=q.device)[None, :]
         mask = (key_pos <= query_pos)[None, None]  # [1, 1, L, S]
+        blind = None
         if key_valid is not None:
             # As in HF: a query sees the real tokens up to its position (a right-padding query included). A query
-            # that would see none (left padding) sees itself, which keeps its row finite; its output is unused.
+            # that sees none (padding) gets zeros, as torch's SDPA gives it in HF; it attends to itself in the call,
+            # so that no SDPA backend can produce a NaN that would reach the cache.
             mask = mask & key_valid[:, None, None, :]
-            mask = mask | ((key_pos == query_pos)[None, None] & ~mask.any(dim=-1, keepdim=True))
+            blind = ~mask.any(dim=-1, keepdim=True)  # [B, 1, L, 1]
+            mask = mask | ((key_pos == query_pos)[None, None] & blind)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        if blind is not None:
+            out = out.masked_fill(blind, 0.0)
     return out.transpose(1, 2).reshape(batch, q_len, n_heads * head_dim)
 
 
