@@ -51,7 +51,11 @@ class CompiledSteps:
             self.compiled[key] = step
         torch.compiler.cudagraph_mark_step_begin()
         try:
-            return step(*args, **kwargs)
+            # Inference mode is part of Dynamo's guards: calls from inside and outside torch.inference_mode() would
+            # compile each key twice. The step runs outside it always (its outputs are then ordinary tensors), and
+            # without gradients, as every caller runs it (leaving inference mode turns gradients back on).
+            with torch.inference_mode(False), torch.no_grad():
+                return step(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any compile or replay failure: run this key eagerly instead
             logger.debug("qwen3_accel: running graph key %s eagerly (%s: %s)", key, type(error).__name__, error)
             del self.compiled[key]

@@ -95,11 +95,12 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
             "kernels='triton' on the CPU runs Triton's interpreter, which torch.compile cannot trace: pass "
             "compile=False with it (the CPU's compiled path uses kernels='auto')"
         )
-    if options.weights:
-        if parallel.describe(model).world_size > 1:
-            raise ValueError("quantized weights under tensor parallelism are not supported in this version")
-        quantize.quantize_model(model, options.weights)
-    model.qwen3_accel = Qwen3Accelerator(model, options)
+    if options.weights and parallel.describe(model).world_size > 1:
+        raise ValueError("quantized weights under tensor parallelism are not supported in this version")
+    with _outside_inference_mode():
+        if options.weights:
+            quantize.quantize_model(model, options.weights)
+        model.qwen3_accel = Qwen3Accelerator(model, options)
     return model
 
 
@@ -138,6 +139,14 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
+@contextlib.contextmanager
+def _outside_inference_mode():
+    """Where persistent tensors are made: outside inference mode (see Qwen3Accelerator), without gradients
+    (leaving inference mode would turn them back on)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _implementations(model: torch.nn.Module) -> dict[str, str | None]:
     """The attention and (MoE) experts implementations HF's forward uses now."""
     return {"attention": model.config._attn_implementation,
@@ -163,6 +172,10 @@ class Qwen3Accelerator:
 
     `copy.deepcopy` and `pickle` of the model carry only the options: the copy rebuilds its own state (fused
     weights, kernels, cache, graphs) on its first call, so it is optimized and independent of the original.
+
+    Persistent tensors (fused weights, RoPE table, cache, the fast loop's buffers) are allocated outside inference
+    mode even when a call comes inside `torch.inference_mode()`: an inference tensor cannot be updated in place
+    outside it, so every later call made without inference mode would fail.
     """
 
     def __init__(self, model: Qwen3ForCausalLM | Qwen3MoeForCausalLM, options: OptimizeOptions):
@@ -176,6 +189,10 @@ class Qwen3Accelerator:
         model.generate = self.generate
 
     def _setup(self) -> None:
+        with _outside_inference_mode():
+            self._build()
+
+    def _build(self) -> None:
         model, options = self.model, self.options
         self.patches = next(p for cls, p in PATCHES.items() if isinstance(model, cls))
         self.tp = parallel.describe(model)  # before any change: a layout we do not support leaves the model as is
@@ -251,9 +268,10 @@ class Qwen3Accelerator:
             self.fast_steps.clear()
             self._fast_states.clear()
             s = self.shape
-            cache = Qwen3StaticCache(
-                s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.dtype, self.device
-            )
+            with _outside_inference_mode():
+                cache = Qwen3StaticCache(
+                    s.num_layers, new_batch, new_len, s.num_kv_heads, s.head_dim, self.dtype, self.device
+                )
             self.cache = cache
         cache.reset()
         return cache
@@ -290,7 +308,8 @@ class Qwen3Accelerator:
         """The fast loop's static buffers for a batch bucket (allocated once per bucket and cache size)."""
         key = (rows, max_len)
         if key not in self._fast_states:
-            self._fast_states[key] = fast_generate.FastDecodeState(rows, max_len, self.device)
+            with _outside_inference_mode():
+                self._fast_states[key] = fast_generate.FastDecodeState(rows, max_len, self.device)
         return self._fast_states[key]
 
     # -------------------------------------------------------------------------------------- generate
@@ -472,20 +491,23 @@ class Qwen3Accelerator:
         """One new token per sequence through the compiled step; returns logits [B, 1, V]."""
         batch = embeds.shape[0]
         cache.check_room(batch, 1)
-        if position_ids is None:
-            position_ids = torch.full((batch, 1), cache.seq_length, device=embeds.device, dtype=torch.long)
-        # Graph inputs must keep their strides from step to step: HF's mask grows, so copy its last column out.
-        new_valid = (
-            attention_mask[:, -1].bool().clone(memory_format=torch.contiguous_format) if attention_mask is not None
-            else torch.ones(batch, dtype=torch.bool, device=embeds.device)
-        )
-        position_ids = position_ids.clone(memory_format=torch.contiguous_format)
-        # Rows are padded to a power of two: one CUDA graph per bucket serves every batch size in it.
-        pad = cache.decode_rows(batch) - batch
-        if pad:
-            embeds = F.pad(embeds, (0, 0, 0, 0, 0, pad))
-            position_ids = F.pad(position_ids, (0, 0, 0, pad))
-            new_valid = F.pad(new_valid, (0, pad), value=True)
+        with _outside_inference_mode():  # graph inputs of one kind, whichever mode the caller is in
+            if embeds.is_inference():
+                embeds = embeds.clone()
+            if position_ids is None:
+                position_ids = torch.full((batch, 1), cache.seq_length, device=embeds.device, dtype=torch.long)
+            # Graph inputs must keep their strides from step to step: HF's mask grows, so copy its last column out.
+            new_valid = (
+                attention_mask[:, -1].bool().clone(memory_format=torch.contiguous_format)
+                if attention_mask is not None else torch.ones(batch, dtype=torch.bool, device=embeds.device)
+            )
+            position_ids = position_ids.clone(memory_format=torch.contiguous_format)
+            # Rows are padded to a power of two: one CUDA graph per bucket serves every batch size in it.
+            pad = cache.decode_rows(batch) - batch
+            if pad:
+                embeds = F.pad(embeds, (0, 0, 0, 0, 0, pad))
+                position_ids = F.pad(position_ids, (0, 0, 0, pad))
+                new_valid = F.pad(new_valid, (0, pad), value=True)
         key = ("decode", embeds.shape[0], cache.max_batch_size, cache.max_cache_len)
         logits = self.decode_steps(
             key, embeds, position_ids, new_valid, cache.keys, cache.values, cache.kv_valid, cache.seq_start,

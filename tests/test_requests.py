@@ -59,6 +59,21 @@ def test_queries_that_see_no_token_get_hfs_zeros(pair):
     both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
 
 
+def test_a_first_call_inside_inference_mode_leaves_later_calls_working():
+    """The persistent cache and buffers are made on a model's first call; made inside torch.inference_mode() they
+    were inference tensors, and every later call outside it failed on their in-place updates."""
+    reference, optimized = model_pair("tiny-moe", compile=False)
+    ids, mask = left_padded_batch([7, 4], 512, seed=13)
+    requests = [dict(), dict(repetition_penalty=1.2), dict(num_beams=2)]  # fast loop, HF's loop on our cache, HF's
+    for inference in (True, False, True):
+        for request in requests:
+            with torch.inference_mode(inference):
+                both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **request, **GREEDY)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        torch.testing.assert_close(optimized(ids, attention_mask=mask).logits, expected)
+
+
 def test_a_replaced_weight_in_any_layer_is_used():
     reference, optimized = model_pair("tiny", compile=False)
     ids, mask = left_padded_batch([6, 9], 512, seed=3)
