@@ -304,6 +304,11 @@ class Qwen3Accelerator:
             self.model.forward, self.model.generate = self.forward, self.generate
             _set_implementations(self.model, ours)
 
+    def _under_autocast(self) -> bool:
+        """Whether torch.autocast is on for the model's device: then HF's own forward and generate run, with HF's
+        attention and experts (our kernels, cache and graphs keep the model dtype; autocast would mix dtypes)."""
+        return torch.is_autocast_enabled(self.device.type)
+
     def fast_state(self, rows: int, max_len: int) -> fast_generate.FastDecodeState:
         """The fast loop's static buffers for a batch bucket (allocated once per bucket and cache size)."""
         key = (rows, max_len)
@@ -317,6 +322,10 @@ class Qwen3Accelerator:
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
         self._ensure_ready()
         _require_tokens(args[0] if args else kwargs.get("input_ids", kwargs.get("inputs")))
+        if self._under_autocast():
+            logger.debug("qwen3_accel: HF's own generate (autocast is on: our kernels and cache run the model dtype)")
+            with self.disabled():
+                return self.hf_generate(*args, **kwargs)
         if self.options.fast_generate:
             reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
             if request is not None:
@@ -416,6 +425,9 @@ class Qwen3Accelerator:
             hf_only.append("gradients")
         if hf_only and ours:
             raise ValueError(f"qwen3_accel's own cache cannot serve {hf_only}: run without a cache or with HF's")
+        if self._under_autocast():
+            with self.disabled():  # HF's whole forward: autocast decides each op's dtype, which our kernels do not
+                return self.hf_forward(**all_args)
         # HF's DynamicCache (beam search, assisted decoding, a user's own loop) runs on our kernels too, through
         # the Cache API; any other cache class, or a mask that does not cover the cache, runs HF's forward.
         if cache is not None and not ours and type(cache) is not DynamicCache:

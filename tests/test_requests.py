@@ -74,6 +74,22 @@ def test_a_first_call_inside_inference_mode_leaves_later_calls_working():
         torch.testing.assert_close(optimized(ids, attention_mask=mask).logits, expected)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_autocast_runs_hfs_own_path(name):
+    """Under torch.autocast HF's forward decides each op's dtype; ours would write bf16 keys into an fp32 cache (it
+    crashed). generate and forward run HF's own path then, with HF's tokens and logits and none of our ops."""
+    reference, optimized = model_pair(name, compile=False)
+    ids, mask = left_padded_batch([7, 4], 512, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as profile:
+        for request in (dict(), dict(repetition_penalty=1.2)):
+            both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **request, **GREEDY)
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(ids, attention_mask=mask).logits,
+                                       reference(ids, attention_mask=mask).logits)
+    assert not any(event.name.startswith("qwen3_accel::") for event in profile.events())
+    both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)  # and ours again after it
+
+
 def test_a_replaced_weight_in_any_layer_is_used():
     reference, optimized = model_pair("tiny", compile=False)
     ids, mask = left_padded_batch([6, 9], 512, seed=3)
