@@ -9,6 +9,7 @@ persistent cache passed in, when the request is one our cache serves). Everythin
 import contextlib
 import logging
 import os
+import threading
 import types
 import warnings
 from dataclasses import dataclass, replace
@@ -176,6 +177,10 @@ class Qwen3Accelerator:
     Persistent tensors (fused weights, RoPE table, cache, the fast loop's buffers) are allocated outside inference
     mode even when a call comes inside `torch.inference_mode()`: an inference tensor cannot be updated in place
     outside it, so every later call made without inference mode would fail.
+
+    One lock serializes the calls that use the persistent cache or change the model's state (threads of a server
+    sharing one model): they would otherwise write into each other's cache rows. Requests on HF's own cache run
+    concurrently, as they do on a plain HF model.
     """
 
     def __init__(self, model: Qwen3ForCausalLM | Qwen3MoeForCausalLM, options: OptimizeOptions):
@@ -184,6 +189,7 @@ class Qwen3Accelerator:
         self.hf_forward = model.forward
         self.hf_generate = model.generate
         self.hf_implementations = _implementations(model)  # before _setup selects ours
+        self._lock = threading.RLock()
         self._setup()
         model.forward = self.forward
         model.generate = self.generate
@@ -224,7 +230,8 @@ class Qwen3Accelerator:
         return {"model": self.model, "options": self.options, "hf_implementations": self.hf_implementations}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _ready=False)  # the model is not restored yet: set up on first use
+        # The model is not restored yet: set up on first use.
+        self.__dict__.update(state, _ready=False, _lock=threading.RLock())
 
     def _ensure_ready(self) -> None:
         if not self._ready:
@@ -324,13 +331,14 @@ class Qwen3Accelerator:
         _require_tokens(args[0] if args else kwargs.get("input_ids", kwargs.get("inputs")))
         if self._under_autocast():
             logger.debug("qwen3_accel: HF's own generate (autocast is on: our kernels and cache run the model dtype)")
-            with self.disabled():
+            with self._lock, self.disabled():
                 return self.hf_generate(*args, **kwargs)
         if self.options.fast_generate:
             reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
             if request is not None:
-                self.check_weights_shared()  # HF's loop reaches our forward, which checks at its first step
-                return fast_generate.run_fast_generate(self, request)
+                with self._lock:
+                    self.check_weights_shared()  # HF's loop reaches our forward, which checks at its first step
+                    return fast_generate.run_fast_generate(self, request)
             logger.debug("qwen3_accel: HF's generate loop (%s)", reason)
         gen_config = self._generation_config(kwargs)
         if gen_config.do_sample:
@@ -346,12 +354,13 @@ class Qwen3Accelerator:
         # (in recent transformers): size for the larger reading.
         new_tokens = gen_config.max_new_tokens if gen_config.max_new_tokens is not None else gen_config.max_length
         total_len = prompt_len + new_tokens
-        cache = self.cache_for(batch, total_len)
-        output = self.hf_generate(*args, **{compat.CACHE_ARG: cache}, **kwargs)
-        if isinstance(output, ModelOutput):
-            # The persistent cache is reset by the next call: hand the caller a copy of its contents instead.
-            for key in [key for key, value in output.items() if value is cache]:
-                output[key] = cache.to_dynamic(self.model.config)
+        with self._lock:
+            cache = self.cache_for(batch, total_len)
+            output = self.hf_generate(*args, **{compat.CACHE_ARG: cache}, **kwargs)
+            if isinstance(output, ModelOutput):
+                # The persistent cache is reset by the next call: hand the caller a copy of its contents instead.
+                for key in [key for key, value in output.items() if value is cache]:
+                    output[key] = cache.to_dynamic(self.model.config)
         return output
 
     def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
@@ -426,7 +435,7 @@ class Qwen3Accelerator:
         if hf_only and ours:
             raise ValueError(f"qwen3_accel's own cache cannot serve {hf_only}: run without a cache or with HF's")
         if self._under_autocast():
-            with self.disabled():  # HF's whole forward: autocast decides each op's dtype, which our kernels do not
+            with self._lock, self.disabled():  # HF's whole forward: autocast decides each op's dtype, ours do not
                 return self.hf_forward(**all_args)
         # HF's DynamicCache (beam search, assisted decoding, a user's own loop) runs on our kernels too, through
         # the Cache API; any other cache class, or a mask that does not cover the cache, runs HF's forward.
@@ -440,7 +449,8 @@ class Qwen3Accelerator:
             return self.hf_forward(**all_args)
 
         if past == 0:
-            self.check_weights_shared()  # once per sequence, not per decoded token
+            with self._lock:
+                self.check_weights_shared()  # once per sequence, not per decoded token
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         batch, seq_len = inputs_embeds.shape[:2]

@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -88,6 +89,32 @@ def test_autocast_runs_hfs_own_path(name):
                                        reference(ids, attention_mask=mask).logits)
     assert not any(event.name.startswith("qwen3_accel::") for event in profile.events())
     both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)  # and ours again after it
+
+
+def test_threads_sharing_one_model_get_their_own_tokens():
+    """A server's threads calling one optimized model at once: each gets HF's tokens for its own prompt (they wrote
+    into each other's cache rows: every output was wrong). Fast loop, HF's loop on our cache, HF's own cache."""
+    reference, optimized = model_pair("tiny", compile=False)
+    prompts = [left_padded_batch([5 + i, 3 + i], 512, seed=20 + i) for i in range(4)]
+    requests = [dict(), dict(repetition_penalty=1.2), dict(num_beams=2)]
+    kwargs = dict(max_new_tokens=12, **GREEDY)
+    expected = {(i, j): reference.generate(ids, attention_mask=mask, **kwargs, **request)
+                for i, (ids, mask) in enumerate(prompts) for j, request in enumerate(requests)}
+    results = {}
+
+    def serve(i):
+        ids, mask = prompts[i]
+        for round in range(2):
+            for j, request in enumerate(requests):
+                results[i, j, round] = optimized.generate(ids, attention_mask=mask, **kwargs, **request)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 * len(expected)
+    assert all(torch.equal(out, expected[i, j]) for (i, j, _), out in results.items())
 
 
 def test_a_replaced_weight_in_any_layer_is_used():
