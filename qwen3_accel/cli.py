@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,31 +34,16 @@ def _add_model_args(p: argparse.ArgumentParser, default_device: str) -> None:
                    help="qwen3_accel kernels: auto = Triton on CUDA, torch on CPU (default: %(default)s)")
 
 
-def _weights(text: str) -> tuple[str, ...]:
-    formats = tuple(x for x in text.split(",") if x)
-    unknown = set(formats) - set(WEIGHT_FORMATS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown weight formats {sorted(unknown)}; choose from {WEIGHT_FORMATS}")
-    return formats
+def _comma_list(what: str, allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated subset of `allowed`; anything else is an error naming it and `allowed`."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(x for x in text.split(",") if x)
+        unknown = set(names) - set(allowed)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {sorted(unknown)}; choose from {allowed}")
+        return names
 
-
-def _requests(text: str) -> tuple[str, ...]:
-    names = tuple(x for x in text.split(",") if x)
-    unknown = set(names) - set(REQUESTS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown requests {sorted(unknown)}; choose from {REQUESTS}")
-    return names
-
-
-def _decode_linear_modes(text: str) -> tuple[str, ...]:
-    from .patches.qwen3 import DECODE_LINEAR_MODES
-
-    modes = tuple(x for x in text.split(",") if x)
-    others = [m for m in DECODE_LINEAR_MODES if m != "auto"]  # "auto" is the qwen3_accel contender itself
-    unknown = set(modes) - set(others)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown decode_linear modes {sorted(unknown)}; choose from {others}")
-    return modes
+    return parse
 
 
 WEIGHTS_HELP = ("int8 (per output row), int4 (asymmetric, groups of 128) or fp8 (e4m3, 128x128 blocks): quantize "
@@ -65,6 +51,8 @@ WEIGHTS_HELP = ("int8 (per output row), int4 (asymmetric, groups of 128) or fp8 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .patches.qwen3 import DECODE_LINEAR_MODES
+
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(prog="qwen3-accel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,15 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens generated in the timed decode (default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats per case; the median is kept (default: %(default)s)")
     bench.add_argument("--out", default="bench_out", help="folder for the JSON, table and plots (default: %(default)s)")
-    bench.add_argument("--weights", type=_weights, default=(),
+    bench.add_argument("--weights", type=_comma_list("weight formats", WEIGHT_FORMATS), default=(),
                        help=f"comma-separated formats, each measured after the others as qwen3_accel_<format> on a "
                             f"fresh copy of the model; {WEIGHTS_HELP}")
-    bench.add_argument("--decode-linear", type=_decode_linear_modes, default=(),
+    # "auto" is the qwen3_accel contender itself
+    other_modes = [m for m in DECODE_LINEAR_MODES if m != "auto"]
+    bench.add_argument("--decode-linear", type=_comma_list("decode_linear modes", other_modes), default=(),
                        help="comma-separated decode_linear modes (always, never) each measured after the others as "
                             "qwen3_accel_decode_linear_<mode> on a fresh copy of the model, beside the default 'auto': "
                             "how decode steps of up to 4 rows run their projections (our fused GEMV with RMSNorm, "
                             "SiLU*mul and residual folded in, or cuBLAS and separate kernels)")
-    bench.add_argument("--requests", type=_requests, default=(),
+    bench.add_argument("--requests", type=_comma_list("requests", REQUESTS), default=(),
                        help="comma-separated requests that run HF's generation loop, timed at batch 1 for hf_eager and "
                             "qwen3_accel: beam4 (num_beams=4), assisted (the model as its own assistant: every draft "
                             "accepted, the upper bound), penalty (repetition_penalty=1.1)")
