@@ -114,11 +114,12 @@ def _prompts(batch: int, length: int, vocab: int, device: torch.device, seed: in
     return torch.randint(1, vocab, (batch, length), generator=g).to(device)
 
 
-def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -> Callable[[], Any]:
-    # No eos: every contender runs exactly `new_tokens` steps.
+def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None,
+                 extra: dict[str, Any] | None = None) -> Callable[[], Any]:
+    # No eos: every contender runs exactly `new_tokens` steps. `extra`: a request's own generate() arguments.
     kwargs = dict(
         attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-        eos_token_id=None,
+        eos_token_id=None, **(extra or {}),
     )
     if static_cache is None:
         return lambda: model.generate(ids, **kwargs)
@@ -130,6 +131,16 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None) -
         return model.generate(ids, **{CACHE_ARG: static_cache}, **kwargs)
 
     return run
+
+
+def decode_seconds(timer: Timer, first: Callable[[], Any], full: Callable[[], Any], repeats: int, what: str) -> float:
+    """Time of the decode steps alone: `full` (1 + N new tokens) minus `first` (1 new token), medians of `repeats`;
+    NaN, with a warning naming `what`, when the difference is lost in timing noise."""
+    seconds = median_time(timer, full, repeats) - median_time(timer, first, repeats)
+    if seconds <= 0:
+        warnings.warn(f"{what}: decode time lost in timing noise; raise --decode-tokens")
+        return float("nan")
+    return seconds
 
 
 def request_kwargs(name: str, model) -> dict[str, Any]:
@@ -153,17 +164,9 @@ def bench_requests(model, cfg: BenchConfig, progress: tqdm) -> dict[str, dict[st
     for name in cfg.requests:
         progress.set_postfix_str(f"request {name}")
         extra = request_kwargs(name, model)
-
-        def call(new_tokens: int, extra=extra) -> Callable[[], Any]:
-            return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                          do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
-
-        first, full = call(1), call(1 + cfg.decode_tokens)
+        first, full = (_generate_fn(model, ids, n, extra=extra) for n in (1, 1 + cfg.decode_tokens))
         full()  # warm-up
-        seconds = median_time(timer, full, cfg.repeats) - median_time(timer, first, cfg.repeats)
-        if seconds <= 0:
-            warnings.warn(f"request {name}: decode time lost in timing noise; raise --decode-tokens")
-            seconds = float("nan")
+        seconds = decode_seconds(timer, first, full, cfg.repeats, f"request {name}")
         results[name] = {"decode_tok_s": cfg.decode_tokens / seconds,
                          "decode_step_ms": 1e3 * seconds / cfg.decode_tokens}
         progress.update(1)
@@ -238,10 +241,7 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
         full()  # warm-up: compiles and records graphs for this shape
         result["first_call_s"][str(batch)] = time.perf_counter() - start
         full()
-        seconds = median_time(timer, full, cfg.repeats) - median_time(timer, first, cfg.repeats)
-        if seconds <= 0:
-            warnings.warn(f"{contender}, batch {batch}: decode time lost in timing noise; raise --decode-tokens")
-            seconds = float("nan")
+        seconds = decode_seconds(timer, first, full, cfg.repeats, f"{contender}, batch {batch}")
         result["decode_tok_s"][str(batch)] = batch * cfg.decode_tokens / seconds
         result["decode_step_ms"][str(batch)] = 1e3 * seconds / cfg.decode_tokens
         result["device_ops_per_step"][str(batch)] = device_ops_per_step(first, full, cfg.decode_tokens, device)
