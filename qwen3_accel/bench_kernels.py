@@ -272,8 +272,8 @@ def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLIN
         label = f"{rows}x{n_in}->{n_out}"
         weight_bytes = weight.numel() * weight.element_size()
         cases.append(Case(f"linear_{str(dtype).split('.')[-1]}", label, weight_bytes + x_bytes,
-                          lambda rows=rows, weight=weight: (torch.randn(rows, n_in, device=device, dtype=dtype),
-                                                            weight),
+                          lambda rows=rows, n_in=n_in, weight=weight: (
+                              torch.randn(rows, n_in, device=device, dtype=dtype), weight),
                           {"torch_eager": torch.nn.functional.linear}, rotate=False))
         for fmt in formats:
             if fmt == "int8":
@@ -286,8 +286,8 @@ def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLIN
             stored = sum(t.numel() * t.element_size() for t in packed[:3] if t is not None)
             compiled = _compiled(linear.quantized_linear_reference)
             cases.append(Case(f"quantized_linear_{fmt}", label, stored + x_bytes,
-                              lambda rows=rows, packed=packed: (torch.randn(rows, n_in, device=device, dtype=dtype),
-                                                                *packed),
+                              lambda rows=rows, n_in=n_in, packed=packed: (
+                                  torch.randn(rows, n_in, device=device, dtype=dtype), *packed),
                               {"qwen3_accel": torch.ops.qwen3_accel.quantized_linear, "torch_compile": compiled},
                               rotate=False))
     return cases
@@ -330,6 +330,10 @@ def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=(
     `decode_linear` and through cuBLAS with separate kernels: the figures that place DECODE_LINEAR_DENSE_MAX_HIDDEN
     (`decode_linear="auto"`)."""
     cases = []
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device=device, dtype=dtype) * scale
+
     for name in models:
         config = get_config(name)
         hidden, inter = config.hidden_size, config.intermediate_size
@@ -337,10 +341,8 @@ def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=(
         shapes = [(q_dim + 2 * kv_dim, hidden), (hidden, q_dim), (2 * inter, hidden), (hidden, inter)]
         weight_bytes = sum(n * k for n, k in shapes) * torch.finfo(dtype).bits // 8
         for rows in row_counts:
-            def make(rows=rows):
-                def randn(*shape, scale=1.0):
-                    return torch.randn(*shape, device=device, dtype=dtype) * scale
-
+            # Defaults bind this model's sizes: the inputs are made later, after the loop has moved on.
+            def make(rows=rows, hidden=hidden, q_dim=q_dim, shapes=shapes):
                 return (randn(rows, hidden), randn(rows, hidden), randn(rows, q_dim), 1 + randn(hidden, scale=0.1),
                         1 + randn(hidden, scale=0.1), *(randn(n, k, scale=0.02) for n, k in shapes))
 
@@ -348,10 +350,9 @@ def decode_layer_linear_cases(device: torch.device, dtype: torch.dtype, models=(
                 "qwen3_accel": _fused_layer_linears, "cublas+ops": _unfused_layer_linears,
             }))
 
-            def make_head(rows=rows):
-                stream, previous = (torch.randn(rows, hidden, device=device, dtype=dtype) for _ in range(2))
-                norm = 1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)
-                return stream, previous, norm, 0.02 * torch.randn(config.vocab_size, hidden, device=device, dtype=dtype)
+            def make_head(rows=rows, hidden=hidden, vocab=config.vocab_size):
+                return randn(rows, hidden), randn(rows, hidden), 1 + randn(hidden, scale=0.1), randn(vocab, hidden,
+                                                                                                    scale=0.02)
 
             head_bytes = config.vocab_size * hidden * torch.finfo(dtype).bits // 8
             cases.append(Case("decode_norm_lm_head", f"{name} {rows} row(s)", head_bytes, make_head, {

@@ -8,7 +8,7 @@ import torch
 from qwen3_accel.bench import BenchConfig, format_table, run_bench, write_report
 from qwen3_accel.bench_kernels import _moe_block_with
 from qwen3_accel.cli import build_parser, main
-from qwen3_accel.configs import build_model
+from qwen3_accel.configs import build_model, get_config
 from qwen3_accel.custom_ops import moe, select_kernels
 
 
@@ -52,6 +52,25 @@ def test_bench_kernels_quick_run(tmp_path):
         ours = "torch_eager" if row["op"] == "linear_float32" else "qwen3_accel"  # the unquantized base line
         assert "us" in row["results"][ours] and row["results"][ours]["timer"] == "eager", row
     assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+def test_kernel_cases_of_several_shapes_each_make_their_own_inputs():
+    """Cases are built in a loop over shapes and their inputs made later: each must get its own shape's tensors
+    (the inputs once took the loop's last shape, so every earlier case failed or timed the wrong size)."""
+    from qwen3_accel.bench_kernels import decode_layer_linear_cases, quantized_linear_cases
+
+    cpu = torch.device("cpu")
+    cases = quantized_linear_cases(cpu, torch.float32, [(96, 256), (64, 128)], (3,), ("int8", "int4"))
+    cases += decode_layer_linear_cases(cpu, torch.float32, ("tiny", "tiny-tied"), (2,))
+    for case in cases:
+        inputs = case.make_inputs()
+        for name, fn in case.contenders.items():
+            if name != "torch_compile":
+                fn(*inputs)  # raises on a shape mismatch
+        if case.op.startswith("quantized_linear") or case.op.startswith("linear"):
+            assert f"{inputs[0].shape[0]}x{inputs[0].shape[1]}->{inputs[1].shape[0]}" == case.shape
+        elif case.op == "decode_norm_lm_head":
+            assert inputs[-1].shape[0] == get_config(case.shape.split()[0]).vocab_size
 
 
 def test_top_level_help_lists_every_command(capsys):
