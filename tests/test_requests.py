@@ -23,6 +23,12 @@ def pair():
     return model_pair("tiny", compile=False)
 
 
+def op_calls(profile, op: str | None = None) -> int:
+    """Calls of our op `op` (any of our ops with None) the profiler recorded."""
+    prefix = f"qwen3_accel::{op or ''}"
+    return sum(event.name == prefix if op else event.name.startswith(prefix) for event in profile.events())
+
+
 def both(reference, optimized, *args, **kwargs):
     """generate() on both models: the same tokens."""
     expected = reference.generate(*args, **kwargs)
@@ -87,7 +93,7 @@ def test_autocast_runs_hfs_own_path(name):
         with torch.no_grad():
             torch.testing.assert_close(optimized(ids, attention_mask=mask).logits,
                                        reference(ids, attention_mask=mask).logits)
-    assert not any(event.name.startswith("qwen3_accel::") for event in profile.events())
+    assert op_calls(profile) == 0
     both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)  # and ours again after it
 
 
@@ -276,7 +282,7 @@ def test_hf_forward_of_an_optimized_moe_uses_our_experts():
     ids, mask = left_padded_batch([6, 4], 512, seed=11)
     with torch.no_grad(), torch.profiler.profile() as profile:
         actual = optimized(ids, attention_mask=mask, output_hidden_states=True)
-    assert sum(event.name == "qwen3_accel::fused_moe" for event in profile.events()) == 2  # one per MoE layer
+    assert op_calls(profile, "fused_moe") == 2  # one per MoE layer
     with torch.no_grad():
         expected = reference(ids, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
@@ -286,10 +292,6 @@ def test_hf_forward_of_an_optimized_moe_uses_our_experts():
     name = "model.layers.1.mlp.experts.down_proj"
     torch.testing.assert_close(optimized.get_parameter(name).grad, reference.get_parameter(name).grad,
                                atol=1e-5, rtol=1e-4)
-
-
-def op_calls(profile, op: str) -> int:
-    return sum(event.name == f"qwen3_accel::{op}" for event in profile.events())
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
@@ -319,7 +321,7 @@ def test_hf_forward_decodes_through_our_attention(name, request_kwargs):
         assert getattr(optimized.config, "_experts_implementation", None) == \
             getattr(reference.config, "_experts_implementation", None)
         baseline = optimized.generate(ids, **kwargs)
-    assert not any(event.name.startswith("qwen3_accel::") for event in profile.events())
+    assert op_calls(profile) == 0
     assert torch.equal(baseline if isinstance(baseline, torch.Tensor) else baseline.sequences,
                        expected if isinstance(expected, torch.Tensor) else expected.sequences)
     assert optimized.config._attn_implementation == "qwen3_accel"
