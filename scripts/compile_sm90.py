@@ -146,7 +146,7 @@ def cases():
     formats = {"bf16": (gate_up, down, ())}
     for fmt in ("fp8", "int8"):
         quantize = linear.quantize_fp8 if fmt == "fp8" else linear.quantize_int8
-        per_expert = [[quantize(m) if fmt == "fp8" else quantize(m) for m in weights] for weights in (gate_up, down)]
+        per_expert = [[quantize(m) for m in weights] for weights in (gate_up, down)]
         stacked = [(torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])) for qs in per_expert]
         groups = (128, 128) if fmt == "fp8" else (1, 1 << 20)
         formats[fmt] = (stacked[0][0], stacked[1][0], (stacked[0][1], stacked[1][1], *groups))
