@@ -153,6 +153,21 @@ class FastDecodeState:
         return (self.tokens, self.positions, self.unfinished, self.out, self.step, self.eos, self.pad,
                 self.temperature, self.top_k, self.top_p)
 
+    def begin(self, first_tokens: torch.Tensor, positions: torch.Tensor, unfinished: torch.Tensor) -> None:
+        """Start a call on the first `len(first_tokens)` rows. Every per-call buffer is set on every row: rows this
+        call does not use restart at position 0, finished, with the pad token, so whatever earlier calls ran,
+        nothing they hold grows past one call's length (they once kept counting from call to call until their
+        positions left the RoPE table)."""
+        batch = first_tokens.shape[0]
+        self.tokens.copy_(self.pad.expand_as(self.tokens))
+        self.tokens[:batch] = first_tokens
+        self.positions.zero_()
+        self.positions[:batch] = positions
+        self.unfinished.zero_()
+        self.unfinished[:batch] = unfinished
+        self.out[:, 0] = self.tokens
+        self.step.fill_(1)
+
     def set_request(self, eos_ids: list[int], pad: int, sampling: Sampling) -> None:
         self.eos.fill_(-1)
         if eos_ids:
@@ -218,12 +233,7 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
         state.set_request(eos_ids, pad, sampling)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         first, unfinished = pick(logits, unfinished, state, sampling.do_sample, acc.tp)
-        state.out[:batch, 0] = first
-        state.tokens[:batch] = first
-        state.positions[:batch] = position_ids[:, -1] + 1
-        state.unfinished[:batch] = unfinished
-        state.unfinished[batch:] = False
-        state.step.fill_(1)
+        state.begin(first, position_ids[:, -1] + 1, unfinished)
         key = ("fast", rows, cache.max_batch_size, cache.max_cache_len, sampling.do_sample)
         steps_done, streamed = 1, 0
         while True:

@@ -2,7 +2,9 @@
 
 A long-lived server's view of qwen3_accel: batch 1-8, prompts 1-300 tokens, greedy / sampled with varied settings /
 eos lists / repetition penalty (HF's loop), all on one model. Memory is read after a warm-up pass over every batch
-bucket and again at the end: after warm-up it must not grow.
+bucket and again at the end: after warm-up it must not grow. After every call, every persistent buffer (the cache's
+write slot, the fast loop's positions and step counter) must hold a value one call could produce: a buffer that
+kept counting across calls would, one day, leave the RoPE table.
 
     python scripts/soak.py --model Qwen3-0.6B --minutes 10          # on a GPU (bf16)
     python scripts/soak.py --model tiny --device cpu --minutes 0.2  # anywhere
@@ -46,6 +48,26 @@ def random_request(rng: random.Random, vocab: int, device: str) -> tuple[torch.T
     return ids.to(device), kwargs
 
 
+def unbounded_buffers(acc, ids: torch.Tensor, new_tokens: int) -> list[str]:
+    """Persistent buffers holding a value the call just made (`ids`, up to `new_tokens` new tokens) could not have
+    produced: every one must restart with each call, on every row of its bucket, used or not."""
+    problems, cache = [], acc.cache
+    batch, longest = ids.shape[0], ids.shape[1] + new_tokens
+    if cache is None:
+        return problems
+    if not 0 <= int(cache.write_pos) <= longest:
+        problems.append(f"cache write_pos {int(cache.write_pos)} outside this call's [0, {longest}]")
+    state = acc._fast_states.get((cache.decode_rows(batch), cache.max_cache_len))
+    if state is not None:  # this call's bucket: no call reaches past the cache's length
+        low, high = int(state.positions.min()), int(state.positions.max())
+        if low < 0 or high > cache.max_cache_len:
+            problems.append(f"fast loop bucket {state.tokens.shape[0]}: positions in [{low}, {high}]")
+        if not 0 <= int(state.step) <= state.out.shape[1]:
+            problems.append(f"fast loop bucket {state.tokens.shape[0]}: step {int(state.step)} past its "
+                            f"{state.out.shape[1]} columns")
+    return problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Qwen3-0.6B", help="a shape from qwen3_accel.configs (random weights)")
@@ -70,6 +92,9 @@ def main() -> None:
         out = model.generate(ids, **kwargs)
         calls += 1
         tokens += (out.shape[1] - ids.shape[1]) * out.shape[0]
+        problems = unbounded_buffers(model.qwen3_accel, ids, kwargs["max_new_tokens"])
+        if problems:
+            raise SystemExit(f"after call {calls}: " + "; ".join(problems))
     end_mib = memory_mib(args.device)
     acc = model.qwen3_accel
     print(f"{args.model} on {args.device} ({dtype}), torch {torch.__version__}: {calls} calls, {tokens} new tokens "
@@ -78,6 +103,7 @@ def main() -> None:
           f"{len(acc.decode_steps.eager_keys) + len(acc.fast_steps.eager_keys)})")
     print(f"memory allocated after warm-up {start_mib:.1f} MiB, at the end {end_mib:.1f} MiB "
           f"(growth {end_mib - start_mib:+.1f} MiB)")
+    print("persistent buffers bounded after every call")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,26 @@ def test_hf_default_length_rules(fast):
         for length in ({}, {"max_length": 31}):  # a max_length the user sets is a total length
             expected = reference.generate(ids, attention_mask=mask, pad_token_id=0, **length)
             assert torch.equal(optimized.generate(ids, attention_mask=mask, pad_token_id=0, **length), expected)
+
+
+def test_a_partly_filled_bucket_stays_bounded_over_many_calls():
+    """3 sequences in the 4-row graph, call after call: the unused row restarts with every call, so nothing it holds
+    outgrows one call (its position once kept counting across calls until it left the RoPE table, after which
+    every request on that bucket failed)."""
+    torch._dynamo.reset()
+    import qwen3_accel
+    from qwen3_accel.configs import build_model, get_config
+
+    config = get_config("tiny", num_hidden_layers=1, max_position_embeddings=256)
+    reference = build_model(config)
+    optimized = qwen3_accel.optimize(build_model(config))  # compile=True, the default
+    ids, mask = left_padded_batch([10, 7, 10], 512, seed=13)
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, **GREEDY)
+    expected = reference.generate(ids, **kwargs)
+    acc = optimized.qwen3_accel
+    for call in range(12):  # 12 x 30 steps: far past the table's 256 positions before the fix
+        assert torch.equal(optimized.generate(ids, **kwargs), expected), f"call {call}"
+        (state,) = acc._fast_states.values()
+        assert int(state.positions.max()) <= ids.shape[1] + 30 and int(state.step) <= 30
+        assert int(acc.cache.write_pos) <= ids.shape[1] + 30
+    assert acc.graph_count() == 1 and not acc.fast_steps.eager_keys

@@ -68,6 +68,20 @@ def test_qk_norm_rope_matches_reference(dtype, n_tokens, n_q, n_kv, head_dim):
     torch.testing.assert_close(k, k_ref, **tol)
 
 
+def test_qk_norm_rope_clamps_positions_past_the_table():
+    """A position outside the table (an unused row of a graph bucket) reads the table's edge, in the kernel and
+    in its reference alike, instead of past its end."""
+    q, k, q_weight, k_weight, cos_sin, _ = _rope_inputs(4, 4, 2, 64, torch.float32)
+    table_len = cos_sin.shape[0]
+    outside = torch.tensor([table_len, table_len + 1000, -3, 7], device=DEVICE)
+    clamped = torch.tensor([table_len - 1, table_len - 1, 0, 7], device=DEVICE)
+    expected = rope.qk_norm_rope_reference(q, k, q_weight, k_weight, cos_sin, clamped, 1e-6)
+    for impl in (rope.qk_norm_rope_reference, rope.qk_norm_rope_triton):
+        actual = impl(q, k, q_weight, k_weight, cos_sin, outside, 1e-6)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
 def _store_kv_inputs(n_tokens, n_q, n_kv, head_dim, dtype, cache_rows, cache_len, slot):
     q, k, q_weight, k_weight, cos_sin, positions = _rope_inputs(n_tokens, n_q, n_kv, head_dim, dtype)
     v = randn(n_tokens, 2 * n_kv, head_dim, dtype=dtype)[:, n_kv:]  # a strided view, as the fused QKV gives

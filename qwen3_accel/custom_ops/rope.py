@@ -19,7 +19,7 @@ def _qk_norm_rope_kernel(
     q_out_ptr, k_out_ptr, v_out_ptr,
     q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
     out_token_stride, out_slot_stride, out_head_stride,
-    cos_sin_stride, n_q_heads, eps,
+    cos_sin_stride, n_positions, n_q_heads, eps,
     HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, STORE_KV: tl.constexpr,
 ):
     # q: [T, Hq, D], k: [T, Hkv, D] (strided views are fine); q_out contiguous. Grid: (T, Hq + Hkv).
@@ -52,7 +52,8 @@ def _qk_norm_rope_kernel(
     w2 = tl.load(weight_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     n1 = ((x1f * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     n2 = ((x2f * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
+    # Clamped to the table: a position past it (an unused padding row of a graph bucket) never reads outside.
+    pos = tl.minimum(tl.maximum(tl.load(positions_ptr + token).to(tl.int64), 0), n_positions - 1)
     cos = tl.load(cos_sin_ptr + pos * cos_sin_stride + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(cos_sin_ptr + pos * cos_sin_stride + HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
     tl.store(dst + offs, (n1 * cos - n2 * sin).to(dtype), mask=mask)
@@ -92,7 +93,7 @@ def _launch(q, k, v, q_weight, k_weight, cos_sin, positions, eps, q_out, k_out, 
         q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos_sin, positions.contiguous(), slot,
         q_out, k_out, v_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), *out_strides,
-        cos_sin.stride(0), n_q_heads, float(eps),
+        cos_sin.stride(0), cos_sin.shape[0], n_q_heads, float(eps),
         HALF=half, HALF_BLOCK=triton.next_power_of_2(half), STORE_KV=store_kv,
         num_warps=1 if head_dim <= 128 else 2,
     )
@@ -124,13 +125,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def qk_norm_rope_reference(q, k, q_weight, k_weight, cos_sin, positions, eps: float):
-    """HF's `q_norm`/`k_norm` then `apply_rotary_pos_emb`, step for step, on [T, H, D] tensors."""
+    """HF's `q_norm`/`k_norm` then `apply_rotary_pos_emb`, step for step, on [T, H, D] tensors.
+
+    Positions outside the table are clamped to it, as the kernel does (callers check real positions up front)."""
     def norm(x, w):
         xf = x.to(torch.float32)
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     half = q.shape[-1] // 2
-    table = cos_sin[positions]  # [T, D]
+    table = cos_sin[positions.clamp(0, cos_sin.shape[0] - 1)]  # [T, D]
     cos = torch.cat((table[:, :half], table[:, :half]), dim=-1).to(q.dtype)[:, None, :]
     sin = torch.cat((table[:, half:], table[:, half:]), dim=-1).to(q.dtype)[:, None, :]
     qn, kn = norm(q, q_weight), norm(k, k_weight)
