@@ -46,7 +46,7 @@ def check_versions(
 check_versions()  # before the imports below, which an unsupported release may not have
 
 from transformers import Qwen3ForCausalLM  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast  # noqa: E402
 
 # transformers 5.24 renamed the cache argument of `generate`, `prepare_inputs_for_generation` and the models'
 # `forward` from `past_key_values` to `cache` (the old name warns until 5.40), and the output field with it.
@@ -56,14 +56,21 @@ _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithP
 OUTPUT_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
-def causal_lm_output(logits: torch.Tensor, cache) -> CausalLMOutputWithPast:
-    """`CausalLMOutputWithPast(logits, <cache field>)` under this release's name for the cache field."""
-    return CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE_FIELD: cache})
+def causal_lm_output(logits: torch.Tensor, cache, moe: bool = False) -> CausalLMOutputWithPast:
+    """HF's output class for the model (`MoeCausalLMOutputWithPast` for Qwen3-MoE: `router_logits` and `aux_loss`
+    None, as HF gives them unless asked for) with the cache under this release's field name."""
+    output_class = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
+    return output_class(logits=logits, **{OUTPUT_CACHE_FIELD: cache})
 
 
 def pop_cache_arg(kwargs: dict) -> object:
     """Remove and return the cache a caller passed under either name; both names with different caches is an error."""
-    caches = [cache for name in CACHE_ARG_NAMES if (cache := kwargs.pop(name, None)) is not None]
+    # A plain loop: Dynamo cannot trace a walrus inside a comprehension (a user's torch.compile of the model).
+    caches = []
+    for name in CACHE_ARG_NAMES:
+        cache = kwargs.pop(name, None)
+        if cache is not None:
+            caches.append(cache)
     if len(caches) == 2 and caches[0] is not caches[1]:
         raise ValueError("got two different caches, as `cache` and as `past_key_values`; pass one")
     return caches[0] if caches else None

@@ -224,6 +224,8 @@ class Qwen3Accelerator:
         self.decode_steps = CompiledSteps(self._decode_step, options.compile)
         self.fast_steps = CompiledSteps(types.MethodType(fast_generate.fast_step, self), options.compile)
         self._fast_states: dict[tuple[int, int], fast_generate.FastDecodeState] = {}
+        self.implementations = _implementations(model)  # ours; a user's later choice sends calls to HF's forward
+        self._logged: set[str] = set()
         self._ready = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -283,9 +285,9 @@ class Qwen3Accelerator:
         cache.reset()
         return cache
 
-    def check_weights_shared(self) -> None:
-        """Keep the fused GEMM weights equal to the model's: a weight replaced since `optimize` (any layer, any
-        fused projection) is copied into the fused buffer; a model moved or cast since is an error."""
+    def check_not_moved(self) -> None:
+        """A model moved or cast since `optimize` is an error, at the first call after it, whichever path serves
+        the call (a few attribute reads per fused group: cheap enough for every call)."""
         for group in self.fused:
             if group.fused.device != self.device or group.fused.dtype != group.dtype:
                 raise RuntimeError(
@@ -293,6 +295,12 @@ class Qwen3Accelerator:
                     "so the fused projections no longer share memory with them; move or cast the model first, then "
                     "optimize"
                 )
+
+    def check_weights_shared(self) -> None:
+        """Keep the fused GEMM weights equal to the model's: a weight replaced since `optimize` (any layer, any
+        fused projection) is copied into the fused buffer; a model moved or cast since is an error."""
+        self.check_not_moved()
+        for group in self.fused:
             if not group.in_sync():
                 logger.debug("qwen3_accel: a fused weight was replaced; copying it into the fused buffer")
                 group.resync()
@@ -310,6 +318,19 @@ class Qwen3Accelerator:
         finally:
             self.model.forward, self.model.generate = self.forward, self.generate
             _set_implementations(self.model, ours)
+
+    def _implementations_changed(self) -> str | None:
+        """Why HF's forward must serve: the user chose another attention or experts implementation after `optimize`
+        (`set_attn_implementation` / `set_experts_implementation`), which our forward would otherwise ignore."""
+        now = _implementations(self.model)
+        if now == self.implementations:
+            return None
+        changed = ", ".join(f"{kind}={now[kind]!r}" for kind in now if now[kind] != self.implementations[kind])
+        reason = f"implementation set after optimize ({changed}): HF's forward honours it"
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.info("qwen3_accel: %s", reason)
+        return reason
 
     def _under_autocast(self) -> bool:
         """Whether torch.autocast is on for the model's device: then HF's own forward and generate run, with HF's
@@ -329,11 +350,12 @@ class Qwen3Accelerator:
         """HF's `generate`: our device-side loop when it covers the request, else HF's loop on our cache."""
         self._ensure_ready()
         _require_tokens(args[0] if args else kwargs.get("input_ids", kwargs.get("inputs")))
+        self.check_not_moved()  # on every path, so that one state gets one answer
         if self._under_autocast():
             logger.debug("qwen3_accel: HF's own generate (autocast is on: our kernels and cache run the model dtype)")
             with self._lock, self.disabled():
                 return self.hf_generate(*args, **kwargs)
-        if self.options.fast_generate:
+        if self.options.fast_generate and not self._implementations_changed():
             reason, request = fast_generate.fast_path_reason(self.model, args, kwargs)
             if request is not None:
                 with self._lock:
@@ -385,7 +407,7 @@ class Qwen3Accelerator:
         for flag in ("output_attentions", "output_hidden_states", "output_router_logits"):
             if getattr(config, flag, False) or getattr(self.model.config, flag, False):
                 return flag
-        return None
+        return self._implementations_changed()
 
     # --------------------------------------------------------------------------------------- forward
     def forward(
@@ -408,13 +430,19 @@ class Qwen3Accelerator:
         self._ensure_ready()
         kwargs["cache"] = cache
         cache = compat.pop_cache_arg(kwargs)
-        stray = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
-        if stray:
-            raise ValueError(f"got a cache as {stray}; qwen3_accel's forward takes it as `cache` or `past_key_values`")
         all_args = dict(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
             labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **{compat.CACHE_ARG: cache}, **kwargs,
         )
+        if torch.compiler.is_compiling():
+            # A user's torch.compile of the model (or HF's generate compiling its forward): HF's forward, which Dynamo
+            # traces whole (fullgraph too), with our attention and experts ops inside the user's graph. Our own
+            # dispatch takes a lock and reads masks and cache lengths on the host, which a graph cannot hold.
+            return self.hf_forward(**all_args)
+        stray = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
+        if stray:
+            raise ValueError(f"got a cache as {stray}; qwen3_accel's forward takes it as `cache` or `past_key_values`")
+        self.check_not_moved()
         config = self.model.config
         use_cache = config.use_cache if use_cache is None else use_cache
         ours = isinstance(cache, Qwen3StaticCache)
@@ -432,6 +460,13 @@ class Qwen3Accelerator:
             hf_only.append("a prepared attention mask")
         if torch.is_grad_enabled() and self.model.lm_head.weight.requires_grad:
             hf_only.append("gradients")
+        changed = self._implementations_changed()
+        if changed:
+            hf_only.append(changed)
+        if position_ids is not None and not (ours and tokens is not None and tokens.shape[1] == 1 and past > 0):
+            # (decode steps on our cache come from generate, which bounds them by the model's positions)
+            if int(position_ids.max()) >= self.cos_sin.shape[0]:
+                hf_only.append(f"position ids past the model's {self.cos_sin.shape[0]} positions")
         if hf_only and ours:
             raise ValueError(f"qwen3_accel's own cache cannot serve {hf_only}: run without a cache or with HF's")
         if self._under_autocast():
@@ -462,7 +497,7 @@ class Qwen3Accelerator:
             hidden = self._prefill(cache, inputs_embeds, attention_mask, position_ids)
             hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
             logits = self.logits(hidden)
-        output = compat.causal_lm_output(logits, cache if use_cache else None)
+        output = compat.causal_lm_output(logits, cache if use_cache else None, moe=self.patches is qwen3_moe)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
 
     def _prefill(self, cache, embeds, attention_mask, position_ids) -> torch.Tensor:

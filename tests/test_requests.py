@@ -333,3 +333,66 @@ def test_hf_attention_is_kept_when_the_user_chose_it(implementation, options):
     model = build_model("tiny", attn_implementation=implementation)
     qwen3_accel.optimize(model, compile=False, **options)
     assert model.config._attn_implementation == implementation
+
+
+def test_moe_forward_returns_hfs_moe_output_class():
+    """HF's Qwen3-MoE returns MoeCausalLMOutputWithPast (router_logits and aux_loss None unless asked for): code
+    reading them must not meet an AttributeError on the optimized model."""
+    reference, optimized = model_pair("tiny-moe", compile=False)
+    ids, mask = left_padded_batch([6, 4], 512, seed=14)
+    with torch.no_grad():
+        expected, actual = reference(ids, attention_mask=mask), optimized(ids, attention_mask=mask)
+    assert type(actual) is type(expected)
+    assert actual.router_logits is None and actual.aux_loss is None
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_a_users_fullgraph_compile_of_the_model_works(name):
+    """torch.compile(model, fullgraph=True), and generate() compiling HF's forward itself over HF's static cache
+    (compile_config=CompileConfig(fullgraph=True)): HF's results, no crash."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    reference, optimized = model_pair(name)
+    ids, mask = left_padded_batch([9, 5], 512, seed=15)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask).logits
+        actual = torch.compile(optimized, fullgraph=True)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # HF compiles only on accelerators unless told
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, **GREEDY)
+    expected_tokens = reference.generate(ids, **kwargs)
+    actual_tokens = optimized.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert torch.equal(actual_tokens, expected_tokens)
+
+
+def test_set_experts_implementation_after_optimize_is_honoured():
+    """A user's `set_experts_implementation("eager")` after optimize: every path runs HF's experts (none of our
+    fused_moe calls), with HF's tokens; setting ours back restores our forward."""
+    reference, optimized = model_pair("tiny-moe", compile=False)
+    ids, mask = left_padded_batch([6, 4], 512, seed=16)
+    optimized.set_experts_implementation("eager")
+    with torch.profiler.profile() as profile:
+        both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
+        with torch.no_grad():
+            optimized(ids, attention_mask=mask)
+    assert op_calls(profile, "fused_moe") == 0
+    optimized.set_experts_implementation("qwen3_accel")
+    with torch.profiler.profile() as profile:
+        both(reference, optimized, ids, attention_mask=mask, max_new_tokens=4, **GREEDY)
+    assert op_calls(profile, "fused_moe") > 0
+
+
+@pytest.mark.parametrize("request_kwargs", [{}, dict(cache_implementation="static"), dict(num_beams=2)],
+                         ids=["fast-loop", "hf-static", "beams"])
+def test_a_model_cast_after_optimize_fails_alike_on_every_path(request_kwargs):
+    """The same state gets the same answer on every path: the clear error, at the first call after the cast."""
+    model = qwen3_accel.optimize(build_model("tiny"), compile=False)
+    model.to(torch.float16)
+    ids, _ = left_padded_batch([5], 512)
+    with pytest.raises(RuntimeError, match="moved or converted after qwen3_accel.optimize"):
+        model.generate(ids, max_new_tokens=3, **request_kwargs, **GREEDY)
+    with pytest.raises(RuntimeError, match="moved or converted after qwen3_accel.optimize"), torch.no_grad():
+        model(ids)
