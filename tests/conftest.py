@@ -7,6 +7,8 @@ from transformers.generation.streamers import BaseStreamer
 # Without a GPU, Triton kernels run in Triton's interpreter; it must be on before any kernel is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Any compile or replay failure of our compiled steps raises in tests (users get an eager fallback and a warning).
+os.environ.setdefault("QWEN3_ACCEL_STRICT_COMPILE", "1")
 
 from qwen3_accel.configs import build_model  # noqa: E402
 
@@ -42,8 +44,9 @@ def left_padded_batch(lengths: list[int], vocab: int, seed: int = 0):
 
 
 def generate_without_recompiles(reference, optimized, cases, device="cpu") -> int:
-    """Greedy generate() for each (prompt lengths, new tokens) case: equal to HF, no graph break, and an error on
-    any recompile after the first call. Returns dynamo's count of compiled graphs (reset counters first)."""
+    """Greedy generate() for each (prompt lengths, new tokens) case: equal to HF, no graph break, no key run eagerly
+    after a failed compile, and an error on any recompile after the first call. Returns dynamo's count of compiled
+    graphs (reset counters first)."""
     from torch._dynamo.utils import counters
 
     for call, (lengths, new_tokens) in enumerate(cases):
@@ -53,6 +56,9 @@ def generate_without_recompiles(reference, optimized, cases, device="cpu") -> in
         with torch._dynamo.config.patch(error_on_recompile=call > 0):
             actual = optimized.generate(ids, **kwargs)
         assert torch.equal(actual, reference.generate(ids, **kwargs)), f"call {call}"
+    acc = optimized.qwen3_accel
+    fell_back = acc.decode_steps.eager_keys | acc.fast_steps.eager_keys
+    assert not fell_back, f"graph keys that ran eagerly after a failed compile: {sorted(fell_back)}"
     assert not counters["graph_break"]
     return counters["stats"]["unique_graphs"]
 

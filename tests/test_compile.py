@@ -58,3 +58,26 @@ def test_graphs_stay_within_the_documented_bound_over_many_varied_requests():
         assert not acc.decode_steps.eager_keys and not acc.fast_steps.eager_keys
         assert acc.graph_count() == 3 * 2
     assert not counters["graph_break"]
+
+
+def test_a_failing_compile_fails_the_compile_tests(monkeypatch, caplog):
+    """The suite's compile checks see a graph that could not be built (they once passed on the eager fallback);
+    a user's request still gets HF's tokens, with a warning naming the graph key."""
+    import logging
+
+    from qwen3_accel import graphs
+
+    def compile_that_fails(fn, **options):
+        def step(*args, **kwargs):
+            raise RuntimeError("planted compile failure")
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    reference, optimized = model_pair("tiny", compile=True, max_batch_size=2, max_cache_len=64)
+    with pytest.raises(RuntimeError, match="planted compile failure"):  # strict mode, as the suite runs
+        generate_without_recompiles(reference, optimized, [([9, 5], 4)])
+    monkeypatch.delenv(graphs.STRICT_ENV)  # a user's process: the eager fallback serves the request
+    with caplog.at_level(logging.WARNING, logger="qwen3_accel.graphs"):
+        with pytest.raises(AssertionError, match="ran eagerly after a failed compile"):
+            generate_without_recompiles(reference, optimized, [([9, 5], 4)])
+    assert "('fast', 2, 2, 64, False)" in caplog.text and "planted compile failure" in caplog.text
