@@ -12,6 +12,7 @@ import os
 import threading
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -193,6 +194,8 @@ class Qwen3Accelerator:
         self._setup()
         model.forward = self.forward
         model.generate = self.generate
+        model.generate_batch = self.generate_batch
+        model.init_continuous_batching = self.init_continuous_batching
 
     def _setup(self) -> None:
         with _outside_inference_mode():
@@ -226,7 +229,46 @@ class Qwen3Accelerator:
         self._fast_states: dict[tuple[int, int], fast_generate.FastDecodeState] = {}
         self.implementations = _implementations(model)  # ours; a user's later choice sends calls to HF's forward
         self._logged: set[str] = set()
+        self._batching_managers: weakref.WeakSet = weakref.WeakSet()  # HF continuous-batching managers started
         self._ready = True
+
+    # --------------------------------------------------------------------------- continuous batching
+    # HF's continuous batching (its scheduler, paged cache and paged attention) on the optimized model: the manager
+    # picks a paged attention implementation from the one the model has, which must be HF's (it refuses ours), and
+    # restores that one when it stops; meanwhile our forward sees the implementation differ from ours and hands
+    # every call (the manager's packed batches over its paged cache) to HF's forward, MoE experts still fused.
+    def generate_batch(self, *args: Any, **kwargs: Any):
+        """HF's `generate_batch` (returns HF's `GenerationOutput` per request), on HF's continuous batching."""
+        self._ensure_ready()
+        try:
+            self._hand_attention_to_hf_batching()
+            return type(self.model).generate_batch(self.model, *args, **kwargs)
+        finally:
+            self._restore_after_batching()
+
+    def init_continuous_batching(self, *args: Any, **kwargs: Any):
+        """HF's `init_continuous_batching` (the manager `transformers serve --continuous-batching` drives)."""
+        self._ensure_ready()
+        self._hand_attention_to_hf_batching()
+        manager = type(self.model).init_continuous_batching(self.model, *args, **kwargs)
+        self._batching_managers.add(manager)
+        return manager
+
+    def _hand_attention_to_hf_batching(self) -> None:
+        with self._lock:
+            if _implementations(self.model)["attention"] == self.implementations["attention"]:
+                logger.info("qwen3_accel: continuous batching runs HF's paged attention and forward (our fused MoE "
+                            "experts stay in); generate() returns to our kernels once its managers stop")
+                _set_implementations(self.model, {**self.implementations,
+                                                  "attention": self.hf_implementations["attention"]})
+
+    def _restore_after_batching(self) -> None:
+        """Our attention again once no continuous-batching manager runs (HF restored its own when each stopped)."""
+        with self._lock:
+            if any(manager.is_running() for manager in self._batching_managers):
+                return
+            if _implementations(self.model)["attention"] == self.hf_implementations["attention"]:
+                _set_implementations(self.model, self.implementations)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"model": self.model, "options": self.options, "hf_implementations": self.hf_implementations}
@@ -323,6 +365,9 @@ class Qwen3Accelerator:
         """Why HF's forward must serve: the user chose another attention or experts implementation after `optimize`
         (`set_attn_implementation` / `set_experts_implementation`), which our forward would otherwise ignore."""
         now = _implementations(self.model)
+        if now != self.implementations and self._batching_managers:
+            self._restore_after_batching()  # a continuous-batching manager that has stopped since
+            now = _implementations(self.model)
         if now == self.implementations:
             return None
         changed = ", ".join(f"{kind}={now[kind]!r}" for kind in now if now[kind] != self.implementations[kind])
@@ -428,6 +473,18 @@ class Qwen3Accelerator:
         caller uses.
         """
         self._ensure_ready()
+        if cache is not None and not isinstance(cache, Cache):
+            # HF continuous batching's paged cache, which is no `Cache` and always comes as `cache` (before 5.24 not
+            # the forward's cache argument: its paged attention reads it from the kwargs): HF's forward, as given.
+            with contextlib.ExitStack() as stack:
+                if self._under_autocast():
+                    stack.enter_context(self._lock)
+                    stack.enter_context(self.disabled())
+                return self.hf_forward(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                    **kwargs,
+                )
         kwargs["cache"] = cache
         cache = compat.pop_cache_arg(kwargs)
         all_args = dict(
@@ -448,6 +505,13 @@ class Qwen3Accelerator:
         ours = isinstance(cache, Qwen3StaticCache)
         tokens = input_ids if input_ids is not None else inputs_embeds
         _require_tokens(tokens)
+        if cache is not None and not ours and type(cache) is not DynamicCache:
+            # Any other cache class (HF's StaticCache, the paged cache of HF's continuous batching, a user's own):
+            # HF's forward, which knows it (not every one has a length to ask for); HF's everything under autocast.
+            if self._under_autocast():
+                with self._lock, self.disabled():
+                    return self.hf_forward(**all_args)
+            return self.hf_forward(**all_args)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:  # tensor parallel: every rank must run this sequence (a no-op on one device)
             self.tp.check_same_request("forward", tokens, attention_mask, position_ids, logits_to_keep)
@@ -473,10 +537,8 @@ class Qwen3Accelerator:
             with self._lock, self.disabled():  # HF's whole forward: autocast decides each op's dtype, ours do not
                 return self.hf_forward(**all_args)
         # HF's DynamicCache (beam search, assisted decoding, a user's own loop) runs on our kernels too, through
-        # the Cache API; any other cache class, or a mask that does not cover the cache, runs HF's forward.
-        if cache is not None and not ours and type(cache) is not DynamicCache:
-            hf_only.append(f"a {type(cache).__name__}")
-        elif type(cache) is DynamicCache and mask_2d and attention_mask is not None and tokens is not None and (
+        # the Cache API, unless the mask does not cover the cache.
+        if type(cache) is DynamicCache and mask_2d and attention_mask is not None and tokens is not None and (
             attention_mask.shape[-1] != past + tokens.shape[1]
         ):
             hf_only.append("an attention mask that does not cover the cache")
