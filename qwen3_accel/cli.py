@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import Any
 from collections.abc import Callable, Sequence
 
 import torch
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{text} (default by dtype: fp32 {getattr(fp32, name):g}, bf16 {getattr(bf16, name):g})")
 
     sub.add_parser("info", help="versions, device and the kernels qwen3_accel would use")
+    sub.add_parser("serve", help="transformers serve (OpenAI-compatible, continuous batching) on optimized models",
+                   description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     sub.add_parser(
         "lm-eval", help="lm-eval's own command line, with the model type `qwen3_accel` registered",
         description="Runs lm-eval's CLI with every argument after `lm-eval` passed through unchanged, after "
@@ -283,10 +286,74 @@ def _lm_eval(argv: list[str]) -> None:
     cli_evaluate()
 
 
+SERVE_HELP = """\
+usage: qwen3-accel serve MODEL [--optimize KEY=VALUE,...] [transformers serve's options]
+
+`transformers serve` on Qwen3 / Qwen3-MoE models optimized by qwen3_accel, with continuous batching on (add
+--no-continuous-batching to serve one request at a time): an OpenAI-compatible server (/v1/chat/completions,
+/v1/completions, /v1/models, /health). Every argument but --optimize is transformers serve's, passed through
+unchanged (`transformers serve --help` lists them; e.g. --host, --port, --force-model). Needs
+`pip install "transformers[serving]"`.
+
+  --optimize KEY=VALUE,...   qwen3_accel.OptimizeOptions fields for every model the server loads, e.g.
+                             --optimize max_cache_len=4096,compile=false,weights=int8
+"""
+
+
+def optimize_options(text: str) -> dict[str, Any]:
+    """`KEY=VALUE,...` as OptimizeOptions fields, each value parsed by its field's type (true/false, ints, none)."""
+    from .optimize import OptimizeOptions
+
+    fields = {field.name: field for field in dataclasses.fields(OptimizeOptions)}
+    options: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--optimize: {item!r} is not KEY=VALUE with KEY one of {sorted(fields)}")
+        kind = str(fields[key].type)
+        if value.lower() == "none":
+            options[key] = None
+        elif kind.startswith("bool"):
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--optimize: {key} takes true or false, got {value!r}")
+            options[key] = value.lower() == "true"
+        elif kind.startswith("int"):
+            options[key] = int(value)
+        else:
+            options[key] = value
+    return options
+
+
+def _serve(argv: list[str]) -> None:
+    """transformers serve's CLI on `argv`, every Qwen3 model it loads optimized, continuous batching on."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(SERVE_HELP, end="")
+        return
+    options: dict[str, Any] = {}
+    rest = []
+    items = iter(argv)
+    for arg in items:
+        if arg == "--optimize" or arg.startswith("--optimize="):
+            options.update(optimize_options(arg.partition("=")[2] if "=" in arg else next(items, "")))
+        else:
+            rest.append(arg)
+    if not any(arg.endswith("continuous-batching") for arg in rest):
+        rest.append("--continuous-batching")
+    from . import patch_transformers
+
+    patch_transformers(**options)  # the server loads models with from_pretrained: they come back optimized
+    from transformers.cli.transformers import app
+
+    app(["serve", *rest], prog_name="qwen3-accel")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, --help included
         _lm_eval(argv[1:])
+        return
+    if argv[:1] == ["serve"]:  # transformers serve's arguments pass through
+        _serve(argv[1:])
         return
     args = build_parser().parse_args(argv)
     if args.command == "bench":
