@@ -49,15 +49,18 @@ def _start(command: list[str], log_path):
     log.close()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
     deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return process, client
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the server did not start:\n{open(log_path).read()}")
-            time.sleep(1)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    return process, client
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start:\n{open(log_path).read()}")
+                time.sleep(1)
+    except BaseException:
+        process.kill()  # never leave a server behind
+        raise
 
 
 def _stop(process) -> None:
