@@ -495,6 +495,11 @@ class Qwen3Accelerator:
             # A user's torch.compile of the model (or HF's generate compiling its forward): HF's forward, which Dynamo
             # traces whole (fullgraph too), with our attention and experts ops inside the user's graph. Our own
             # dispatch takes a lock and reads masks and cache lengths on the host, which a graph cannot hold.
+            if isinstance(cache, Qwen3StaticCache):  # e.g. inputs recorded from our generate(), then exported
+                raise ValueError(
+                    "qwen3_accel's own KV cache cannot be traced (torch.compile / torch.export of the model's "
+                    "forward): trace with none, or with HF's DynamicCache / StaticCache"
+                )
             return self.hf_forward(**all_args)
         stray = sorted(name for name, value in kwargs.items() if isinstance(value, Cache))
         if stray:

@@ -366,6 +366,10 @@ def test_a_users_fullgraph_compile_of_the_model_works(name):
     expected_tokens = reference.generate(ids, **kwargs)
     actual_tokens = optimized.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
     assert torch.equal(actual_tokens, expected_tokens)
+    # Our persistent cache (as HF's exporter records it from our generate()) is a clear error, not HF's AttributeError.
+    ours = optimized.qwen3_accel.cache_for(2, 16)
+    with pytest.raises(Exception, match="qwen3_accel's own KV cache cannot be traced"), torch.no_grad():
+        torch.compile(optimized, fullgraph=True)(ids, attention_mask=mask, **{CACHE_ARG: ours})
 
 
 def test_set_experts_implementation_after_optimize_is_honoured():
