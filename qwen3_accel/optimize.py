@@ -370,6 +370,11 @@ class Qwen3Accelerator:
             now = _implementations(self.model)
         if now == self.implementations:
             return None
+        hf_attention = self.hf_implementations["attention"]
+        batching_attention = (hf_attention, f"paged|{hf_attention}")
+        if (now["experts"] == self.implementations["experts"] and now["attention"] in batching_attention
+                and any(manager.is_running() for manager in self._batching_managers)):
+            return None  # a running manager's choice, not the user's: our own path does not read it
         changed = ", ".join(f"{kind}={now[kind]!r}" for kind in now if now[kind] != self.implementations[kind])
         reason = f"implementation set after optimize ({changed}): HF's forward honours it"
         if reason not in self._logged:

@@ -4,12 +4,14 @@ our own path back once the managers stop. (Today HF's scheduler, paged cache and
 requests, with our fused MoE experts; see docs/ARCHITECTURE.md.)"""
 
 import torch
-from transformers import GenerationConfig
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
 import pytest
 from conftest import model_pair
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
+# HF sizes its paged cache by free memory unless told: 13-18 GB of a CPU's RAM for a tiny model.
+SMALL_POOL = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=256)
 
 
 def _prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -33,7 +35,7 @@ def test_generate_batch_gives_each_request_hfs_tokens(name, monkeypatch):
     expert_calls = []  # our fused_moe op's CPU implementation, called from HF's background thread
     original = moe.fused_moe_reference
     monkeypatch.setattr(moe, "fused_moe_reference", lambda *a, **k: expert_calls.append(1) or original(*a, **k))
-    outputs = optimized.generate_batch(prompts, generation_config=config)
+    outputs = optimized.generate_batch(prompts, generation_config=config, continuous_batching_config=SMALL_POOL)
     assert len(outputs) == len(prompts)
     for output in outputs.values():
         assert output.error is None
@@ -50,7 +52,8 @@ def test_generate_batch_gives_each_request_hfs_tokens(name, monkeypatch):
 def test_a_manager_serves_per_request_lengths_cancels_and_restarts():
     reference, optimized = model_pair("tiny", compile=False)
     prompts = _prompts(8, reference.config.vocab_size, seed=2)
-    manager = optimized.init_continuous_batching(generation_config=GenerationConfig(eos_token_id=None, **GREEDY))
+    manager = optimized.init_continuous_batching(generation_config=GenerationConfig(eos_token_id=None, **GREEDY),
+                                                 continuous_batching_config=SMALL_POOL)
     manager.start()
     try:
         requests = {manager.add_request(prompt, max_new_tokens=2 + i % 5): (prompt, 2 + i % 5)
@@ -62,6 +65,9 @@ def test_a_manager_serves_per_request_lengths_cancels_and_restarts():
             prompt, new_tokens = requests[result.request_id]
             assert result.error is None
             assert result.generated_tokens == _alone(reference, prompt, new_tokens), result.request_id
+        ids = torch.tensor([prompts[2]])  # generate() beside a running manager: our own path, HF's tokens
+        assert torch.equal(optimized.generate(ids, max_new_tokens=4, **GREEDY),
+                           reference.generate(ids, max_new_tokens=4, **GREEDY))
         late = manager.add_request(prompts[0], max_new_tokens=3)  # a request after the others finished
         result = manager.get_result(timeout=120)
         assert result.request_id == late and result.generated_tokens == _alone(reference, prompts[0], 3)

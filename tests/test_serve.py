@@ -75,11 +75,12 @@ def _stop(process) -> None:
 def servers(model_dir, tmp_path_factory):
     """(ours: qwen3-accel serve, plain HF: transformers serve --continuous-batching) on the same folder."""
     logs = tmp_path_factory.mktemp("server-logs")
-    ours = _start([sys.executable, "-m", "qwen3_accel.cli", "serve", model_dir, "--optimize", "compile=false"],
+    pool = ["--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"]  # not a share of the machine's free memory
+    ours = _start([sys.executable, "-m", "qwen3_accel.cli", "serve", model_dir, "--optimize", "compile=false", *pool],
                   logs / "ours.log")
     try:
         plain = _start([sys.executable, "-c", "from transformers.cli.transformers import app; app()", "serve",
-                        model_dir, "--continuous-batching"], logs / "plain.log")
+                        model_dir, "--continuous-batching", *pool], logs / "plain.log")
     except BaseException:
         _stop(ours[0])
         raise
