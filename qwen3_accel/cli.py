@@ -4,8 +4,8 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

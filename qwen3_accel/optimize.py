@@ -481,15 +481,11 @@ class Qwen3Accelerator:
         if cache is not None and not isinstance(cache, Cache):
             # HF continuous batching's paged cache, which is no `Cache` and always comes as `cache` (before 5.24 not
             # the forward's cache argument: its paged attention reads it from the kwargs): HF's forward, as given.
-            with contextlib.ExitStack() as stack:
-                if self._under_autocast():
-                    stack.enter_context(self._lock)
-                    stack.enter_context(self.disabled())
-                return self.hf_forward(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                    inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                    **kwargs,
-                )
+            return self._hf_forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         kwargs["cache"] = cache
         cache = compat.pop_cache_arg(kwargs)
         all_args = dict(
@@ -517,11 +513,8 @@ class Qwen3Accelerator:
         _require_tokens(tokens)
         if cache is not None and not ours and type(cache) is not DynamicCache:
             # Any other cache class (HF's StaticCache, the paged cache of HF's continuous batching, a user's own):
-            # HF's forward, which knows it (not every one has a length to ask for); HF's everything under autocast.
-            if self._under_autocast():
-                with self._lock, self.disabled():
-                    return self.hf_forward(**all_args)
-            return self.hf_forward(**all_args)
+            # HF's forward, which knows it (not every one has a length to ask for).
+            return self._hf_forward(**all_args)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:  # tensor parallel: every rank must run this sequence (a no-op on one device)
             self.tp.check_same_request("forward", tokens, attention_mask, position_ids, logits_to_keep)
@@ -543,17 +536,14 @@ class Qwen3Accelerator:
                 hf_only.append(f"position ids past the model's {self.cos_sin.shape[0]} positions")
         if hf_only and ours:
             raise ValueError(f"qwen3_accel's own cache cannot serve {hf_only}: run without a cache or with HF's")
-        if self._under_autocast():
-            with self._lock, self.disabled():  # HF's whole forward: autocast decides each op's dtype, ours do not
-                return self.hf_forward(**all_args)
         # HF's DynamicCache (beam search, assisted decoding, a user's own loop) runs on our kernels too, through
         # the Cache API, unless the mask does not cover the cache.
         if type(cache) is DynamicCache and mask_2d and attention_mask is not None and tokens is not None and (
             attention_mask.shape[-1] != past + tokens.shape[1]
         ):
             hf_only.append("an attention mask that does not cover the cache")
-        if hf_only:
-            return self.hf_forward(**all_args)
+        if hf_only or self._under_autocast():
+            return self._hf_forward(**all_args)
 
         if past == 0:
             with self._lock:
@@ -571,6 +561,14 @@ class Qwen3Accelerator:
             logits = self.logits(hidden)
         output = compat.causal_lm_output(logits, cache if use_cache else None, moe=self.patches is qwen3_moe)
         return output if kwargs.get("return_dict", True) else output.to_tuple()
+
+    def _hf_forward(self, **args: Any):
+        """HF's forward, which serves what ours does not; under autocast HF's whole forward (its attention and
+        experts too): autocast decides each op's dtype, our kernels do not."""
+        if self._under_autocast():
+            with self._lock, self.disabled():
+                return self.hf_forward(**args)
+        return self.hf_forward(**args)
 
     def _prefill(self, cache, embeds, attention_mask, position_ids) -> torch.Tensor:
         """Eager forward over new tokens (a prompt, or steps on HF's DynamicCache); extends `cache` when given."""
