@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rms_norm import rms_norm_reference
+
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -128,15 +130,11 @@ def qk_norm_rope_reference(q, k, q_weight, k_weight, cos_sin, positions, eps: fl
     """HF's `q_norm`/`k_norm` then `apply_rotary_pos_emb`, step for step, on [T, H, D] tensors.
 
     Positions outside the table are clamped to it, as the kernel does (callers check real positions up front)."""
-    def norm(x, w):
-        xf = x.to(torch.float32)
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
     half = q.shape[-1] // 2
     table = cos_sin[positions.clamp(0, cos_sin.shape[0] - 1)]  # [T, D]
     cos = torch.cat((table[:, :half], table[:, :half]), dim=-1).to(q.dtype)[:, None, :]
     sin = torch.cat((table[:, half:], table[:, half:]), dim=-1).to(q.dtype)[:, None, :]
-    qn, kn = norm(q, q_weight), norm(k, k_weight)
+    qn, kn = rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps)
     return qn * cos + _rotate_half(qn) * sin, kn * cos + _rotate_half(kn) * sin
 
 
