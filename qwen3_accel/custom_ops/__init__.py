@@ -14,7 +14,7 @@ import torch
 from . import activation, attention, linear, moe, rms_norm, rope
 
 KERNEL_MODES = ("auto", "triton", "torch")
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,6 @@ def _check_interpreter(what: str, device: torch.device) -> None:
 def _decode_attention(backend: str, kernels: str, device: torch.device) -> Callable:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention={backend!r} is not supported; choose one of {ATTENTION_BACKENDS}")
-    if backend == "flash_attn":
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError(
-                "attention='flash_attn' needs the flash-attn package (pip install flash-attn, on a CUDA machine), "
-                "which is not installed; use 'triton' (the split-KV kernel, the default on CUDA) or 'sdpa'"
-            )
-        raise ValueError(
-            "attention='flash_attn' is not available in this version of qwen3_accel (flash-attn is installed, but no "
-            "backend uses it yet); use 'triton' (the split-KV kernel, the default on CUDA) or 'sdpa'"
-        )
     if backend == "sdpa" or (backend == "auto" and kernels == "torch"):
         return attention.decode_attention_reference
     if backend == "triton" or kernels == "triton":
