@@ -5,10 +5,38 @@ captured CUDA graph sees the same addresses on every call. All sequences of a ba
 slot at each step (HF left-pads prompts); `kv_valid` records, per sequence, which slots are real
 tokens. A call with fewer sequences than `max_batch_size` uses the first rows; the decode step runs a
 power-of-two number of rows, so one graph serves every batch size of its bucket.
+
+The cache keeps its own books: `begin_prefill` / `end_prefill` around a prompt, `advance` after decode steps
+(whose graphs move the device's `write_pos` themselves), `reset` between calls; nothing else writes its counters.
+`PersistentCache` sizes it for a model and grows it.
 """
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import Cache, DynamicCache
+
+from .graphs import outside_inference_mode
+
+LENGTH_ROUNDING = 256  # automatic cache lengths are 256 slots times a power of two (a bounded set of sizes)
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """The slots a prefill writes: rows [0, batch), slots [start, end); `key_valid` [batch, end] marks the slots
+    holding real tokens, None when attention may read the new keys alone (no padding, nothing cached before)."""
+
+    batch: int
+    start: int
+    end: int
+    key_valid: torch.Tensor | None
 
 
 class Qwen3StaticCache(Cache):
@@ -39,6 +67,36 @@ class Qwen3StaticCache(Cache):
         self.batch_size_in_use = 0
         for t in (*self.keys, *self.values, self.kv_valid, self.seq_start, self.write_pos):
             torch._dynamo.mark_static_address(t)
+
+    def begin_prefill(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor | None) -> PrefillSpan:
+        """Room for `seq_len` new tokens of `batch_size` rows after what is cached; records which are real."""
+        self.check_room(batch_size, seq_len)
+        start, end = self.seq_length, self.seq_length + seq_len
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        self.kv_valid[:batch_size, start:end] = attention_mask[:, -seq_len:].bool() if attention_mask is not None \
+            else True
+        key_valid = self.kv_valid[:batch_size, :end] if (padded or start > 0) else None
+        return PrefillSpan(batch_size, start, end, key_valid)
+
+    def write_prefill(self, layer: int, span: PrefillSpan, keys: torch.Tensor, values: torch.Tensor):
+        """Store a layer's new keys and values [B, L, kv_heads, D]; returns those attention reads (every cached
+        slot of the rows, or the new ones alone when `span.key_valid` is None)."""
+        self.keys[layer][: span.batch, span.start : span.end] = keys
+        self.values[layer][: span.batch, span.start : span.end] = values
+        if span.key_valid is None:
+            return keys, values
+        return self.keys[layer][: span.batch, : span.end], self.values[layer][: span.batch, : span.end]
+
+    def end_prefill(self, span: PrefillSpan) -> None:
+        """The prefill is in: the next token goes to slot `span.end`; each row starts at its first real slot."""
+        self.seq_length = span.end
+        self.batch_size_in_use = span.batch
+        self.write_pos.fill_(span.end)
+        self.seq_start[: span.batch] = self.kv_valid[: span.batch, : span.end].int().argmax(dim=1).int()
+
+    def advance(self, steps: int) -> None:
+        """`steps` decode steps ran (each wrote one slot per row and moved `write_pos` on the device)."""
+        self.seq_length += steps
 
     def reset(self) -> None:
         """Forget every sequence; tensors keep their addresses."""
@@ -85,7 +143,7 @@ class Qwen3StaticCache(Cache):
 
     def decode_rows(self, batch_size: int) -> int:
         """Rows a decode step runs for `batch_size` sequences: the next power of two, at most max_batch_size."""
-        return min(self.max_batch_size, 1 << (batch_size - 1).bit_length())
+        return min(self.max_batch_size, next_power_of_two(batch_size))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
@@ -115,3 +173,67 @@ class Qwen3StaticCache(Cache):
         )
 
     crop = reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What one cache slot holds for a model: layers x kv_heads x head_dim in `dtype` on `device`."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class PersistentCache:
+    """The one KV cache of an optimized model, kept from call to call.
+
+    Unset limits size it to the first call (the length rounded up to 256 slots times a power of two, rows to a
+    power of two) and grow it, with a warning, when a later call needs more; a set limit is a hard one. Growth
+    re-allocates, so `on_realloc` drops whatever captured the old tensors (the CUDA graphs) first.
+    """
+
+    def __init__(self, layout: CacheLayout, max_positions: int, max_batch_size: int | None,
+                 max_cache_len: int | None, on_realloc: Callable[[], None]):
+        self.layout = layout
+        self.max_positions = max_positions
+        self.fixed = {"max_batch_size": max_batch_size, "max_cache_len": max_cache_len}
+        self.on_realloc = on_realloc
+        self.current: Qwen3StaticCache | None = None
+
+    def for_call(self, batch_size: int, total_len: int) -> Qwen3StaticCache:
+        """The cache, reset, with room for `batch_size` sequences of `total_len` tokens."""
+        if total_len > self.max_positions:
+            raise ValueError(f"prompt + new tokens = {total_len} exceeds the model's {self.max_positions} positions")
+        for name, need in (("max_batch_size", batch_size), ("max_cache_len", total_len)):
+            fixed = self.fixed[name]
+            if fixed is not None and need > fixed:
+                raise ValueError(
+                    f"this call needs {name}={need} but the KV cache was fixed at {fixed} by qwen3_accel.optimize"
+                )
+        cache = self.current
+        if cache is None or batch_size > cache.max_batch_size or total_len > cache.max_cache_len:
+            self._allocate(max(batch_size, cache.max_batch_size if cache else 0),
+                           max(total_len, cache.max_cache_len if cache else 0))
+        self.current.reset()
+        return self.current
+
+    def _allocate(self, batch_size: int, total_len: int) -> None:
+        new_batch = self.fixed["max_batch_size"] or next_power_of_two(batch_size)
+        new_len = self.fixed["max_cache_len"] or min(
+            self.max_positions, LENGTH_ROUNDING * next_power_of_two(-(-total_len // LENGTH_ROUNDING)))
+        old = self.current
+        if old is not None:
+            warnings.warn(
+                f"growing the KV cache from {old.max_batch_size}x{old.max_cache_len} to {new_batch}x{new_len}; the "
+                "decode step's CUDA graph is recorded again. Pass max_batch_size/max_cache_len to "
+                "qwen3_accel.optimize to size it once.",
+                stacklevel=4,
+            )
+        self.current = old = None  # drop the old tensors (and the graphs that captured them) first
+        self.on_realloc()
+        layout = self.layout
+        with outside_inference_mode():
+            self.current = Qwen3StaticCache(layout.num_layers, new_batch, new_len, layout.num_kv_heads,
+                                            layout.head_dim, layout.dtype, layout.device)

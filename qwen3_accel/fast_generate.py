@@ -8,31 +8,20 @@ finished flags every `CHECK_EVERY` steps; tokens after an eos are the pad token,
 output is trimmed to where HF's loop would have stopped.
 
 Requests that need anything else (beam search, other logits processors, stop strings, scores in the
-output, ...) go to HF's loop; `fast_path_reason` says why.
+output, ...) go to HF's loop; router.py decides, and says why.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .parallel import SingleDevice
 
+if TYPE_CHECKING:  # the runner imports this module for the loop's buffers
+    from .runner import ModelRunner
+
 CHECK_EVERY = 8  # decode steps between looks at the finished flags (each look is one host sync)
-
-# Generation settings the fast loop implements; everything else must be at HF's default.
-_HANDLED = {
-    "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-    "bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
-    # settings of features the loop never uses (assistants, beams, compile of HF's own loop)
-    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-    "assistant_lookbehind", "target_lookbehind", "length_penalty", "early_stopping", "num_beam_groups",
-    "compile_config", "disable_compile", "cache_config", "is_assistant",
-}
-# generate() arguments that are not generation settings: only these may be given (and not None).
-_GENERATE_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
-                  "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
-
 
 EOS_SLOTS = 8  # eos ids a request may list (a static buffer size); more go to HF's loop
 
@@ -87,48 +76,6 @@ class FastRequest:
     attention_mask: torch.Tensor | None
     streamer: Any
     eos_ids: list[int]
-
-
-def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | None, FastRequest | None]:
-    """(None, request) when the fast loop serves this generate() call, else (why not, None)."""
-    kwargs = dict(kwargs)
-    inputs = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
-    if len(args) > 1:
-        return "positional arguments after the inputs", None
-    streamer = kwargs.pop("streamer", None)
-    for name in _GENERATE_ARGS:
-        if kwargs.pop(name, None) is not None:
-            return name, None
-    base = kwargs.get("generation_config") or model.generation_config
-    if all(kwargs.get(k) is None and getattr(base, k, None) is None for k in ("max_new_tokens", "max_length")):
-        return "no max_new_tokens/max_length: HF's default length rule applies", None
-    config, model_kwargs = model._prepare_generation_config(kwargs.pop("generation_config", None), **kwargs)
-    attention_mask = model_kwargs.pop("attention_mask", None)
-    if model_kwargs:
-        return f"model arguments {sorted(model_kwargs)}", None
-    defaults = config._get_default_generation_params()
-    for key, value in config.to_dict().items():
-        if key in _HANDLED or value == defaults.get(key) or (key not in defaults and value in (None, False, {}, [])):
-            continue
-        return f"{key}={value!r}", None
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
-        return "no 2-D input_ids tensor", None
-    if config.max_new_tokens is not None and config.max_new_tokens < 1:
-        return f"max_new_tokens={config.max_new_tokens}", None
-    if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
-        return f"max_length={config.max_length} does not exceed the prompt", None
-    eos_ids = config.eos_token_id
-    eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    if len(eos_ids) > EOS_SLOTS:
-        return f"{len(eos_ids)} eos ids (the fast loop holds {EOS_SLOTS})", None
-    if attention_mask is None:
-        if config.pad_token_id is not None and bool((inputs == config.pad_token_id).any()):
-            return "no attention_mask and the prompt holds the pad token (HF infers the mask from it)", None
-    elif attention_mask.dim() != 2 or attention_mask.shape != inputs.shape:
-        return "an attention_mask that is not [batch, prompt length]", None
-    elif not bool(attention_mask[:, -1].bool().all()):
-        return "a right-padded attention_mask", None
-    return None, FastRequest(config, inputs, attention_mask, streamer, eos_ids)
 
 
 class FastDecodeState:
@@ -200,7 +147,7 @@ def trim(generated: torch.Tensor, eos: torch.Tensor, steps_done: int) -> int:
     return min(steps_done, int(first.max()) + 1)
 
 
-def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
+def run_fast_generate(runner: "ModelRunner", request: FastRequest) -> torch.Tensor:
     """Prefill, then the device-side loop; returns exactly what HF's `generate` returns for this request."""
     config, input_ids, attention_mask, streamer = (
         request.config, request.input_ids, request.attention_mask, request.streamer
@@ -218,21 +165,21 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids = position_ids.masked_fill(attention_mask == 0, 1)
 
-    acc.tp.check_same_request("generate", input_ids, attention_mask, new_tokens, sampling, eos_ids, pad)
-    cache = acc.cache_for(batch, prompt_len + new_tokens)
+    runner.tp.check_same_request("generate", input_ids, attention_mask, new_tokens, sampling, eos_ids, pad)
+    cache = runner.cache_for(batch, prompt_len + new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     with torch.no_grad():
-        embeds = acc.embed(input_ids)
-        hidden = acc._prefill(cache, embeds, attention_mask, position_ids)
-        logits = acc.logits(hidden[:, -1]).float()
+        embeds = runner.embed(input_ids)
+        hidden = runner.prefill(cache, embeds, attention_mask, position_ids)
+        logits = runner.logits(hidden[:, -1]).float()
         # Compiled, rows are padded to the bucket's power of two (one graph per bucket). Eager, they are not, so
         # the random draws are exactly HF's: seeded sampling then gives HF's tokens.
-        rows = cache.decode_rows(batch) if acc.options.compile else batch
-        state = acc.fast_state(rows, cache.max_cache_len)
+        rows = cache.decode_rows(batch) if runner.compile else batch
+        state = runner.fast_state(rows, cache.max_cache_len)
         state.set_request(eos_ids, pad, sampling)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        first, unfinished = pick(logits, unfinished, state, sampling.do_sample, acc.tp)
+        first, unfinished = pick(logits, unfinished, state, sampling.do_sample, runner.tp)
         state.begin(first, position_ids[:, -1] + 1, unfinished)
         key = ("fast", rows, cache.max_batch_size, cache.max_cache_len, sampling.do_sample)
         steps_done, streamed = 1, 0
@@ -247,25 +194,11 @@ def run_fast_generate(acc, request: FastRequest) -> torch.Tensor:
                 break
             chunk = min(CHECK_EVERY, new_tokens - steps_done)
             for _ in range(chunk):  # no host sync in here: the GPU runs behind the queued replays
-                acc.fast_steps(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos,
+                runner.fast_steps(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos,
                                do_sample=sampling.do_sample)
             steps_done += chunk
-            cache.seq_length += chunk
+            cache.advance(chunk)
         generated = state.out[:batch, : trim(state.out[:batch], eos, steps_done)]
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids, generated], dim=1)
-
-
-def fast_step(acc, state: FastDecodeState, keys, values, kv_valid, seq_start, write_pos, *, do_sample: bool) -> None:
-    """One decode step for a bucket of rows, all on the device: forward, pick, write, advance."""
-    rows = state.tokens.shape[0]
-    embeds = acc.embed(state.tokens)[:, None]
-    new_valid = torch.ones(rows, dtype=torch.bool, device=state.tokens.device)
-    logits = acc._decode_step(embeds, state.positions[:, None], new_valid, keys, values, kv_valid, seq_start, write_pos)
-    next_tokens, still = pick(logits[:, 0].float(), state.unfinished, state, do_sample, acc.tp)
-    state.out[torch.arange(rows, device=state.tokens.device)[:, None], state.step[None, :]] = next_tokens[:, None]
-    state.tokens.copy_(next_tokens)
-    state.positions.add_(1)
-    state.unfinished.copy_(still)
-    state.step.add_(1)

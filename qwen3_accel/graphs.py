@@ -7,10 +7,11 @@ function's code: it is compiled once, on its first call, and never shares a cach
 that everything that varies per request is a device tensor (see fast_generate.py), which bounds the set.
 """
 
+import contextlib
 import logging
 import os
 import types
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -24,6 +25,16 @@ STRICT_ENV = "QWEN3_ACCEL_STRICT_COMPILE"
 
 def strict() -> bool:
     return os.environ.get(STRICT_ENV) == "1"
+
+
+@contextlib.contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Outside inference mode and without gradients (leaving inference mode turns them back on), whatever mode the
+    caller is in: where persistent tensors are made (an inference tensor cannot be updated in place outside
+    inference mode, so every later call made without it would fail) and where compiled steps run (inference mode
+    is part of Dynamo's guards: calls from inside and outside it would compile each key twice)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -61,10 +72,7 @@ class CompiledSteps:
             self.compiled[key] = step
         torch.compiler.cudagraph_mark_step_begin()
         try:
-            # Inference mode is part of Dynamo's guards: calls from inside and outside torch.inference_mode() would
-            # compile each key twice. The step runs outside it always (its outputs are then ordinary tensors), and
-            # without gradients, as every caller runs it (leaving inference mode turns gradients back on).
-            with torch.inference_mode(False), torch.no_grad():
+            with outside_inference_mode():  # one set of guards whatever the caller's mode; ordinary output tensors
                 return step(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any compile or replay failure: run this key eagerly instead
             if strict():

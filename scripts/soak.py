@@ -51,13 +51,13 @@ def random_request(rng: random.Random, vocab: int, device: str) -> tuple[torch.T
 def unbounded_buffers(acc, ids: torch.Tensor, new_tokens: int) -> list[str]:
     """Persistent buffers holding a value the call just made (`ids`, up to `new_tokens` new tokens) could not have
     produced: every one must restart with each call, on every row of its bucket, used or not."""
-    problems, cache = [], acc.cache
+    problems, cache = [], acc.runner.cache.current
     batch, longest = ids.shape[0], ids.shape[1] + new_tokens
     if cache is None:
         return problems
     if not 0 <= int(cache.write_pos) <= longest:
         problems.append(f"cache write_pos {int(cache.write_pos)} outside this call's [0, {longest}]")
-    state = acc._fast_states.get((cache.decode_rows(batch), cache.max_cache_len))
+    state = acc.runner.fast_states.get((cache.decode_rows(batch), cache.max_cache_len))
     if state is not None:  # this call's bucket: no call reaches past the cache's length
         low, high = int(state.positions.min()), int(state.positions.max())
         if low < 0 or high > cache.max_cache_len:
@@ -100,7 +100,7 @@ def main() -> None:
     print(f"{args.model} on {args.device} ({dtype}), torch {torch.__version__}: {calls} calls, {tokens} new tokens "
           f"in {time.perf_counter() - start:.0f} s, no crash")
     print(f"graphs held: {acc.graph_count()} (eager fallbacks: "
-          f"{len(acc.decode_steps.eager_keys) + len(acc.fast_steps.eager_keys)})")
+          f"{len(acc.runner.decode_steps.eager_keys) + len(acc.runner.fast_steps.eager_keys)})")
     print(f"memory allocated after warm-up {start_mib:.1f} MiB, at the end {end_mib:.1f} MiB "
           f"(growth {end_mib - start_mib:+.1f} MiB)")
     print("persistent buffers bounded after every call")

@@ -57,7 +57,7 @@ def generate_without_recompiles(reference, optimized, cases, device="cpu") -> in
             actual = optimized.generate(ids, **kwargs)
         assert torch.equal(actual, reference.generate(ids, **kwargs)), f"call {call}"
     acc = optimized.qwen3_accel
-    fell_back = acc.decode_steps.eager_keys | acc.fast_steps.eager_keys
+    fell_back = acc.runner.decode_steps.eager_keys | acc.runner.fast_steps.eager_keys
     assert not fell_back, f"graph keys that ran eagerly after a failed compile: {sorted(fell_back)}"
     assert not counters["graph_break"]
     return counters["stats"]["unique_graphs"]

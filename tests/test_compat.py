@@ -69,7 +69,8 @@ def test_hf_loop_decodes_on_our_cache(pair, request_kwargs):
     ids, mask = left_padded_batch([6, 9], 512, seed=13)
     kwargs = dict(attention_mask=mask, max_new_tokens=7, **request_kwargs, **GREEDY)
     calls = {"prefill": 0, "decode": 0}
-    prefill, decode = acc._prefill, acc._decode
+    runner = acc.runner
+    prefill, decode = runner.prefill, runner.decode
 
     def counting(name, fn):
         def wrapped(*args, **kw):
@@ -77,14 +78,15 @@ def test_hf_loop_decodes_on_our_cache(pair, request_kwargs):
             return fn(*args, **kw)
         return wrapped
 
-    acc._prefill, acc._decode = counting("prefill", prefill), counting("decode", decode)
+    runner.prefill, runner.decode = counting("prefill", prefill), counting("decode", decode)
     try:
         actual = optimized.generate(ids, **kwargs)
     finally:
-        del acc._prefill, acc._decode
+        del runner.prefill, runner.decode
     assert torch.equal(actual, reference.generate(ids, **kwargs))
     assert calls == {"prefill": 1, "decode": 6}
-    assert isinstance(acc.cache, Qwen3StaticCache) and acc.cache.get_seq_length() == ids.shape[1] + 6
+    cache = runner.cache.current
+    assert isinstance(cache, Qwen3StaticCache) and cache.get_seq_length() == ids.shape[1] + 6
 
 
 # ------------------------------------------------------------------ private transformers names we rely on

@@ -55,7 +55,7 @@ def test_graphs_stay_within_the_documented_bound_over_many_varied_requests():
         assert torch.equal(actual, reference.generate(ids, **kwargs)), f"call {call}"
     for _, optimized in models:
         acc = optimized.qwen3_accel
-        assert not acc.decode_steps.eager_keys and not acc.fast_steps.eager_keys
+        assert not acc.runner.decode_steps.eager_keys and not acc.runner.fast_steps.eager_keys
         assert acc.graph_count() == 3 * 2
     assert not counters["graph_break"]
 

@@ -12,7 +12,7 @@ import qwen3_accel  # noqa: E402
 from qwen3_accel import eval as parity_eval  # noqa: E402
 from qwen3_accel.configs import build_model  # noqa: E402
 from qwen3_accel.eval.tokenizer import train_tokenizer  # noqa: E402
-from qwen3_accel.patches import qwen3 as dense_patches  # noqa: E402
+from qwen3_accel import decoder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def tokenizer():
 
 def test_parity_passes_on_all_bundled_tasks(tokenizer, monkeypatch):
     calls = []
-    original = dense_patches.forward_hidden
-    monkeypatch.setattr(dense_patches, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = decoder.forward_hidden
+    monkeypatch.setattr(decoder, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = build_model("tiny")
     comparison = parity_eval.parity(model, tokenizer, batch_size=3, compile=False)
     assert comparison.passed, parity_eval.format_comparison(comparison)
@@ -90,8 +90,8 @@ def test_lm_eval_cli_with_the_qwen3_accel_model_type(tokenizer, tmp_path, monkey
     build_model("tiny").save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
     calls = []
-    original = dense_patches.forward_hidden
-    monkeypatch.setattr(dense_patches, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = decoder.forward_hidden
+    monkeypatch.setattr(decoder, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.chdir(parity_eval.TASKS_DIR)  # the bundled tasks name their data files relative to their folder
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -8,7 +8,8 @@ from torch._dynamo.utils import counters
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from conftest import CollectStreamer, generate_without_recompiles, left_padded_batch, model_pair
-from qwen3_accel.fast_generate import fast_path_reason, select_tokens
+from qwen3_accel.fast_generate import select_tokens
+from qwen3_accel.router import fast_path_reason
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
@@ -123,7 +124,7 @@ def test_fast_generate_can_be_turned_off():
     ids, mask = left_padded_batch([6, 3], 512, seed=2)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, **GREEDY)
     assert torch.equal(optimized.generate(ids, **kwargs), reference.generate(ids, **kwargs))
-    assert not optimized.qwen3_accel._fast_states
+    assert not optimized.qwen3_accel.runner.fast_states
 
 
 def test_fast_loop_compiles_once():
@@ -161,7 +162,7 @@ def test_a_partly_filled_bucket_stays_bounded_over_many_calls():
     acc = optimized.qwen3_accel
     for call in range(12):  # 12 x 30 steps: far past the table's 256 positions before the fix
         assert torch.equal(optimized.generate(ids, **kwargs), expected), f"call {call}"
-        (state,) = acc._fast_states.values()
+        (state,) = acc.runner.fast_states.values()
         assert int(state.positions.max()) <= ids.shape[1] + 30 and int(state.step) <= 30
-        assert int(acc.cache.write_pos) <= ids.shape[1] + 30
-    assert acc.graph_count() == 1 and not acc.fast_steps.eager_keys
+        assert int(acc.runner.cache.current.write_pos) <= ids.shape[1] + 30
+    assert acc.graph_count() == 1 and not acc.runner.fast_steps.eager_keys

@@ -61,8 +61,8 @@ def test_greedy_matches_over_consecutive_calls(pair, lengths):
         actual = optimized.generate(ids, attention_mask=mask, max_new_tokens=10 + call, **GREEDY)
         assert torch.equal(actual, expected), f"call {call}"
         if cache is not None:
-            assert optimized.qwen3_accel.cache is cache, "the persistent cache was re-allocated"
-        cache = optimized.qwen3_accel.cache
+            assert optimized.qwen3_accel.runner.cache.current is cache, "the persistent cache was re-allocated"
+        cache = optimized.qwen3_accel.runner.cache.current
     assert cache.get_seq_length() > 0
 
 
@@ -118,7 +118,7 @@ def test_triton_kernels_match_hf():
     """The whole tiny model on the real Triton kernels (interpreted on CPU, compiled on CUDA) against HF eager."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reference, optimized = model_pair("tiny", device=device, compile=False, kernels="triton")
-    assert optimized.qwen3_accel.kernels.mode == "triton"
+    assert optimized.qwen3_accel.runner.kernels.mode == "triton"
     ids, mask = left_padded_batch([9, 4], VOCAB, seed=11)
     ids, mask = ids.to(device), mask.to(device)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY)

@@ -78,7 +78,7 @@ def test_text_generation_pipeline_and_chat_template(checkpoints, monkeypatch):
     optimized = qwen3_accel.optimize(_plain(qwen3_dir), compile=False)
     prefills = []
     acc = optimized.qwen3_accel
-    monkeypatch.setattr(acc, "_prefill", lambda *args, _run=acc._prefill: prefills.append(1) or _run(*args))
+    monkeypatch.setattr(acc.runner, "prefill", lambda *args, _run=acc.runner.prefill: prefills.append(1) or _run(*args))
     prompt = "Tell me about the weather"
     settings = dict(max_new_tokens=8, do_sample=False)
     texts = [pipeline("text-generation", model=m, tokenizer=tokenizer)(prompt, **settings)[0]["generated_text"]

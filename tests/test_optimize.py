@@ -74,7 +74,7 @@ def test_automatic_cache_grows_once_with_a_warning():
     reference, model = model_pair("tiny", compile=False)
     ids, mask = left_padded_batch([10], 512)
     model.generate(ids, attention_mask=mask, max_new_tokens=5, **GREEDY)
-    assert model.qwen3_accel.cache.max_cache_len == 256
+    assert model.qwen3_accel.runner.cache.current.max_cache_len == 256
     long_ids, long_mask = left_padded_batch([250], 512)
     with pytest.warns(UserWarning, match="growing the KV cache from 1x256 to 1x512"):
         out = model.generate(long_ids, attention_mask=long_mask, max_new_tokens=20, **GREEDY)
@@ -93,7 +93,7 @@ def test_prompt_beyond_model_positions_is_an_error():
 
 def test_direct_forward_beyond_the_cache_is_an_error():
     model = qwen3_accel.optimize(build_model("tiny"), compile=False, max_cache_len=16)
-    cache = model.qwen3_accel.cache_for(1, 16)
+    cache = model.qwen3_accel.runner.cache_for(1, 16)
     ids, _ = left_padded_batch([17], 512)
     with torch.no_grad(), pytest.raises(ValueError, match="exceed the KV cache's max_cache_len=16"):
         model(ids, cache=cache)
@@ -110,7 +110,8 @@ def test_state_dict_is_hf_loadable_and_weights_are_shared():
         torch.testing.assert_close(fresh(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits,
                                    atol=0, rtol=0)
     attn = optimized.model.layers[0].self_attn
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    qkv = optimized.qwen3_accel.runner.weights.layers[0].attention.qkv.weight
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     # Loading new weights into the HF parameters reaches the fused GEMMs too.
     optimized.load_state_dict(fresh.state_dict())
     expected = fresh.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY)

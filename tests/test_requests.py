@@ -194,7 +194,7 @@ def test_copies_are_optimized_and_independent(pair, how):
     assert isinstance(clone.qwen3_accel, Qwen3Accelerator)
     assert clone.qwen3_accel is not optimized.qwen3_accel
     both(reference, clone, ids, attention_mask=mask, max_new_tokens=6, **GREEDY)
-    assert clone.qwen3_accel.cache is not optimized.qwen3_accel.cache
+    assert clone.qwen3_accel.runner.cache.current is not optimized.qwen3_accel.runner.cache.current
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert clone.get_parameter(weight).data_ptr() != optimized.get_parameter(weight).data_ptr()
     with torch.no_grad():
@@ -255,7 +255,7 @@ def test_empty_prompt_is_a_clear_error(pair):
 def test_hf_loop_requests_run_our_kernels(name, request_kwargs, monkeypatch):
     """Requests that run HF's generation loop (HF's DynamicCache, or ours) still go through our forward and
     kernels, with HF eager's tokens."""
-    from qwen3_accel.patches import qwen3 as dense_patches
+    from qwen3_accel import decoder
 
     reference, optimized = model_pair(name, compile=False)
     kwargs = dict(request_kwargs)
@@ -267,8 +267,8 @@ def test_hf_loop_requests_run_our_kernels(name, request_kwargs, monkeypatch):
     mask = torch.cat([mask, torch.ones(mask.shape[0], 8, dtype=mask.dtype)], dim=1)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs, **GREEDY)
     calls = []
-    original = dense_patches.forward_hidden
-    monkeypatch.setattr(dense_patches, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = decoder.forward_hidden
+    monkeypatch.setattr(decoder, "forward_hidden", lambda *a, **k: calls.append(1) or original(*a, **k))
     actual = optimized.generate(ids, attention_mask=mask, max_new_tokens=6, **kwargs, **GREEDY)
     assert torch.equal(actual, expected)
     assert calls, "HF's loop did not run through qwen3_accel's forward"
@@ -367,7 +367,7 @@ def test_a_users_fullgraph_compile_of_the_model_works(name):
     actual_tokens = optimized.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
     assert torch.equal(actual_tokens, expected_tokens)
     # Our persistent cache (as HF's exporter records it from our generate()) is a clear error, not HF's AttributeError.
-    ours = optimized.qwen3_accel.cache_for(2, 16)
+    ours = optimized.qwen3_accel.runner.cache_for(2, 16)
     with pytest.raises(Exception, match="qwen3_accel's own KV cache cannot be traced"), torch.no_grad():
         torch.compile(optimized, fullgraph=True)(ids, attention_mask=mask, **{CACHE_ARG: ours})
 

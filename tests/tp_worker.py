@@ -60,8 +60,8 @@ def check_tokens(path: str, rank: int) -> None:
             dist.all_gather(gathered, sampled)
             assert torch.equal(gathered[0], gathered[1]), f"ranks sampled different tokens in the {loop} loop"
         if compile:
-            assert not acc.fast_steps.eager_keys and not acc.decode_steps.eager_keys, "a step fell back to eager"
-            assert len(acc.fast_steps) == 2 and len(acc.decode_steps) == 1
+            assert not acc.runner.fast_steps.eager_keys and not acc.runner.decode_steps.eager_keys, "a step fell back to eager"
+            assert len(acc.runner.fast_steps) == 2 and len(acc.runner.decode_steps) == 1
             assert not counters["graph_break"], dict(counters["graph_break"])
 
 
