@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .bench import Timer, copy_bandwidth, environment, median_time
 from .configs import get_config
 from .custom_ops import activation, attention, linear, moe, rms_norm, rope
+from .custom_ops.formats import FP8_BLOCK, INT4_GROUP, quantize_fp8, quantize_int4, quantize_int8
 
 # Shapes used by published RMSNorm benchmarks, so the figures can sit beside theirs.
 RMS_NORM_SHAPES = [(1, 128, 4096), (1, 512, 4096), (1, 1024, 4096), (1, 2048, 4096), (1, 4096, 4096),
@@ -217,7 +218,8 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
 
     from .configs import get_config
     from .custom_ops import select_kernels
-    from .patches import qwen3_moe
+    from .decoder import mlp
+    from .weights import mlp_weights
 
     config = get_config(model, num_hidden_layers=1, vocab_size=1024)
     blocks = {}
@@ -236,7 +238,7 @@ def moe_cases(device: torch.device, dtype: torch.dtype, model: str = "Qwen3-30B-
         with torch.no_grad():
             logits = torch.nn.functional.linear(x[0], block.gate.weight)
             touched = int(torch.topk(logits, config.num_experts_per_tok, dim=-1).indices.unique().numel())
-        contenders = {"qwen3_accel": lambda x: qwen3_moe.mlp(kernels, block, x)}
+        contenders = {"qwen3_accel": lambda x, w=mlp_weights(block): mlp(kernels, w, x)}
         if device.type == "cuda":  # each of our two expert paths forced, to place moe.MOE_GEMV_MAX_TOKENS
             for name, path in (("gemv", moe.fused_moe_gemv), ("grouped", moe.fused_moe_grouped)):
                 contenders[f"qwen3_accel_{name}"] = lambda x, path=path: _moe_block_with(path, kernels, block, x)
@@ -277,12 +279,12 @@ def quantized_linear_cases(device: torch.device, dtype: torch.dtype, shapes=QLIN
                           {"torch_eager": torch.nn.functional.linear}, rotate=False))
         for fmt in formats:
             if fmt == "int8":
-                packed = (*linear.quantize_int8(weight), None, 1, n_in)
+                packed = (*quantize_int8(weight), None, 1, n_in)
             elif fmt == "int4":
-                packed = (*linear.quantize_int4(weight), 1, linear.INT4_GROUP)
+                packed = (*quantize_int4(weight), 1, INT4_GROUP)
             else:
-                block = linear.FP8_BLOCK
-                packed = (*linear.quantize_fp8(weight), None, block, block)
+                block = FP8_BLOCK
+                packed = (*quantize_fp8(weight), None, block, block)
             stored = sum(t.numel() * t.element_size() for t in packed[:3] if t is not None)
             compiled = _compiled(linear.quantized_linear_reference)
             cases.append(Case(f"quantized_linear_{fmt}", label, stored + x_bytes,

@@ -10,10 +10,10 @@ Two module classes hold quantized projections of a decoder layer (q/k/v/o, gate/
 - transformers' `FP8Experts` (fp8 `gate_up_proj` / `down_proj` with `*_scale_inv` block scales) or our int8 / int4
   `QuantizedExperts`, run by `fused_moe`.
 
-The projections run `torch.ops.qwen3_accel.quantized_linear` (custom_ops/linear.py), the experts
-`fused_moe` with their scales, in our forward and in HF's:
-an FP8Linear's `forward` is replaced per instance by ours, since transformers' needs the `kernels` package and a
-kernel downloaded from the Hub. Embeddings, norms, the router and the LM head stay in the model dtype.
+The formats are custom_ops/formats.py's. The projections run `torch.ops.qwen3_accel.quantized_linear`
+(custom_ops/linear.py), the experts `fused_moe` with their scales, in our forward and in HF's: an FP8Linear's
+`forward` is replaced per instance by ours, since transformers' needs the `kernels` package and a kernel downloaded
+from the Hub. Embeddings, norms, the router and the LM head stay in the model dtype.
 """
 
 import functools
@@ -24,10 +24,11 @@ import torch.nn as nn
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
 
-from .custom_ops.linear import (
+from .custom_ops.formats import (
     FP8_BLOCK,
     FP8_DTYPE,
     INT4_GROUP,
+    largest_power_of_two_dividing,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -49,7 +50,7 @@ class LinearFormat:
 
 
 class QuantizedLinear(nn.Module):
-    """A linear layer with int8 or packed int4 weights (the formats of `custom_ops.linear`)."""
+    """A linear layer with int8 or packed int4 weights (the formats of `custom_ops.formats`)."""
 
     def __init__(self, in_features: int, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  group_n: int, group_k: int, bias: torch.Tensor | None = None):
@@ -222,7 +223,7 @@ def _fp8_block_rows(model: nn.Module) -> int:
     a block straddling two of their parts."""
     rows = [linear.out_features for _, _, linear in projections(model)]
     rows += [layer.mlp.experts.down_proj.shape[-1] for layer in model.model.layers if hasattr(layer.mlp, "experts")]
-    return min([FP8_BLOCK] + [n & -n for n in rows])
+    return min([FP8_BLOCK] + [largest_power_of_two_dividing(n) for n in rows])
 
 
 def _quantize_fp8(model: nn.Module, block_n: int) -> None:

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_sm90.py compiles real kernels: run it without TRITON_INTERPRET=1")
+# A kernel that does not build raises here, instead of its op falling back to another path (custom_ops/fallback.py).
+os.environ["QWEN3_ACCEL_STRICT_COMPILE"] = "1"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -112,7 +114,7 @@ def compile_all(arch: int) -> list[Compiled]:
 
 def cases():
     """(name, call) pairs: each op's launcher with the GPU path's dtypes and flags, on small CPU tensors."""
-    from qwen3_accel.custom_ops import activation, attention, linear, moe, rms_norm, rope
+    from qwen3_accel.custom_ops import activation, attention, formats, linear, moe, rms_norm, rope
 
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape).to(dtype)
@@ -143,19 +145,19 @@ def cases():
     yield "align_slots", lambda: moe.align_slots(torch.randint(0, experts, (17, top_k), dtype=torch.int32),
                                                 experts, 16)
     gate_up, down = randn(experts, 2 * inter, hidden), randn(experts, hidden, inter)
-    formats = {"bf16": (gate_up, down, ())}
+    expert_weights = {"bf16": (gate_up, down, ())}
     for fmt in ("fp8", "int8"):
-        quantize = linear.quantize_fp8 if fmt == "fp8" else linear.quantize_int8
+        quantize = formats.quantize_fp8 if fmt == "fp8" else formats.quantize_int8
         per_expert = [[quantize(m) for m in weights] for weights in (gate_up, down)]
         stacked = [(torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])) for qs in per_expert]
         groups = (128, 128) if fmt == "fp8" else (1, 1 << 20)
-        formats[fmt] = (stacked[0][0], stacked[1][0], (stacked[0][1], stacked[1][1], *groups))
-    int4 = [[linear.quantize_int4(m) for m in weights] for weights in (gate_up, down)]
-    formats["int4"] = (torch.stack([q for q, _, _ in int4[0]]), torch.stack([q for q, _, _ in int4[1]]),
-                       (torch.stack([s for _, s, _ in int4[0]]), torch.stack([s for _, s, _ in int4[1]]), 1,
-                        linear.INT4_GROUP, torch.stack([z for _, _, z in int4[0]]),
-                        torch.stack([z for _, _, z in int4[1]])))
-    for fmt, (gu, dn, scales) in formats.items():
+        expert_weights[fmt] = (stacked[0][0], stacked[1][0], (stacked[0][1], stacked[1][1], *groups))
+    int4 = [[formats.quantize_int4(m) for m in weights] for weights in (gate_up, down)]
+    expert_weights["int4"] = (torch.stack([q for q, _, _ in int4[0]]), torch.stack([q for q, _, _ in int4[1]]),
+                              (torch.stack([s for _, s, _ in int4[0]]), torch.stack([s for _, s, _ in int4[1]]), 1,
+                               formats.INT4_GROUP, torch.stack([z for _, _, z in int4[0]]),
+                               torch.stack([z for _, _, z in int4[1]])))
+    for fmt, (gu, dn, scales) in expert_weights.items():
         for tokens in (3, 17):
             x = randn(tokens, hidden)
             ids = torch.randint(0, experts, (tokens, top_k), dtype=torch.int32)
@@ -171,9 +173,9 @@ def cases():
                    1e-6, x.clone()))
 
     weight = randn(512, 256)
-    packed = {"int8": (*linear.quantize_int8(weight), None, 1, 256),
-              "int4": (*linear.quantize_int4(weight), 1, linear.INT4_GROUP),
-              "fp8": (*linear.quantize_fp8(weight), None, 128, 128)}
+    packed = {"int8": (*formats.quantize_int8(weight), None, 1, 256),
+              "int4": (*formats.quantize_int4(weight), 1, formats.INT4_GROUP),
+              "fp8": (*formats.quantize_fp8(weight), None, 128, 128)}
     for fmt, args in packed.items():
         for rows in (2, 17):
             yield (f"quantized_linear {fmt} {rows} rows",

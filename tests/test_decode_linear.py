@@ -9,6 +9,7 @@ import torch
 import qwen3_accel
 from conftest import left_padded_batch, model_pair
 from qwen3_accel.configs import build_model, get_config
+from qwen3_accel.custom_ops import formats
 from qwen3_accel.custom_ops import linear as ql
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,11 +29,11 @@ def operands(fmt, n_rows, n_in, rows, dtype, norm, silu_mul, residual, seed):
     if fmt is None:
         packed = (weight, None, None, 1, n_in)
     elif fmt == "int8":
-        packed = (*ql.quantize_int8(weight), None, 1, n_in)
+        packed = (*formats.quantize_int8(weight), None, 1, n_in)
     elif fmt == "int4":
-        packed = (*ql.quantize_int4(weight), 1, ql.INT4_GROUP)
+        packed = (*formats.quantize_int4(weight), 1, formats.INT4_GROUP)
     else:
-        packed = (*ql.quantize_fp8(weight, 32, 32), None, 32, 32)
+        packed = (*formats.quantize_fp8(weight, 32, 32), None, 32, 32)
     x = (torch.randn(rows, n_in, generator=g) * 3).to(dtype)
     n_out = n_rows // 2 if silu_mul else n_rows
     norm_weight = (1 + 0.1 * torch.randn(n_in, generator=g)).to(dtype) if norm else None
@@ -84,7 +85,7 @@ def test_bad_operands_are_named():
     with pytest.raises(ValueError, match="norm_weight must be"):
         ql.decode_linear_reference(x, torch.randn(16, 64), None, None, 1, 64, torch.ones(8), 1e-6, None, False)
     with pytest.raises(ValueError, match="whole scale blocks"):
-        qweight, scale = ql.quantize_fp8(torch.randn(96, 64), 32, 32)
+        qweight, scale = formats.quantize_fp8(torch.randn(96, 64), 32, 32)
         ql.decode_linear_reference(x, qweight, scale, None, 32, 32, None, 0.0, None, True)
 
 
@@ -98,9 +99,9 @@ def counting_decode_linear(optimized):
     """Record the weight (dtype, shape) of each of the model's `decode_linear` calls (the real kernel still runs)."""
     acc = optimized.qwen3_accel
     calls = []
-    real = acc.kernels.decode_linear
-    acc.kernels = dataclasses.replace(
-        acc.kernels, decode_linear=lambda *a: calls.append((a[1].dtype, tuple(a[1].shape))) or real(*a))
+    real = acc.runner.kernels.decode_linear
+    acc.runner.kernels = dataclasses.replace(
+        acc.runner.kernels, decode_linear=lambda *a: calls.append((a[1].dtype, tuple(a[1].shape))) or real(*a))
     return calls
 
 
@@ -157,7 +158,7 @@ def test_decode_linear_modes(monkeypatch, name, mode, weights, dense_max_hidden,
     """"auto" fuses quantized projections always, those in the model dtype (the LM head among them) up to the
     hidden-size bound (set here below and above the tiny models'); "always" and "never" override it. Tokens are
     HF's either way."""
-    monkeypatch.setattr(qwen3_accel.patches.qwen3, "DECODE_LINEAR_DENSE_MAX_HIDDEN", dense_max_hidden)
+    monkeypatch.setattr(qwen3_accel.decoder, "DECODE_LINEAR_DENSE_MAX_HIDDEN", dense_max_hidden)
     reference, optimized = model_pair(name, compile=False, kernels="triton", decode_linear=mode, weights=weights)
     if weights:
         from test_quantized import dequantized_reference

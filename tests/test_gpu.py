@@ -81,7 +81,7 @@ def test_random_request_stream_compiled_on_cuda():
     assert not failures, "\n".join(failures)
     for _, optimized in pairs:
         acc = optimized.qwen3_accel
-        assert not acc.decode_steps.eager_keys and not acc.fast_steps.eager_keys
+        assert not acc.runner.decode_steps.eager_keys and not acc.runner.fast_steps.eager_keys
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
@@ -89,16 +89,17 @@ def test_random_request_stream_compiled_on_cuda():
 def test_quantized_linear_on_gpu(fmt, rows):
     """The compiled Triton kernel (GEMV and tl.dot paths, bf16 and fp32 activations) against dequantize-then-matmul,
     on Qwen3 shapes and odd ones."""
+    from qwen3_accel.custom_ops import formats
     from qwen3_accel.custom_ops import linear as ql
 
     for n_out, n_in in [(6144, 4096), (131, 200)]:
         weight = torch.randn(n_out, n_in, device="cuda") * 0.02
         if fmt == "int8":
-            packed = (*ql.quantize_int8(weight), None, 1, n_in)
+            packed = (*formats.quantize_int8(weight), None, 1, n_in)
         elif fmt == "int4":
-            packed = (*ql.quantize_int4(weight.bfloat16()), 1, ql.INT4_GROUP)
+            packed = (*formats.quantize_int4(weight.bfloat16()), 1, formats.INT4_GROUP)
         else:
-            packed = (*ql.quantize_fp8(weight), None, ql.FP8_BLOCK, ql.FP8_BLOCK)
+            packed = (*formats.quantize_fp8(weight), None, formats.FP8_BLOCK, formats.FP8_BLOCK)
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             x = torch.randn(rows, n_in, device="cuda", dtype=dtype)
             expected = ql.quantized_linear_reference(x, *packed).float()

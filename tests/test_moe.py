@@ -9,7 +9,7 @@ from triton.runtime.errors import OutOfResources
 import qwen3_accel
 from conftest import generate_without_recompiles, left_padded_batch
 from qwen3_accel.configs import build_model, get_config
-from qwen3_accel.custom_ops import moe
+from qwen3_accel.custom_ops import fallback, moe
 from qwen3_accel.custom_ops.moe import (
     align_slots, align_slots_reference, fused_moe_gemv, fused_moe_grouped, fused_moe_reference, fused_moe_triton,
     moe_route_reference, moe_route_triton,
@@ -124,9 +124,10 @@ def test_moe_with_norm_before_and_residual_after(n_tokens, dtype):
     torch.testing.assert_close(out, expected, **tol)
 
 
-def test_gemv_path_that_cannot_build_falls_back_to_grouped(monkeypatch):
+def test_gemv_path_that_cannot_build_falls_back_to_grouped(monkeypatch, caplog):
     """A GPU where Triton cannot build the GEMVs (simulated: the launcher raises Triton's out-of-resources error)
-    still gets correct results, from the grouped GEMMs, and stops trying the GEMVs."""
+    still gets correct results, from the grouped GEMMs, with one warning naming the kernel, the experts' dtype and
+    the cause, and stops trying the GEMVs; under QWEN3_ACCEL_STRICT_COMPILE=1 the error is raised instead."""
     calls = []
 
     def cannot_build(*args):
@@ -134,14 +135,22 @@ def test_gemv_path_that_cannot_build_falls_back_to_grouped(monkeypatch):
         raise OutOfResources(1 << 20, 1 << 16, "shared memory")
 
     monkeypatch.setattr(moe, "fused_moe_gemv", cannot_build)
-    monkeypatch.setattr(moe, "_gemv_unavailable", None)
+    monkeypatch.setattr(fallback, "unbuildable", {})
     x = torch.randn(2, 64).to(DEVICE)
     gate_up, down = 0.2 * torch.randn(8, 96, 64).to(DEVICE), 0.2 * torch.randn(8, 64, 48).to(DEVICE)
     weights, ids = _routing(2, 8, 2, seed=0)
+    monkeypatch.setenv("QWEN3_ACCEL_STRICT_COMPILE", "1")
+    with pytest.raises(OutOfResources):
+        fused_moe_triton(x, gate_up, down, weights, ids)
+    monkeypatch.delenv("QWEN3_ACCEL_STRICT_COMPILE")
     for _ in range(2):
         torch.testing.assert_close(fused_moe_triton(x, gate_up, down, weights, ids),
                                    fused_moe_reference(x, gate_up, down, weights, ids), rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1 and "OutOfResources" in moe._gemv_unavailable
+    assert len(calls) == 2 and "OutOfResources" in fallback.unbuildable[("fused_moe_gemv", "torch.float32 experts")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "Triton cannot build fused_moe_gemv for torch.float32 experts on this GPU (OutOfResources" in warnings[0]
+    assert "the grouped GEMMs" in warnings[0]
 
 
 def test_moe_op_registration():

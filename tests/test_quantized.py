@@ -19,7 +19,7 @@ import qwen3_accel
 from conftest import left_padded_batch
 from qwen3_accel import quantize
 from qwen3_accel.configs import build_model
-from qwen3_accel.custom_ops import moe
+from qwen3_accel.custom_ops import fallback, formats, moe
 from qwen3_accel.custom_ops import linear as ql
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -28,10 +28,10 @@ GREEDY = dict(do_sample=False, pad_token_id=0)
 def quantized(weight: torch.Tensor, fmt: str, fp8_block=(32, 64)):
     """(qweight, scale, zero, group_n, group_k) of `weight` in `fmt`."""
     if fmt == "int8":
-        return (*ql.quantize_int8(weight), None, 1, weight.shape[1])
+        return (*formats.quantize_int8(weight), None, 1, weight.shape[1])
     if fmt == "int4":
-        return (*ql.quantize_int4(weight), 1, ql.INT4_GROUP)
-    return (*ql.quantize_fp8(weight, *fp8_block), None, *fp8_block)
+        return (*formats.quantize_int4(weight), 1, formats.INT4_GROUP)
+    return (*formats.quantize_fp8(weight, *fp8_block), None, *fp8_block)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
@@ -45,7 +45,7 @@ def test_kernel_matches_dequantized_matmul(fmt, n_out, n_in, rows, dtype):
     weight = torch.randn(n_out, n_in, generator=g) * 0.05
     qweight, scale, zero, group_n, group_k = quantized(weight.to(dtype), fmt)
     x = torch.randn(2, rows, n_in, generator=g).to(dtype)
-    expected = x.float() @ ql.dequantize(qweight, scale, zero, group_n, group_k, n_in).T
+    expected = x.float() @ formats.dequantize(qweight, scale, zero, group_n, group_k, n_in).T
     actual = ql.quantized_linear_triton(x, qweight, scale, zero, group_n, group_k)
     assert actual.shape == (2, rows, n_out) and actual.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -61,7 +61,7 @@ def test_quantizers_error_bounds():
     weight[3] *= 50  # one loud row must not cost the others their precision
     for fmt in ("int8", "int4", "fp8"):
         qweight, scale, zero, group_n, group_k = quantized(weight, fmt, fp8_block=(32, 128))
-        error = (ql.dequantize(qweight, scale, zero, group_n, group_k, 384) - weight).abs()
+        error = (formats.dequantize(qweight, scale, zero, group_n, group_k, 384) - weight).abs()
         if fmt == "int8":
             bound = weight.abs().amax(dim=1, keepdim=True) / 127 / 2
         elif fmt == "int4":
@@ -83,12 +83,13 @@ def dequantized_reference(model: nn.Module, source: nn.Module) -> nn.Module:
         if experts is not None:
             for attr in ("gate_up_proj", "down_proj"):
                 scale, zero = getattr(module, f"{attr}_scale_inv"), getattr(module, f"{attr}_zero", None)
-                state[f"{name}.{attr}"] = moe.dequantize_experts(getattr(module, attr), scale, experts.group_n,
-                                                               experts.group_k, torch.float32, zero)
+                n_in = module.down_proj.shape[1] if attr == "gate_up_proj" else module.gate_up_proj.shape[1] // 2
+                state[f"{name}.{attr}"] = formats.dequantize(getattr(module, attr), scale, zero,
+                                                             experts.group_n, experts.group_k, n_in)
         if fmt is not None:
             zero = getattr(module, fmt.zero) if fmt.zero else None
-            state[f"{name}.weight"] = ql.dequantize(module.weight, getattr(module, fmt.scale), zero, fmt.group_n,
-                                                    fmt.group_k, module.in_features)
+            state[f"{name}.weight"] = formats.dequantize(module.weight, getattr(module, fmt.scale), zero,
+                                                         fmt.group_n, fmt.group_k, module.in_features)
     source.load_state_dict(state)
     return source
 
@@ -144,11 +145,11 @@ def fp8_checkpoint_model(name: str, block=(32, 32), seed=2) -> tuple[nn.Module, 
     checkpoint = source.state_dict()
     for name_, module in model.named_modules():
         if isinstance(module, FP8Linear):
-            qweight, scale = ql.quantize_fp8(checkpoint[f"{name_}.weight"], *block)
+            qweight, scale = formats.quantize_fp8(checkpoint[f"{name_}.weight"], *block)
             checkpoint[f"{name_}.weight"], checkpoint[f"{name_}.weight_scale_inv"] = qweight, scale
         elif quantize.experts_format(module) is not None:
             for attr in ("gate_up_proj", "down_proj"):
-                per_expert = [ql.quantize_fp8(w, *block) for w in checkpoint[f"{name_}.{attr}"]]
+                per_expert = [formats.quantize_fp8(w, *block) for w in checkpoint[f"{name_}.{attr}"]]
                 checkpoint[f"{name_}.{attr}"] = torch.stack([q for q, _ in per_expert])
                 checkpoint[f"{name_}.{attr}_scale_inv"] = torch.stack([scale for _, scale in per_expert])
     model.load_state_dict(checkpoint, assign=True)
@@ -166,11 +167,12 @@ def test_fp8_checkpoint_runs_on_its_own_tensors(name):
     reference = dequantized_reference(model, build_model(name, seed=2))
     state = model.state_dict()
     assert state.keys() == checkpoint.keys()
-    assert all(torch.equal(state[k].view(torch.uint8) if state[k].dtype == ql.FP8_DTYPE else state[k],
-                           v.view(torch.uint8) if v.dtype == ql.FP8_DTYPE else v) for k, v in checkpoint.items())
+    assert all(torch.equal(state[k].view(torch.uint8) if state[k].dtype == formats.FP8_DTYPE else state[k],
+                           v.view(torch.uint8) if v.dtype == formats.FP8_DTYPE else v) for k, v in checkpoint.items())
     attn = model.model.layers[0].self_attn
-    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # fused in place, no copy
-    assert attn.k_proj.weight_scale_inv.data_ptr() == attn.qkv_scale[4:].data_ptr()  # q: 128 rows = 4 blocks
+    qkv = model.qwen3_accel.runner.weights.layers[0].attention.qkv
+    assert attn.q_proj.weight.data_ptr() == qkv.weight.data_ptr()  # fused in place, no copy
+    assert attn.k_proj.weight_scale_inv.data_ptr() == qkv.scale[4:].data_ptr()  # q: 128 rows = 4 blocks
 
     ids, mask = left_padded_batch([6, 3], reference.config.vocab_size, seed=4)
     expected = reference.generate(ids, attention_mask=mask, max_new_tokens=10, **GREEDY)
@@ -190,7 +192,8 @@ def test_fp8_weights_save_as_a_transformers_fp8_checkpoint(tmp_path):
     assert saved["quant_method"] == "fp8" and saved["weight_block_size"] == [64, 128]  # tiny: k_proj has 64 rows
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # dequantized: no GPU here
     q_proj = model.model.layers[1].self_attn.q_proj
-    expected = ql.dequantize(q_proj.weight, q_proj.weight_scale_inv, None, *q_proj.block_size, q_proj.in_features)
+    expected = formats.dequantize(q_proj.weight, q_proj.weight_scale_inv, None, *q_proj.block_size,
+                                  q_proj.in_features)
     torch.testing.assert_close(loaded.model.layers[1].self_attn.q_proj.weight, expected)  # the scales were applied
     qwen3_accel.optimize(loaded, compile=False)  # the dequantized load is a plain model
 
@@ -211,7 +214,7 @@ def test_unsupported_quantized_models_are_refused_before_any_change():
 
     fp8_router, _ = fp8_checkpoint_model("tiny-moe")
     router = fp8_router.model.layers[0].mlp.gate
-    router.weight = nn.Parameter(router.weight.detach().to(ql.FP8_DTYPE), requires_grad=False)
+    router.weight = nn.Parameter(router.weight.detach().to(formats.FP8_DTYPE), requires_grad=False)
     with pytest.raises(TypeError, match=r"mlp.gate.weight \(torch.float8_e4m3fn.*it runs quantized decoder-layer"):
         qwen3_accel.optimize(fp8_router)
 
@@ -252,8 +255,9 @@ def test_deepcopy_and_pickle_of_a_quantized_model():
         for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
             assert torch.equal(twin.generate(ids, max_new_tokens=8, **GREEDY), expected), fmt
             attn = twin.model.layers[0].self_attn
-            assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
-            assert attn.qkv_weight.data_ptr() != model.model.layers[0].self_attn.qkv_weight.data_ptr()
+            qkv = twin.qwen3_accel.runner.weights.layers[0].attention.qkv.weight
+            assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+            assert qkv.data_ptr() != model.qwen3_accel.runner.weights.layers[0].attention.qkv.weight.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -268,8 +272,8 @@ def test_fused_moe_with_quantized_experts(dtype, group, path):
 
     def experts(rows, cols):
         weights = [torch.randn(rows, cols, generator=g) * 0.05 for _ in range(n_experts)]
-        per_expert = [ql.quantize_int8(w) if group == "int8" else ql.quantize_int4(w, 32) if group == "int4"
-                      else ql.quantize_fp8(w, *group) for w in weights]
+        per_expert = [formats.quantize_int8(w) if group == "int8" else formats.quantize_int4(w, 32) if group == "int4"
+                      else formats.quantize_fp8(w, *group) for w in weights]
         return [torch.stack([p[i] for p in per_expert]) for i in range(len(per_expert[0]))]
 
     gate_up, down = experts(2 * inter, hidden), experts(hidden, inter)
@@ -293,7 +297,7 @@ def test_moe_quantized_weights_match_dequantized_model(fmt, kernels):
     model = qwen3_accel.optimize(build_model("tiny-moe", seed=1), weights=fmt, kernels=kernels, compile=False)
     reference = dequantized_reference(model, build_model("tiny-moe", seed=1))
     experts = model.model.layers[0].mlp.experts
-    values = {"fp8": ql.FP8_DTYPE, "int8": torch.int8, "int4": torch.uint8}[fmt]
+    values = {"fp8": formats.FP8_DTYPE, "int8": torch.int8, "int4": torch.uint8}[fmt]
     assert experts.gate_up_proj.dtype == values and experts.down_proj.dtype == values
     assert quantize.experts_format(experts).group_n == {"fp8": 32, "int8": 1, "int4": 1}[fmt]
     ids, mask = left_padded_batch([5, 8], reference.config.vocab_size, seed=3)
@@ -307,7 +311,8 @@ def test_moe_quantized_weights_match_dequantized_model(fmt, kernels):
 
 def test_kernel_that_cannot_build_falls_back_to_dequantize_then_matmul(monkeypatch, caplog):
     """A GPU where Triton cannot build the kernel (simulated: the launcher raises Triton's compilation error, as for
-    e4m3 on a GPU without it) gets correct results from the reference, one warning, and no further attempts."""
+    e4m3 on a GPU without it) gets correct results from the reference, one warning naming the kernel, its weight
+    dtype and the cause, and no further attempts; under QWEN3_ACCEL_STRICT_COMPILE=1 the error is raised instead."""
     from triton.compiler.errors import CompilationError
 
     calls = []
@@ -316,18 +321,27 @@ def test_kernel_that_cannot_build_falls_back_to_dequantize_then_matmul(monkeypat
         calls.append(args)
         raise CompilationError("kernel.py", None, "fp8e4nv not supported in this architecture")
 
-    monkeypatch.setattr(ql, "_kernel_unavailable", {})
+    monkeypatch.setattr(fallback, "unbuildable", {})
     packed = quantized(torch.randn(40, 64), "fp8", fp8_block=(32, 32))
     x = torch.randn(3, 64)
+    monkeypatch.setenv("QWEN3_ACCEL_STRICT_COMPILE", "1")
+    with pytest.raises(CompilationError):
+        ql.triton_or_reference(cannot_build, ql.quantized_linear_reference, x, *packed)
+    assert not fallback.unbuildable
+    monkeypatch.delenv("QWEN3_ACCEL_STRICT_COMPILE")
     for _ in range(2):
         torch.testing.assert_close(ql.triton_or_reference(cannot_build, ql.quantized_linear_reference, x, *packed),
                                    ql.quantized_linear_reference(x, *packed))
-    assert len(calls) == 1 and "CompilationError" in ql._kernel_unavailable[("cannot_build", torch.float8_e4m3fn)]
-    assert "cannot build its kernel for torch.float8_e4m3fn weights on this GPU" in caplog.text
+    assert len(calls) == 2
+    assert "CompilationError" in fallback.unbuildable[("cannot_build", "torch.float8_e4m3fn weights")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "Triton cannot build cannot_build for torch.float8_e4m3fn weights on this GPU (CompilationError" in warnings[0]
+    assert "the torch reference" in warnings[0]
     # Other weight dtypes still try their kernel.
     int8 = quantized(torch.randn(40, 64), "int8")
     ql.triton_or_reference(cannot_build, ql.quantized_linear_reference, x, *int8)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
@@ -338,8 +352,8 @@ def test_op_registrations(fmt):
     checks = ("test_faketensor",) if fmt == "fp8" else ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.qwen3_accel.quantized_linear, (torch.randn(3, 64), *packed), test_utils=checks)
     if fmt == "fp8":
-        gate_up = [ql.quantize_fp8(torch.randn(64, 32), 32, 32) for _ in range(4)]
-        down = [ql.quantize_fp8(torch.randn(32, 32), 32, 32) for _ in range(4)]
+        gate_up = [formats.quantize_fp8(torch.randn(64, 32), 32, 32) for _ in range(4)]
+        down = [formats.quantize_fp8(torch.randn(32, 32), 32, 32) for _ in range(4)]
         stack = lambda pairs, i: torch.stack([p[i] for p in pairs])  # noqa: E731
         args = (torch.randn(3, 32), stack(gate_up, 0), stack(down, 0), torch.rand(3, 2),
                 torch.randint(0, 4, (3, 2), dtype=torch.int32), stack(gate_up, 1), stack(down, 1), 32, 32)

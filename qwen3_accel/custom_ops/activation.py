@@ -5,6 +5,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .tiles import hf_silu_mul
+
 
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, in_row_stride, out_row_stride, n_cols, BLOCK: tl.constexpr):
@@ -13,10 +15,8 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, in_row_stride, out_row_stride, n_
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(gate_up_ptr + row * in_row_stride + cols, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + row * in_row_stride + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # HF rounds silu(gate) before the product
-    tl.store(out_ptr + row * out_row_stride + cols, (act * up).to(gate.dtype), mask=mask)
+    up = tl.load(gate_up_ptr + row * in_row_stride + n_cols + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_row_stride + cols, hf_silu_mul(gate, up, gate.dtype).to(gate.dtype), mask=mask)
 
 
 def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:

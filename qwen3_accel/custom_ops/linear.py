@@ -1,123 +1,35 @@
 """Linear layers on our kernels: weight-only quantized projections (`quantized_linear`), and the decode step's
 projections with their RMSNorm, SiLU·mul or residual add folded in (`decode_linear`, any weight format).
 
-`quantized_linear` computes `y = x @ dequantize(weight).T`, dequantized inside the kernel. Three weight formats, told
-apart by the weight's dtype:
-
-  int8     `torch.int8 [N, K]`, symmetric, one scale per output row: `scale [N, 1]`.
-  int4     `torch.uint8 [N, ceil(K/2)]`, two values per byte (even k in the low nibble), asymmetric in groups along
-           K: `w = (q - zero) * scale`, `scale [N, ceil(K/G)]` (the model dtype), `zero` uint8 of the same shape.
-  fp8      `torch.float8_e4m3fn [N, K]`, one scale per `group_n x group_k` block: `scale [ceil(N/gn), ceil(K/gk)]`
-           fp32. This is transformers' fine-grained FP8 format (Qwen's FP8 checkpoints: 128x128 blocks, the scale
-           stored as `weight_scale_inv` and multiplied).
-
-In general `w[n, k] = (q[n, k] - zero[n // group_n, k // group_k]) * scale[n // group_n, k // group_k]`.
-The kernel never materialises `w`: the integer or fp8 values convert exactly to the activation dtype, go through
-the dot product, and the scale (and zero point, through the row sum of the activations) is applied to each
-`BLOCK_K` partial product, which lies inside one group. Accumulation is fp32.
+`quantized_linear` computes `y = x @ dequantize(weight).T` for the int8 / int4 / fp8 formats of formats.py,
+dequantized inside the kernel. The kernel never materialises the weight: the integer or fp8 values convert exactly
+to the activation dtype, go through the dot product, and the scale (and zero point, through the row sum of the
+activations) is applied to each `BLOCK_K` partial product, which lies inside one group. Accumulation is fp32.
 """
-
-import logging
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
 from .activation import silu_and_mul_reference
+from .fallback import triton_or_fallback
+from .formats import check_quantized_weight, dequantize
 from .rms_norm import rms_norm_reference
+from .tiles import (block_within_group, dequantized_rows, group_value, hf_silu_mul, load_weight, rms_normed, row_rstd,
+                    scaled_partial)
 
-logger = logging.getLogger(__name__)
-
-FP8_DTYPE = torch.float8_e4m3fn
-QUANTIZED_DTYPES = (torch.int8, torch.uint8, FP8_DTYPE)
-FORMAT_OF_DTYPE = {torch.int8: "int8", torch.uint8: "int4", FP8_DTYPE: "fp8"}
-INT4_GROUP = 128  # along K, as AWQ/GPTQ checkpoints and torchao use
-FP8_BLOCK = 128  # rows and columns of one fp8 scale block, as in Qwen's FP8 checkpoints
-
-# Up to this many rows `x` runs through a GEMV per row (products accumulated per lane; a tl.dot tile needs 16
-# rows), above it through tl.dot tiles. The GEMV halves BLOCK_N (down to 8) until it has QLINEAR_GEMV_MIN_PROGRAMS
-# programs (about two per SM of an H100), so small projections still spread over the GPU. Block sizes are first
-# guesses, to be set by `qwen3-accel bench-kernels` on a GPU (BLOCK_K is further capped so that one block never
-# straddles a scale group).
-QLINEAR_GEMV_MAX_ROWS = 4
+# Up to this many rows `x` runs through a GEMV per row (products accumulated per lane), above it through tl.dot
+# tiles; decode steps of up to this many rows run their projections through `decode_linear`, the GEMV with RMSNorm,
+# SiLU·mul and residual add folded in. Why 4: a tl.dot tile needs 16 rows, so at 4 rows or fewer at least 3/4 of it
+# would be padding; above that, the GEMV's one pass over the weights per row costs more (a first guess, like the
+# block sizes below, for `qwen3-accel bench-kernels` to place on a GPU).
+DECODE_LINEAR_MAX_ROWS = 4
+# The GEMV halves BLOCK_N (down to 8) until it has QLINEAR_GEMV_MIN_PROGRAMS programs (about two per SM of an H100),
+# so small projections still spread over the GPU. Block sizes are first guesses, to be set by
+# `qwen3-accel bench-kernels` on a GPU (BLOCK_K is further capped so that one block never straddles a scale group).
 QLINEAR_GEMV_MIN_PROGRAMS = 256
 QLINEAR_BLOCKS = dict(gemv=(32, 128), gemm=(64, 64, 64))  # (BLOCK_N, BLOCK_K), (BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def load_weight(row_ptrs, row_valid, k0, w_cols, BLOCK_K: tl.constexpr, INT4: tl.constexpr, DTYPE: tl.constexpr):
-    """Columns k0 .. k0 + BLOCK_K of the rows at `row_ptrs` [R, 1], as stored (no scale, no zero point), exactly in
-    DTYPE: [R, BLOCK_K], 0 outside the valid rows and the w_cols stored columns. int4 (two values per byte, the
-    even column in the low nibble; w_cols counts bytes): the bytes are read contiguously and their nibbles
-    interleaved. The bound is the stored width, a kernel argument, so that Triton knows its divisibility and
-    vectorizes the loads (ceil(K/2) computed in the kernel would not tell it)."""
-    if INT4:
-        j = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # alignment lost in the division
-        packed = tl.load(row_ptrs + j[None, :], mask=row_valid[:, None] & (j < w_cols)[None, :], other=0)
-        w = tl.interleave(packed & 0xF, packed >> 4).to(DTYPE)
-    else:
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = row_valid[:, None] & (k < w_cols)[None, :]
-        if row_ptrs.dtype.element_ty.is_fp8():
-            # No `other=`: Triton cannot cast it to fp8; masked lanes are zeroed after the conversion instead.
-            w = tl.where(mask, tl.load(row_ptrs + k[None, :], mask=mask).to(DTYPE), 0.0).to(DTYPE)
-        else:
-            w = tl.load(row_ptrs + k[None, :], mask=mask, other=0).to(DTYPE)
-    return w  # one return at the end: Triton compiles what follows a return inside a constexpr `if` too
-
-
-@triton.jit
-def group_value(base_ptr, rows, row_valid, k0, row_stride, group_n, group_k):
-    """The scale (or zero point) of each of `rows` in the group holding column k0, in fp32: [len(rows)]."""
-    ptrs = base_ptr + (rows // group_n).to(tl.int64) * row_stride + k0 // group_k
-    return tl.load(ptrs, mask=row_valid, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def dequantized_rows(row_ptrs, rows, row_valid, k0, w_cols, scale_ptr, zero_ptr, scale_row_stride, group_n, group_k,
-                     BLOCK_K: tl.constexpr, INT4: tl.constexpr, GROUPED: tl.constexpr):
-    """A GEMV's weight block in fp32, [len(rows), BLOCK_K]: `row_ptrs` [len(rows), 1] point at the rows, columns
-    k0 .. k0 + BLOCK_K lie in one scale group; with GROUPED its zero point (int4) and scale are applied."""
-    w = load_weight(row_ptrs, row_valid, k0, w_cols, BLOCK_K, INT4, tl.float32)
-    if GROUPED:
-        if INT4:
-            w -= group_value(zero_ptr, rows, row_valid, k0, scale_row_stride, group_n, group_k)[:, None]
-        w *= group_value(scale_ptr, rows, row_valid, k0, scale_row_stride, group_n, group_k)[:, None]
-    return w
-
-
-@triton.jit
-def scaled_partial(part, a, cols, col_valid, k0, scale_ptr, zero_ptr, scale_row_stride, group_n, group_k,
-                   INT4: tl.constexpr):
-    """A GEMM's partial product `part` = a @ q [M, len(cols)] over one scale group's columns (from k0), with the
-    group's scale per output column; int4's zero point enters through the row sums of a:
-    x.(q - z)s = s(x.q - z sum x)."""
-    if INT4:
-        zero = group_value(zero_ptr, cols, col_valid, k0, scale_row_stride, group_n, group_k)
-        part -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
-    return part * group_value(scale_ptr, cols, col_valid, k0, scale_row_stride, group_n, group_k)[None, :]
-
-
-@triton.jit
-def row_rstd(x_row, n_in, eps, BLOCK_K: tl.constexpr):
-    """1 / RMS of the activation row x_row[0:n_in] in fp32, as HF's RMSNorm computes it (for a norm prologue)."""
-    kk = tl.arange(0, BLOCK_K)
-    squares = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        a = tl.load(x_row + k0 + kk, mask=(k0 + kk) < n_in, other=0.0).to(tl.float32)
-        squares += a * a
-    return tl.rsqrt(tl.sum(squares, axis=0) / n_in + eps)
-
-
-@triton.jit
-def rms_normed(a, rstd, norm_ptr, k, k_valid, DTYPE: tl.constexpr):
-    """Activations `a` (fp32) of columns k normalised and weighted with HF's two roundings to DTYPE, in fp32."""
-    norm_weight = tl.load(norm_ptr + k, mask=k_valid, other=0.0).to(tl.float32)
-    return ((a * rstd).to(DTYPE).to(tl.float32) * norm_weight).to(DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -165,8 +77,7 @@ def _gemv_kernel(
         if PER_ROW:
             up_rows = (n + up_offset).to(tl.int64) * scale_row_stride
             up *= tl.load(scale_ptr + up_rows, mask=n_valid, other=0.0).to(tl.float32)
-        gate = y.to(dtype).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        y = hf_silu_mul(y, up, dtype)
     if RESIDUAL:
         residual = tl.load(residual_ptr + row * residual_row_stride + n, mask=n_valid, other=0.0).to(tl.float32)
         y = y.to(dtype).to(tl.float32) + residual
@@ -207,34 +118,6 @@ def _quantized_gemm_kernel(
         acc *= group_value(scale_ptr, n, n_valid, 0, scale_row_stride, 1, 1)[None, :]
     out = out_ptr + m[:, None].to(tl.int64) * out_row_stride + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
-
-
-def block_within_group(block_k: int, group_k: int, k_dim: int) -> int:
-    """The largest BLOCK_K <= block_k that never straddles a scale group along a K of k_dim (a power of two dividing
-    group_k, or any block when one group spans K)."""
-    if group_k >= k_dim:
-        return block_k
-    return min(block_k, group_k & -group_k)
-
-
-def check_quantized_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                           group_n: int, group_k: int, n_in: int) -> None:
-    """Raise a ValueError naming what does not fit the formats above."""
-    if qweight.dtype not in QUANTIZED_DTYPES:
-        raise ValueError(f"quantized weights are int8, packed int4 (uint8) or float8_e4m3fn; got {qweight.dtype}")
-    n_out = qweight.shape[0]
-    stored_in = (n_in + 1) // 2 if qweight.dtype == torch.uint8 else n_in
-    expected_scale = (triton.cdiv(n_out, group_n), triton.cdiv(n_in, group_k))
-    if qweight.shape[1] != stored_in or tuple(scale.shape) != expected_scale:
-        raise ValueError(
-            f"a {FORMAT_OF_DTYPE[qweight.dtype]} weight for {n_in} inputs in groups of {group_n}x{group_k} needs "
-            f"values [{n_out}, {stored_in}] and scales {list(expected_scale)}; got {list(qweight.shape)} and "
-            f"{list(scale.shape)}"
-        )
-    if (zero is not None) != (qweight.dtype == torch.uint8) or (zero is not None and zero.shape != scale.shape):
-        raise ValueError("int4 weights need a uint8 zero point per scale; the other formats take none")
-    if qweight.dtype == torch.int8 and (group_n != 1 or group_k < n_in):
-        raise ValueError(f"int8 weights take one scale per output row; got groups of {group_n}x{group_k}")
 
 
 def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
@@ -281,7 +164,7 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
     flags = dict(INT4=int4, PER_ROW=qweight.dtype == torch.int8)
     block_m, block_n, block_k = QLINEAR_BLOCKS["gemm"]
     block_k = block_within_group(block_k, group_k, n_in)
-    if rows > QLINEAR_GEMV_MAX_ROWS and block_k >= 16:
+    if rows > DECODE_LINEAR_MAX_ROWS and block_k >= 16:
         grid = (triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))
         _quantized_gemm_kernel[grid](*args, out, rows, n_out, n_in, qweight.shape[1], *strides, **flags,
                                      FP32_DOT=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -291,23 +174,6 @@ def quantized_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch
     return out.view(*x.shape[:-1], n_out)
 
 
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_n: int, group_k: int,
-               n_in: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight [N, K] the quantized one stands for, in `dtype` (computed in fp32)."""
-    if qweight.dtype == torch.uint8:
-        q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).flatten(-2)[:, :n_in].float()
-    else:
-        q = qweight.float()
-    n_out = qweight.shape[0]
-
-    def expand(t: torch.Tensor) -> torch.Tensor:
-        return t.float().repeat_interleave(group_n, 0)[:n_out].repeat_interleave(group_k, 1)[:, :n_in]
-
-    if zero is not None:
-        q = q - expand(zero)
-    return (q * expand(scale)).to(dtype)
-
-
 def quantized_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                                zero: torch.Tensor | None, group_n: int, group_k: int) -> torch.Tensor:
     """Dequantize, then one fp32 matmul: what the kernel computes, without its summation order."""
@@ -315,24 +181,11 @@ def quantized_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: to
     return (x.float() @ weight.T).to(x.dtype)
 
 
-# Why Triton could not build a kernel on this GPU, by (launcher, weight dtype), once it failed.
-_kernel_unavailable: dict[tuple[str, torch.dtype], str] = {}
-
-
-def triton_or_reference(triton_fn: Callable, reference_fn: Callable, x: torch.Tensor, weight: torch.Tensor,
-                        *args) -> torch.Tensor:
-    """`triton_fn(x, weight, *args)`; where Triton cannot build the kernel for this weight dtype (e.g. no e4m3
-    conversion on an older GPU), `reference_fn` from then on, with one warning: slower, never a failed request."""
-    key = (triton_fn.__name__, weight.dtype)
-    if key not in _kernel_unavailable:
-        try:
-            return triton_fn(x, weight, *args)
-        except (CompilationError, OutOfResources) as error:
-            _kernel_unavailable[key] = f"{type(error).__name__}: {error}"
-            logger.warning("qwen3_accel: %s cannot build its kernel for %s weights on this GPU (%s); those "
-                           "projections run the torch reference instead (quantized weights dequantized on every "
-                           "call: slow)", triton_fn.__name__, weight.dtype, _kernel_unavailable[key])
-    return reference_fn(x, weight, *args)
+def triton_or_reference(triton_fn, reference_fn, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    """`triton_fn(x, weight, *args)`, or `reference_fn` where Triton cannot build the kernel for this weight dtype
+    (fallback.py's policy, per launcher and weight dtype)."""
+    return triton_or_fallback(triton_fn.__name__, f"{weight.dtype} weights", triton_fn, reference_fn, x, weight,
+                              *args, fallback="the torch reference (quantized weights dequantized on every call)")
 
 
 @torch.library.custom_op("qwen3_accel::quantized_linear", mutates_args=())
@@ -351,11 +204,11 @@ def _(x, qweight, scale, zero, group_n, group_k):
 
 
 # ------------------------------------------------------------------------------ the decode step's fused GEMV
-# Decode steps of up to this many rows run their projections through `decode_linear` (option decode_linear="auto"):
-# always for quantized weights, and for weights in the model dtype (where it replaces cuBLAS) in dense models up to
-# this hidden size. 0 until a GPU run measures where our GEMV beats cuBLAS (bench-kernels `decode_layer_linears`,
-# bench --decode-linear always): small models are launch-bound, so the bound is expected near 2048 (Qwen3-1.7B).
-DECODE_LINEAR_MAX_ROWS = QLINEAR_GEMV_MAX_ROWS
+# Decode steps of up to DECODE_LINEAR_MAX_ROWS rows run their projections through `decode_linear` (option
+# decode_linear="auto"): always for quantized weights, and for weights in the model dtype (where it replaces cuBLAS)
+# in dense models up to this hidden size. 0 until a GPU run measures where our GEMV beats cuBLAS (bench-kernels
+# `decode_layer_linears`, bench --decode-linear always): small models are launch-bound, so the bound is expected
+# near 2048 (Qwen3-1.7B).
 DECODE_LINEAR_DENSE_MAX_HIDDEN = 0
 
 
@@ -423,50 +276,3 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
 @decode_linear.register_fake
 def _(x, weight, scale, zero, group_n, group_k, norm_weight, eps, residual, silu_mul):
     return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if silu_mul else weight.shape[0]))
-
-
-# ------------------------------------------------------------------------------ quantizers (torch, once)
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: (q int8 [N, K], scale fp32 [N, 1])."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
-
-
-def _grouped(weight: torch.Tensor, group_n: int, group_k: int) -> torch.Tensor:
-    """[N, K] zero-padded to whole groups and viewed as [N/gn, gn, K/gk, gk] (fp32)."""
-    n_out, n_in = weight.shape
-    pad_n, pad_k = -n_out % group_n, -n_in % group_k
-    w = torch.nn.functional.pad(weight.float(), (0, pad_k, 0, pad_n))
-    return w.view((n_out + pad_n) // group_n, group_n, (n_in + pad_k) // group_k, group_k)
-
-
-def _ungrouped(grouped: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
-    return grouped.flatten(2).flatten(0, 1)[:n_out, :n_in]
-
-
-def quantize_int4(weight: torch.Tensor, group_k: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit in groups of `group_k` along K: (packed uint8 [N, ceil(K/2)], scale [N, ceil(K/G)] in the
-    weight's dtype, zero uint8 [N, ceil(K/G)]). The scale is rounded to its storage dtype before the values are."""
-    n_out, n_in = weight.shape
-    groups = _grouped(weight, 1, group_k)
-    low, high = groups.amin(dim=(1, 3), keepdim=True), groups.amax(dim=(1, 3), keepdim=True)
-    scale = ((high - low) / 15.0).clamp(min=1e-8).to(weight.dtype).float()
-    zero = torch.round(-low / scale).clamp(0, 15)
-    q = _ungrouped(torch.round(groups / scale + zero).clamp(0, 15).expand_as(groups), n_out, n_in).to(torch.uint8)
-    if n_in % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed.contiguous(), scale[:, 0, :, 0].to(weight.dtype), zero[:, 0, :, 0].to(torch.uint8)
-
-
-def quantize_fp8(weight: torch.Tensor, block_n: int = FP8_BLOCK, block_k: int = FP8_BLOCK
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 with one fp32 scale per block_n x block_k block (transformers' fine-grained FP8):
-    (q float8_e4m3fn [N, K], scale fp32 [ceil(N/bn), ceil(K/bk)])."""
-    n_out, n_in = weight.shape
-    groups = _grouped(weight, block_n, block_k)
-    amax = groups.abs().amax(dim=(1, 3), keepdim=True)
-    scale = (amax / torch.finfo(FP8_DTYPE).max).clamp(min=torch.finfo(torch.float32).tiny)
-    q = _ungrouped((groups / scale).expand_as(groups), n_out, n_in).to(FP8_DTYPE)
-    return q.contiguous(), scale[:, 0, :, 0].contiguous()

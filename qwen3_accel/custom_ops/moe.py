@@ -6,20 +6,17 @@ group padded to the GEMM block size, in buffers sized by a static bound, entirel
 `.item()`, no host sync, so the whole layer can be captured in a CUDA graph.
 """
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
-from .linear import block_within_group, dequantized_rows, load_weight, rms_normed, row_rstd, scaled_partial
+from .fallback import triton_or_fallback
+from .formats import dequantize
 from .rms_norm import rms_norm_reference
-
-logger = logging.getLogger(__name__)
+from .tiles import block_within_group, dequantized_rows, hf_silu_mul, load_weight, rms_normed, row_rstd, scaled_partial
 
 
 # ------------------------------------------------------------------------------------------------ routing
@@ -168,7 +165,7 @@ def align_slots(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 # column in the low nibble) with a uint8 zero point beside each scale: `w = (q - zero) * scale`. The kernels convert
 # the values exactly, apply zero point and scale to each BLOCK_K partial product (BLOCK_K divides group_k, so one
 # block lies in one group) and accumulate in fp32, through the helpers they share with the linear layers
-# (linear.py: `load_weight`, `dequantized_rows`, `scaled_partial`).
+# (tiles.py: `load_weight`, `dequantized_rows`, `scaled_partial`).
 def _scale_args(scale: torch.Tensor | None, zero: torch.Tensor | None, weight: torch.Tensor) -> tuple:
     """(scale pointer, zero pointer, expert stride, row stride) of the scales and zero points (same shape); the
     weight stands in for what is absent (never read)."""
@@ -229,10 +226,7 @@ def _moe_gemm_kernel(
     dtype = out_ptr.dtype.element_ty
     # Round where HF's eager expert loop rounds: each GEMM output, SiLU, the product, the weighting.
     if GATE_UP:
-        gate = acc.to(dtype).to(tl.float32)
-        up = acc_up.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        result = act * up
+        result = hf_silu_mul(acc, acc_up, dtype)
     else:
         result = acc
         if WEIGHTED:
@@ -304,10 +298,8 @@ def _moe_gemv_gate_up_kernel(
         acc_up += dequantized_rows(up_rows, inter + n, n_valid, k0, w_cols, scale_base, zero_base,
                                    scale_row_stride, group_n, group_k, BLOCK_K, INT4, SCALED) * a[None, :]
     # HF's roundings, as in the grouped GEMM: each projection, SiLU, the product.
-    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
-    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + slot.to(tl.int64) * out_row_stride + n, (act * up).to(dtype), mask=n_valid)
+    act = hf_silu_mul(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1), dtype)
+    tl.store(out_ptr + slot.to(tl.int64) * out_row_stride + n, act.to(dtype), mask=n_valid)
 
 
 @triton.jit
@@ -394,29 +386,26 @@ def fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     return out
 
 
-_gemv_unavailable: str | None = None  # why the GEMV path cannot run on this machine, once it failed to build
-
-
 def fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None,
         norm_weight=None, eps=0.0, residual=None):
     """`fused_moe` on the GPU: the decode-sized GEMVs for at most MOE_GEMV_MAX_TOKENS tokens, else grouped GEMMs.
 
-    The GEMVs are newer than the grouped path and not yet built on every GPU we support: if Triton cannot build
-    them here, the grouped path serves every size from then on (debug log), instead of failing the request.
+    The GEMVs are newer than the grouped path and not yet built on every GPU we support: where Triton cannot build
+    them for these experts' dtype, the grouped path serves every size (fallback.py's policy).
     """
-    global _gemv_unavailable
-    scales = (gate_up_scale, down_scale, group_n, group_k, gate_up_zero, down_zero)
-    if x.shape[0] <= MOE_GEMV_MAX_TOKENS and _gemv_unavailable is None:
-        _check_moe_shapes(x, gate_up_proj, down_proj)
-        try:
-            return fused_moe_gemv(x, gate_up_proj, down_proj, topk_weights, topk_ids, *scales, norm_weight, eps,
-                                  residual)
-        except (CompilationError, OutOfResources) as error:
-            _gemv_unavailable = f"{type(error).__name__}: {error}"
-            logger.debug("qwen3_accel: MoE GEMV kernels unavailable, using the grouped GEMMs (%s)", _gemv_unavailable)
-    return _around(fused_moe_grouped, x, gate_up_proj, down_proj, topk_weights, topk_ids, *scales, norm_weight, eps,
-                   residual)
+    args = (x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n, group_k,
+            gate_up_zero, down_zero, norm_weight, eps, residual)
+    if x.shape[0] > MOE_GEMV_MAX_TOKENS:
+        return _grouped_around(*args)
+    _check_moe_shapes(x, gate_up_proj, down_proj)
+    return triton_or_fallback("fused_moe_gemv", f"{gate_up_proj.dtype} experts", fused_moe_gemv, _grouped_around,
+                              *args, fallback="the grouped GEMMs")
+
+
+def _grouped_around(*args):
+    """`fused_moe_grouped` with the RMSNorm before it and the residual add after it (see `_around`)."""
+    return _around(fused_moe_grouped, *args)
 
 
 def _around(experts_fn, x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale, down_scale, group_n,
@@ -479,22 +468,6 @@ def fused_moe_grouped(x, gate_up_proj, down_proj, topk_weights, topk_ids,
     return weighted.view(n_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
-def dequantize_experts(weight: torch.Tensor, scale: torch.Tensor, group_n: int, group_k: int,
-                       dtype: torch.dtype, zero: torch.Tensor | None = None) -> torch.Tensor:
-    """[E, N, K] expert weights from their stored values, block scales (and int4 zero points), in `dtype`."""
-    values = weight.float()
-    if weight.dtype == torch.uint8:  # int4, two per byte, even column in the low nibble
-        values = torch.stack([weight & 0xF, weight >> 4], dim=-1).flatten(-2).float()
-    n_rows, n_cols = values.shape[1:]
-
-    def expand(t: torch.Tensor) -> torch.Tensor:
-        return t.float().repeat_interleave(group_n, 1)[:, :n_rows].repeat_interleave(group_k, 2)[:, :, :n_cols]
-
-    if zero is not None:
-        values = values - expand(zero)
-    return (values * expand(scale)).to(dtype)
-
-
 def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         gate_up_scale=None, down_scale=None, group_n=1, group_k=1, gate_up_zero=None, down_zero=None,
         norm_weight=None, eps=0.0, residual=None):
@@ -504,8 +477,9 @@ def fused_moe_reference(x, gate_up_proj, down_proj, topk_weights, topk_ids,
         return _around(fused_moe_reference, x, gate_up_proj, down_proj, topk_weights, topk_ids, gate_up_scale,
                        down_scale, group_n, group_k, gate_up_zero, down_zero, norm_weight, eps, residual)
     if gate_up_scale is not None:
-        gate_up_proj = dequantize_experts(gate_up_proj, gate_up_scale, group_n, group_k, x.dtype, gate_up_zero)
-        down_proj = dequantize_experts(down_proj, down_scale, group_n, group_k, x.dtype, down_zero)
+        hidden, inter = x.shape[-1], gate_up_proj.shape[1] // 2
+        gate_up_proj = dequantize(gate_up_proj, gate_up_scale, gate_up_zero, group_n, group_k, hidden, x.dtype)
+        down_proj = dequantize(down_proj, down_scale, down_zero, group_n, group_k, inter, x.dtype)
     weights = topk_weights.to(x.dtype)
     out = torch.zeros_like(x)
     ids = topk_ids.long()
