@@ -194,8 +194,8 @@ def run_fast_generate(runner: "ModelRunner", request: FastRequest) -> torch.Tens
                 break
             chunk = min(CHECK_EVERY, new_tokens - steps_done)
             for _ in range(chunk):  # no host sync in here: the GPU runs behind the queued replays
-                runner.fast_steps(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start, cache.write_pos,
-                               do_sample=sampling.do_sample)
+                runner.fast_steps(key, state, cache.keys, cache.values, cache.kv_valid, cache.seq_start,
+                                  cache.write_pos, do_sample=sampling.do_sample)
             steps_done += chunk
             cache.advance(chunk)
         generated = state.out[:batch, : trim(state.out[:batch], eos, steps_done)]

@@ -190,7 +190,8 @@ class _Builder:
         rows, offset = [], 0
         for module, p in zip(modules, params):
             n = local(p).shape[0]
-            setattr(module, attr, nn.Parameter(shard_like(fused[offset : offset + n], p), requires_grad=p.requires_grad))
+            view = shard_like(fused[offset : offset + n], p)
+            setattr(module, attr, nn.Parameter(view, requires_grad=p.requires_grad))
             rows.append(n)
             offset += n
         torch._dynamo.mark_static_address(fused)

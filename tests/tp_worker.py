@@ -37,7 +37,8 @@ def check_tokens(path: str, rank: int) -> None:
         counters.clear()
         model = qwen3_accel.optimize(load_tensor_parallel(path, dtype=torch.float32).eval(), compile=compile)
         acc = model.qwen3_accel
-        assert acc.tp.world_size == 2 and acc.shape.num_kv_heads == reference.config.num_key_value_heads // 2
+        shape = acc.runner.weights.shape
+        assert acc.tp.world_size == 2 and shape.num_kv_heads == reference.config.num_key_value_heads // 2
         for name, kwargs in (("greedy", greedy), ("hf", penalty)):
             actual = model.generate(ids, **kwargs)
             assert torch.equal(actual, expected[name]), f"compile={compile} {name}: {actual} != {expected[name]}"
@@ -60,8 +61,9 @@ def check_tokens(path: str, rank: int) -> None:
             dist.all_gather(gathered, sampled)
             assert torch.equal(gathered[0], gathered[1]), f"ranks sampled different tokens in the {loop} loop"
         if compile:
-            assert not acc.runner.fast_steps.eager_keys and not acc.runner.decode_steps.eager_keys, "a step fell back to eager"
-            assert len(acc.runner.fast_steps) == 2 and len(acc.runner.decode_steps) == 1
+            runner = acc.runner
+            assert not runner.fast_steps.eager_keys and not runner.decode_steps.eager_keys, "a step fell back to eager"
+            assert len(runner.fast_steps) == 2 and len(runner.decode_steps) == 1
             assert not counters["graph_break"], dict(counters["graph_break"])
 
 
