@@ -22,6 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from .compat import CACHE_ARG
+from .loading import is_main_process, load_model
 
 CONTENDERS = ("hf_eager", "hf_static_compile", "qwen3_accel")
 # Requests that run HF's generation loop (not the fast loop), measured at batch 1 for hf_eager and qwen3_accel:
@@ -47,6 +48,10 @@ class BenchConfig:
     decode_linear: tuple[str, ...] = ()  # other `decode_linear` modes, each as `qwen3_accel_decode_linear_<mode>`
     requests: tuple[str, ...] = ()  # from REQUESTS: HF-loop requests timed for hf_eager and qwen3_accel
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def max_cache_len(self) -> int:
+        """The cache length every timed request fits in: the longest prompt, then 1 + decode_tokens new tokens."""
+        return max(*self.prompt_lengths, self.decode_prompt_length) + 1 + self.decode_tokens
 
 
 class Timer:
@@ -88,7 +93,7 @@ def decode_bytes_per_step(model: torch.nn.Module, batch: int, context: int) -> i
     experts the batch can be expected to touch) + the valid KV cache. Under tensor parallelism: per rank (its
     shards, the replicated weights, its KV heads)."""
     from .parallel import local
-    from .patches.qwen3 import model_shape
+    from .weights import model_shape
 
     config = model.config
     embed = local(model.get_input_embeddings().weight)
@@ -209,8 +214,8 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
         if contender == "hf_static_compile":
             from transformers import StaticCache
 
-            max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
-            cache = static_caches.setdefault(ids.shape[0], StaticCache(config=model.config, max_cache_len=max_len))
+            cache = static_caches.setdefault(
+                ids.shape[0], StaticCache(config=model.config, max_cache_len=cfg.max_cache_len()))
         return _generate_fn(model, ids, new_tokens, cache)
 
     if device.type == "cuda":
@@ -273,50 +278,6 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun job, or a plain process: the one that prints and writes."""
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype):
-    """A named shape from `qwen3_accel.configs` (random weights) or a checkpoint path / hub id.
-
-    Under `torchrun` (WORLD_SIZE > 1) the model is sharded over the ranks by transformers' tensor-parallel plan;
-    a named shape is first written once, by rank 0, to a temporary folder of this machine (one node only).
-    """
-    from .configs import MODEL_NAMES, build_model
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _load_sharded(name_or_path, device, dtype)
-    if name_or_path in MODEL_NAMES:
-        return build_model(name_or_path, device=device, dtype=dtype)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, device_map=str(device)).eval()
-
-
-def _load_sharded(name_or_path: str, device: torch.device, dtype: torch.dtype):
-    import hashlib
-    import tempfile
-
-    from .configs import MODEL_NAMES, build_model, get_config
-    from .parallel import load_tensor_parallel
-
-    dist = torch.distributed
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if name_or_path in MODEL_NAMES:
-        shape = hashlib.sha256(get_config(name_or_path).to_json_string().encode()).hexdigest()[:12]
-        folder = os.path.join(tempfile.gettempdir(), f"qwen3_accel-{name_or_path}-{str(dtype).split('.')[-1]}-{shape}")
-        if dist.get_rank() == 0 and not os.path.exists(os.path.join(folder, "config.json")):
-            build_model(name_or_path, dtype=dtype).save_pretrained(folder)
-        dist.barrier()
-        name_or_path = folder
-    return load_tensor_parallel(name_or_path, dtype=dtype).eval()
-
-
 def _free_memory(device: torch.device) -> None:
     import gc
 
@@ -358,7 +319,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     request_contenders = [c for c in ("hf_eager", "qwen3_accel") if c in cfg.contenders] if cfg.requests else []
     steps += len(request_contenders) * len(cfg.requests)
     context = cfg.decode_prompt_length + cfg.decode_tokens // 2
-    max_len = max(*cfg.prompt_lengths, cfg.decode_prompt_length) + 1 + cfg.decode_tokens
+    max_len = cfg.max_cache_len()
     step_bytes = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
     with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case", disable=not is_main_process()) as progress:
         # qwen3_accel patches the model in place, so it runs last; the HF contenders share its weights.

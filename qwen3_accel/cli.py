@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .bench import CONTENDERS, REQUESTS, BenchConfig
+from .custom_ops import KERNEL_MODES
 from .eval import Thresholds
 from .quantize import WEIGHT_FORMATS
 
@@ -31,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_device: str) -> None:
                    help=f"a shape from qwen3_accel.configs, built with random weights offline ({', '.join(MODEL_NAMES)}), "
                         "or a local checkpoint path / hub id (default: %(default)s)")
     _add_device_args(p, default_device)
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+    p.add_argument("--kernels", default="auto", choices=KERNEL_MODES,
                    help="qwen3_accel kernels: auto = Triton on CUDA, torch on CPU (default: %(default)s)")
 
 
@@ -52,7 +53,7 @@ WEIGHTS_HELP = ("int8 (per output row), int4 (asymmetric, groups of 128) or fp8 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .patches.qwen3 import DECODE_LINEAR_MODES
+    from .decoder import DECODE_LINEAR_MODES
 
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(prog="qwen3-accel", description=__doc__)
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and rank 0 prints and writes (bytes and roofline per GPU).",
     )
     _add_model_args(bench, default_device)
-    bench.add_argument("--contenders", default=",".join(CONTENDERS),
-                       help="comma-separated subset of %(default)s")
+    bench.add_argument("--contenders", type=_comma_list("contenders", CONTENDERS), default=CONTENDERS,
+                       help=f"comma-separated subset of {','.join(CONTENDERS)} (default: all)")
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32),
                        help="decode batch sizes, comma-separated (default: 1,8,32)")
     bench.add_argument("--prompt-lengths", type=_int_list, default=(128, 512, 2048),
@@ -164,15 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args) -> None:
-    from .bench import format_table, is_main_process, run_bench, write_report
+    from .bench import format_table, run_bench, write_report
+    from .loading import is_main_process
 
-    contenders = tuple(c for c in args.contenders.split(",") if c)
-    unknown = set(contenders) - set(CONTENDERS)
-    if unknown:
-        raise SystemExit(f"unknown contenders {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
     cfg = BenchConfig(
-        model=args.model, device=args.device, dtype=args.dtype, contenders=contenders, batch_sizes=args.batch_sizes,
-        prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
+        model=args.model, device=args.device, dtype=args.dtype, contenders=args.contenders,
+        batch_sizes=args.batch_sizes, prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
         decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels, weights=args.weights,
         decode_linear=args.decode_linear, requests=args.requests,
     )
@@ -197,8 +195,8 @@ def _eval(args) -> None:
     import os
 
     from . import eval as parity_eval
-    from .bench import load_model
     from .configs import MODEL_NAMES
+    from .loading import load_model
 
     try:
         parity_eval.require_lm_eval()
@@ -240,8 +238,8 @@ def _eval(args) -> None:
 def _generate(args) -> None:
     import qwen3_accel
 
-    from .bench import is_main_process, load_model
     from .configs import MODEL_NAMES
+    from .loading import is_main_process, load_model
 
     model = load_model(args.model, torch.device(args.device), getattr(torch, args.dtype))
     qwen3_accel.optimize(model, kernels=args.kernels, compile=not args.no_compile, weights=args.weights)

@@ -151,3 +151,17 @@ def test_bench_times_hf_loop_requests(tmp_path):
     assert "beam4 (HF loop), batch 1" in table and "HF-loop requests: beam4" in table
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--requests", "beam9"])
+
+
+def test_bench_options_name_their_choices(capsys):
+    """--contenders and --kernels take only known values, and the error names the allowed ones."""
+    args = build_parser().parse_args(["bench", "--contenders", "hf_eager,qwen3_accel", "--kernels", "torch"])
+    assert args.contenders == ("hf_eager", "qwen3_accel") and args.kernels == "torch"
+    assert build_parser().parse_args(["bench"]).contenders == ("hf_eager", "hf_static_compile", "qwen3_accel")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--contenders", "hf_eager,vllm"])
+    error = capsys.readouterr().err
+    assert "unknown contenders ['vllm']; choose from ('hf_eager', 'hf_static_compile', 'qwen3_accel')" in error
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--kernels", "cuda"])
+    assert "choose from 'auto', 'triton', 'torch'" in capsys.readouterr().err
