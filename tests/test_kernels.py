@@ -114,7 +114,7 @@ def test_qk_norm_rope_store_kv_matches_reference(dtype, n_tokens, n_q, n_kv, hea
 def test_qk_norm_rope_reference_is_hf():
     """The reference equals HF's q_norm/k_norm followed by `apply_rotary_pos_emb` with HF's rotary module."""
     from qwen3_accel.configs import build_model
-    from qwen3_accel.patches.qwen3 import rope_table
+    from qwen3_accel.decoder import rope_table
 
     model = build_model("tiny")
     attn = model.model.layers[0].self_attn
