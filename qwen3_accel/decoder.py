@@ -7,9 +7,10 @@
                             SiLU·mul and residual add folded into one (7 launches per dense layer instead of 10)
   decode_logits             final RMSNorm + LM head in one launch, after fused decode layers
 
-Attention is one of three strategies, chosen by the caller (runner.py): `PrefillAttention` (no cache, or HF's
-DynamicCache through its `update`), `StaticPrefillAttention` (a prompt into our cache) and `DecodeAttention` (one
-token per row over our cache; the QK-norm + RoPE kernel writes the keys and values into it itself).
+Attention is one of four strategies, chosen by the caller (runner.py): `PrefillAttention` (no cache, or HF's
+DynamicCache through its `update`), `StaticPrefillAttention` (a prompt into our cache), `DecodeAttention` (one
+token per row over our cache; the QK-norm + RoPE kernel writes the keys and values into it itself) and
+`PagedAttention` (a packed step of the continuous-batching engine over its paged cache).
 Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its slice: both outputs are partial
 sums, reduced over the ranks.
 """
@@ -21,6 +22,7 @@ from transformers import DynamicCache
 from .cache import PrefillSpan, Qwen3StaticCache
 from .custom_ops import Kernels
 from .custom_ops.attention import prefill_attention
+from .custom_ops.paged_attention import gather_paged
 from .custom_ops.linear import DECODE_LINEAR_DENSE_MAX_HIDDEN, DECODE_LINEAR_MAX_ROWS
 from .parallel import SingleDevice
 from .weights import DecoderWeights, DenseMlpWeights, LayerWeights, Linear, MoeMlpWeights, Norm
@@ -108,7 +110,34 @@ class DecodeAttention:
         return out.reshape(q.shape[0], 1, -1)
 
 
-Attention = PrefillAttention | StaticPrefillAttention | DecodeAttention
+class PagedAttention:
+    """A packed step of the continuous-batching engine over its paged cache: `tokens` [1, T] hold first one token
+    per decoding sequence, then prompt chunks. Every token's key and value go to its slot (`paged_store_kv`); the
+    decode tokens attend through `paged_decode_attention`, each prompt chunk over its sequence's keys so far
+    (gathered from its blocks, causal)."""
+
+    writes_cache = False
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], batch, scale: float):
+        self.keys, self.values, self.batch, self.scale = keys, values, batch, scale
+
+    def __call__(self, layer: int, q, k, v) -> torch.Tensor:  # q [1, T, Hq, D], k/v [1, T, Hkv, D]
+        batch, keys, values = self.batch, self.keys[layer], self.values[layer]
+        ops = torch.ops.qwen3_accel
+        ops.paged_store_kv(k[0], v[0], keys, values, batch.slot_mapping)
+        n_decode = batch.decode_seq_lens.shape[0]
+        parts = []
+        if n_decode:
+            parts.append(ops.paged_decode_attention(q[0, :n_decode], keys, values, batch.decode_tables,
+                                                    batch.decode_seq_lens, self.scale).flatten(1))
+        for chunk_start, chunk_end, table, context in batch.prefill_chunks:
+            seq_keys = gather_paged(keys, table[None])[:, :context]
+            seq_values = gather_paged(values, table[None])[:, :context]
+            parts.append(prefill_attention(q[:, chunk_start:chunk_end], seq_keys, seq_values, None, self.scale)[0])
+        return torch.cat(parts)[None]
+
+
+Attention = PrefillAttention | StaticPrefillAttention | DecodeAttention | PagedAttention
 
 
 def rope_table(model: torch.nn.Module, max_positions: int) -> torch.Tensor:

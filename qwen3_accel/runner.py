@@ -164,3 +164,15 @@ class ModelRunner:
         state.positions.add_(1)
         state.unfinished.copy_(still)
         state.step.add_(1)
+
+    def paged_step(self, keys: list[torch.Tensor], values: list[torch.Tensor], batch) -> torch.Tensor:
+        """One packed step of the continuous-batching engine (serving/engine.py) over its paged cache: the logits
+        [N, V] at `batch.logit_index` (the last token of each sequence that samples)."""
+        embeds = self.embed(batch.tokens)[None]  # [1, T, H]
+        attention = decoder.PagedAttention(keys, values, batch, self.scale)
+        fused = decoder.fuses_decode_linears(self.weights, self.hidden_size, batch.tokens.shape[0], self.tp,
+                                             self.decode_linear_mode)
+        hidden = decoder.forward_hidden(self.kernels, self.weights, self.cos_sin, embeds, batch.positions[None],
+                                        attention, self.tp, fused)
+        return self.logits(hidden[0, batch.logit_index])
+

@@ -55,7 +55,7 @@ def main() -> None:
         acc.options = replace(acc.options, fast_generate=fast)  # no eos: both run exactly n steps
         results[name] = per_step_seconds(generate(1 + 8), generate(1 + 8 + args.tokens), args.tokens)
 
-    cache = acc.cache_for(1, 64)
+    cache = acc.runner.cache_for(1, 64)
     with torch.no_grad():
         model(ids, cache=cache)
         step_inputs = (model.model.embed_tokens(ids[:, -1:]), torch.full((1, 1), 16, device=args.device),
@@ -63,10 +63,10 @@ def main() -> None:
 
         def bare(n):
             def run():
-                key = ("decode", 1, cache.max_batch_size, cache.max_cache_len)  # the key `_decode` uses
+                key = ("decode", 1, cache.max_batch_size, cache.max_cache_len)  # the key `ModelRunner.decode` uses
                 for _ in range(n):
-                    acc.decode_steps(key, *step_inputs, cache.keys, cache.values, cache.kv_valid, cache.seq_start,
-                                     cache.write_pos)
+                    acc.runner.decode_steps(key, *step_inputs, cache.keys, cache.values, cache.kv_valid,
+                                            cache.seq_start, cache.write_pos)
                     cache.write_pos.fill_(16)
             return run
 

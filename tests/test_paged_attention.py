@@ -61,7 +61,8 @@ def test_paged_decode_attention_equals_the_static_cache_kernel_with_many_splits(
 def test_paged_store_kv_writes_exactly_the_mapped_slots(impl):
     key_cache = torch.zeros(5, 16, 2, 64)
     value_cache = torch.zeros(5, 16, 2, 64)
-    k, v = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    k = torch.randn(4, 2, 64)
+    v = torch.randn(4, 6, 64)[:, 4:]  # a strided view, as v is of the fused qkv projection
     slots = torch.tensor([17, -1, 79, 0])  # block 1 slot 1, a skipped padding token, block 4 slot 15, block 0 slot 0
     store = getattr(paged_attention, f"paged_store_kv_{impl}")
     store(k, v, key_cache, value_cache, slots)

@@ -19,22 +19,21 @@ from .attention import _decode_combine_kernel, _num_sms, num_kv_splits
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, token_stride, head_stride,
-                     cache_slot_stride, cache_head_stride, HEAD_DIM: tl.constexpr):
+def _store_kv_kernel(k_ptr, v_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, k_token_stride, k_head_stride,
+                     v_token_stride, v_head_stride, cache_slot_stride, cache_head_stride, HEAD_DIM: tl.constexpr):
     # k, v: [T, Hkv, D] -> the caches viewed as [num_blocks * block_size, Hkv, D] at slot_mapping[t]. Grid: (T, Hkv).
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
         d = tl.arange(0, HEAD_DIM)
-        src = token * token_stride + head * head_stride + d
         dst = slot * cache_slot_stride + head * cache_head_stride + d
-        tl.store(key_cache_ptr + dst, tl.load(k_ptr + src))
-        tl.store(value_cache_ptr + dst, tl.load(v_ptr + src))
+        tl.store(key_cache_ptr + dst, tl.load(k_ptr + token * k_token_stride + head * k_head_stride + d))
+        tl.store(value_cache_ptr + dst, tl.load(v_ptr + token * v_token_stride + head * v_head_stride + d))
 
 
 def _check_store(k, v, key_cache, value_cache, slot_mapping) -> None:
-    assert k.shape == v.shape and k.stride() == v.stride() and k.stride(-1) == 1, "k and v: one [T, Hkv, D] layout"
+    assert k.shape == v.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k and v: [T, Hkv, D] (any row strides)"
     assert key_cache.shape == value_cache.shape and key_cache.stride() == value_cache.stride()
     assert key_cache.is_contiguous(), "paged caches are contiguous [num_blocks, block_size, Hkv, D]"
     assert key_cache.shape[2:] == k.shape[1:] and key_cache.dtype == k.dtype
@@ -48,7 +47,7 @@ def paged_store_kv_triton(k, v, key_cache, value_cache, slot_mapping) -> None:
     if tokens == 0:
         return
     _store_kv_kernel[(tokens, kv_heads)](
-        k, v, key_cache, value_cache, slot_mapping, k.stride(0), k.stride(1),
+        k, v, key_cache, value_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(1), key_cache.stride(2), HEAD_DIM=head_dim,
     )
 

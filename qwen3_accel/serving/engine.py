@@ -1,0 +1,186 @@
+"""Continuous batching on an optimized model's kernels: a paged KV cache, the scheduler, one packed step at a time.
+
+    engine = Engine(qwen3_accel.optimize(model), num_blocks=512)
+    outputs = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)   # or add_request() + step()
+
+Each `step()` asks the scheduler for its chunks (a token per decoding sequence, then prompt chunks), packs them
+into one token row with their positions, cache slots and block tables, runs the model once over it
+(`ModelRunner.paged_step`: our kernels, `decoder.PagedAttention`), and picks a token for every sequence whose chunk
+ended at its last token. Requests join and leave between any two steps.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..fast_generate import select_tokens
+from ..graphs import outside_inference_mode
+from .blocks import BlockManager
+from .scheduler import Chunk, SamplingParams, Scheduler, Sequence, Status
+
+DEFAULT_CPU_BLOCKS = 1024  # without a device to measure, a pool of 1024 blocks (16k tokens at 16 per block)
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """One step's packed inputs. Tokens [T]: one per decoding sequence first, then the prompt chunks in order."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each token
+    decode_tables: torch.Tensor  # [D, max_blocks] int32, the decoding sequences' block tables
+    decode_seq_lens: torch.Tensor  # [D] int32, their lengths with the new token
+    prefill_chunks: list[tuple[int, int, torch.Tensor, int]]  # (start, end) in `tokens`, block table, context
+    logit_index: torch.Tensor  # [N] int64: where in `tokens` each sampling sequence's last token is
+
+
+class PagedKVCache:
+    """Per layer keys and values [num_blocks, block_size, kv_heads, head_dim] in the model dtype."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        with outside_inference_mode():
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+def blocks_for_memory(bytes_per_block: int, device: torch.device, fraction: float) -> int:
+    """How many blocks `fraction` of the device's free memory holds (a fixed default on the CPU)."""
+    if device.type != "cuda":
+        return DEFAULT_CPU_BLOCKS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(free * fraction) // bytes_per_block)
+
+
+class Engine:
+    """Serves many requests at once on one optimized model (see the module docstring).
+
+    num_blocks: KV blocks in the pool (default: `kv_memory_fraction` of the free device memory; on the CPU 1024);
+    block_size: token slots per block; max_batch_tokens: tokens one step computes at most (decodes + prompt
+    chunks); max_batch_size: sequences running at once.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
+                 max_batch_tokens: int = 256, max_batch_size: int = 64, kv_memory_fraction: float = 0.5):
+        acc = getattr(model, "qwen3_accel", None)
+        if acc is None:
+            raise TypeError("Engine serves a model optimized by qwen3_accel.optimize(model) first")
+        acc._ensure_ready()
+        self.model, self.acc, self.runner = model, acc, acc.runner
+        if acc.tp.world_size > 1:
+            raise ValueError("the continuous-batching engine runs on one device in this version")
+        shape, dtype = self.runner.weights.shape, model.lm_head.weight.dtype
+        bytes_per_block = 2 * shape.num_layers * block_size * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+        num_blocks = num_blocks or blocks_for_memory(bytes_per_block, self.runner.device, kv_memory_fraction)
+        self.cache = PagedKVCache(shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim, dtype,
+                                  self.runner.device)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_batch_size)
+        self.max_positions = model.config.max_position_embeddings
+        self.requests: dict[str, Sequence] = {}
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
+                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    request_id: str | None = None) -> Sequence:
+        """Queue a request; it joins the running batch at the next step with room for it."""
+        if request_id is not None and request_id in self.requests and not self.requests[request_id].finished:
+            raise ValueError(f"request {request_id!r} is already running")
+        if len(prompt) + max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt + new tokens = {len(prompt) + max_new_tokens} exceeds the model's "
+                             f"{self.max_positions} positions")
+        eos = () if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, int) else eos_token_id
+        params = SamplingParams(max_new_tokens, frozenset(eos), do_sample, temperature, top_k, top_p)
+        seq = self.scheduler.add(prompt, params, request_id)
+        self.requests[seq.request_id] = seq
+        return seq
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (e.g. its client went away); its blocks are free for the others at once."""
+        self.scheduler.cancel(self.requests[request_id])
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **settings) -> list[list[int]]:
+        """Every prompt's generated tokens (eos included, as HF returns them), in order; a request that failed
+        raises after the others finished."""
+        seqs = [self.add_request(prompt, max_new_tokens, **settings) for prompt in prompts]
+        while self.has_work():
+            self.step()
+        failed = [seq for seq in seqs if seq.status is Status.FAILED]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(seqs)} requests failed: {failed[0].error}")
+        return [seq.generated for seq in seqs]
+
+    # ---------------------------------------------------------------------------------------------- step
+    def step(self) -> list[Sequence]:
+        """Run one scheduled step; returns the sequences that got a token in it (a request the scheduler failed,
+        e.g. one too long for the whole pool, has status FAILED and its error)."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        with self.acc._lock, torch.no_grad():
+            self.acc.check_weights_shared()
+            batch = self._pack(chunks)
+            logits = self.runner.paged_step(self.cache.keys, self.cache.values, batch)
+        self.scheduler.completed(chunks)
+        sampling = [chunk.sequence for chunk in chunks if chunk.samples]
+        next_tokens = self._pick(logits.float(), sampling)
+        for seq, token in zip(sampling, next_tokens):
+            seq.generated.append(token)
+            params = seq.params
+            if token in params.eos_ids or len(seq.generated) >= params.max_new_tokens:
+                self.scheduler.finish(seq)
+        return sampling
+
+    def _pack(self, chunks: list[Chunk]) -> PagedBatch:
+        device = self.runner.device
+        blocks = self.block_manager
+        # One-token chunks (decodes, and a prompt's last token after a shared prefix) attend through the paged
+        # decode kernel over their sequence's first `end` tokens; longer chunks as prompts.
+        decodes = [c for c in chunks if c.end - c.start == 1]
+        prefills = [c for c in chunks if c.end - c.start > 1]
+        tokens, positions, slots, last = [], [], [], {}
+        for chunk in decodes + prefills:
+            seq = chunk.sequence
+            all_tokens = seq.tokens
+            for position in range(chunk.start, chunk.end):
+                tokens.append(all_tokens[position])
+                positions.append(position)
+                slots.append(blocks.slot(seq.blocks, position))
+            last[id(chunk)] = len(tokens) - 1
+        logit_index = [last[id(c)] for c in chunks if c.samples]  # in the scheduler's order, as `step` reads them
+        max_blocks = max((len(c.sequence.blocks.table) for c in decodes), default=1)
+        tables = torch.zeros((len(decodes), max_blocks), dtype=torch.int32)
+        for row, chunk in enumerate(decodes):
+            table = chunk.sequence.blocks.table
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        prefill_chunks, offset = [], len(decodes)
+        for chunk in prefills:
+            n = chunk.end - chunk.start
+            table = torch.tensor(chunk.sequence.blocks.table, dtype=torch.int32, device=device)
+            prefill_chunks.append((offset, offset + n, table, chunk.end))
+            offset += n
+        as_long = dict(dtype=torch.long, device=device)
+        return PagedBatch(
+            torch.tensor(tokens, **as_long), torch.tensor(positions, **as_long), torch.tensor(slots, **as_long),
+            tables.to(device), torch.tensor([c.end for c in decodes], dtype=torch.int32, device=device),
+            prefill_chunks, torch.tensor(logit_index, **as_long),
+        )
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """The next token of each sampling sequence: greedy rows by one argmax, sampled rows with their own
+        temperature / top-k / top-p (HF's warpers, as the fast loop applies them)."""
+        if not seqs:
+            return []
+        tokens = logits.argmax(dim=-1)
+        device = logits.device
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.do_sample:
+                settings = (torch.tensor([p.temperature], device=device), torch.tensor([p.top_k], device=device),
+                            torch.tensor([p.top_p], device=device))
+                tokens[row] = select_tokens(logits[row : row + 1], True, *settings)[0]
+        return tokens.tolist()
