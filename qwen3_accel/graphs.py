@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from .custom_ops.fallback import STRICT_ENV
+
 logger = logging.getLogger(__name__)
 
-# Set to 1 (the test suite does) to make any compile or replay failure raise instead of running the key eagerly:
-# a test of the compiled path must not pass on the eager fallback.
-STRICT_ENV = "QWEN3_ACCEL_STRICT_COMPILE"
+# STRICT_ENV=1 (the test suite sets it) makes any compile or replay failure raise instead of running the key
+# eagerly: a test of the compiled path must not pass on the eager fallback. Kernels Triton cannot build follow it too.
 
 
 def strict() -> bool:

@@ -1,0 +1,105 @@
+"""The continuous-batching engine (serving/): many requests at once on our kernels give HF's greedy tokens for each,
+whatever the batching, chunking, prefix sharing and preemption did."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import model_pair
+from qwen3_accel.serving.engine import Engine
+from qwen3_accel.serving.scheduler import Status
+
+
+def hf_tokens(reference, prompt, max_new_tokens, eos_token_id=None):
+    ids = torch.tensor([prompt])
+    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, eos_token_id=eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-moe"])
+def pair(request):
+    return model_pair(request.param, compile=False)
+
+
+def test_many_prompts_with_preemption_equal_hf(pair):
+    """36 prompts of 1-300 tokens (a shared system prompt in some) through a pool too small for all of them:
+    prompts are chunked, blocks shared, sequences preempted and recomputed; every output is HF's."""
+    reference, optimized = pair
+    rng = random.Random(0)
+    system = [rng.randrange(3, 500) for _ in range(40)]
+    prompts = [([] if i % 3 else system) + [rng.randrange(3, 500) for _ in range(rng.randint(1, 260))]
+               for i in range(36)]
+    prompts[0] = [7]  # one token
+    engine = Engine(optimized, num_blocks=32, block_size=16, max_batch_tokens=128, max_batch_size=16)
+    outputs = engine.generate(prompts, max_new_tokens=16)
+    assert outputs == [hf_tokens(reference, p, 16) for p in prompts]
+    seqs = list(engine.requests.values())
+    assert sum(s.preemptions for s in seqs) > 0, "the pool was meant to be too small to run every request at once"
+    assert engine.block_manager.num_free == 32  # every block back
+
+
+def test_eos_stops_a_request_where_hf_stops(pair):
+    reference, optimized = pair
+    prompt = [5, 9, 13, 2, 77]
+    free_run = hf_tokens(reference, prompt, 12)
+    eos = free_run[4]
+    expected = hf_tokens(reference, prompt, 12, eos_token_id=eos)
+    engine = Engine(optimized, num_blocks=16, block_size=16)
+    (out,) = engine.generate([prompt], max_new_tokens=12, eos_token_id=eos)
+    assert out == expected and out[-1] == eos
+
+
+def test_a_request_too_long_for_the_pool_fails_alone(pair):
+    reference, optimized = pair
+    engine = Engine(optimized, num_blocks=4, block_size=16, max_batch_tokens=64)  # 64 slots in all
+    short = engine.add_request([3, 4, 5], max_new_tokens=4)
+    long = engine.add_request(list(range(3, 83)), max_new_tokens=4)  # 80 prompt tokens: never fits
+    while engine.has_work():
+        engine.step()
+    assert long.status is Status.FAILED and "more than the whole pool" in long.error
+    assert short.status is Status.FINISHED and short.generated == hf_tokens(reference, [3, 4, 5], 4)
+    with pytest.raises(RuntimeError, match="1 of 2 requests failed"):
+        engine.generate([[3, 4], list(range(3, 83))], max_new_tokens=2)
+
+
+def test_random_stream_of_adds_cancels_and_steps(pair):
+    """Requests join and leave (cancelled mid-prompt or mid-decode) between steps; the ones that finish have HF's
+    tokens, cancelled ones free their blocks, and the pool ends empty."""
+    reference, optimized = pair
+    rng = random.Random(1)
+    engine = Engine(optimized, num_blocks=20, block_size=16, max_batch_tokens=48, max_batch_size=6)
+    live, done = [], []
+    for step in range(120):
+        if rng.random() < 0.3:
+            prompt = [rng.randrange(3, 500) for _ in range(rng.randint(1, 90))]
+            live.append((engine.add_request(prompt, max_new_tokens=rng.randint(1, 8)), prompt))
+        if live and rng.random() < 0.08:
+            seq, _ = live.pop(rng.randrange(len(live)))
+            engine.cancel(seq.request_id)
+            assert seq.status is Status.FAILED and seq.blocks is None
+        engine.step()
+        done += [(s, p) for s, p in live if s.finished]
+        live = [(s, p) for s, p in live if not s.finished]
+    while engine.has_work():
+        engine.step()
+    done += live
+    assert len(done) > 10
+    for seq, prompt in done:
+        assert seq.status is Status.FINISHED
+        assert seq.generated == hf_tokens(reference, prompt, seq.params.max_new_tokens)
+    assert engine.block_manager.num_free == 20
+
+
+def test_bad_requests_are_clear_errors(pair):
+    _, optimized = pair
+    engine = Engine(optimized, num_blocks=4)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        engine.add_request([], max_new_tokens=3)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add_request([1], max_new_tokens=0)
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        engine.add_request([1] * 10, max_new_tokens=optimized.config.max_position_embeddings)
+    with pytest.raises(TypeError, match="optimize"):
+        Engine(torch.nn.Linear(2, 2))
