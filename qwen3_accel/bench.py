@@ -1,19 +1,24 @@
 """End-to-end benchmark: HF eager, HF's static-cache + compile recipe, and qwen3_accel, in one process.
 
-Every contender generates from the same random prompts with the same weights. Decode speed is
-isolated from prefill by timing `generate` with 1 and with 1 + N new tokens and dividing the
-difference; prefill latency is the time to the first token. The copy bandwidth measured in the same
-run gives the roofline: bytes a decode step must read (weights, plus the valid KV cache) over it.
-On CUDA the profiler also counts the GPU operations (kernels, copies) one decode step launches.
+Every contender generates from the same random prompts with the same weights (the HF contenders run HF's own
+forward and generate on the optimized model's weights, inside `Qwen3Accelerator.disabled()`). They are timed
+interleaved, round by round (timing.py), so that load from other processes falls on all of them alike, and every
+figure carries its spread over the rounds. Decode speed is isolated from prefill by timing `generate` with 1 and
+with 1 + N new tokens in the same round and dividing the difference; an estimate still within the timer's noise
+after extra rounds is reported as unreliable, in words. Prefill latency is one forward; time to first token a
+whole `generate` of one token. The copy bandwidth measured in the same run gives the roofline: bytes a decode
+step must read (weights, plus the valid KV cache) over it. On CUDA the profiler also counts the GPU operations
+(kernels, copies) one decode step launches. qwen3_accel variants (quantized weights, other decode_linear modes)
+need their own copy of the weights, so each is timed after the base contenders, against qwen3_accel's figures.
 """
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +28,8 @@ from tqdm.auto import tqdm
 
 from .compat import CACHE_ARG
 from .loading import is_main_process, load_model
+from .timing import (DecodeEstimate, Spread, Timer, decode_rounds, interleaved, looked_busy, machine_noise,
+                     paired_ratio)
 
 CONTENDERS = ("hf_eager", "hf_static_compile", "qwen3_accel")
 # Requests that run HF's generation loop (not the fast loop), measured at batch 1 for hf_eager and qwen3_accel:
@@ -42,7 +49,7 @@ class BenchConfig:
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     decode_prompt_length: int = 128
     decode_tokens: int = 64
-    repeats: int = 3
+    repeats: int = 5  # rounds per figure (decode: up to 3x as many when the first ones are within the noise)
     kernels: str = "auto"
     weights: tuple[str, ...] = ()  # quantized formats measured after the others, each as `qwen3_accel_<format>`
     decode_linear: tuple[str, ...] = ()  # other `decode_linear` modes, each as `qwen3_accel_decode_linear_<mode>`
@@ -52,26 +59,6 @@ class BenchConfig:
     def max_cache_len(self) -> int:
         """The cache length every timed request fits in: the longest prompt, then 1 + decode_tokens new tokens."""
         return max(*self.prompt_lengths, self.decode_prompt_length) + 1 + self.decode_tokens
-
-
-class Timer:
-    """Wall time of a callable: CUDA events around it on a GPU, perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / 1e3
 
 
 def median_time(timer: Timer, fn: Callable[[], Any], repeats: int) -> float:
@@ -138,16 +125,6 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None,
     return run
 
 
-def decode_seconds(timer: Timer, first: Callable[[], Any], full: Callable[[], Any], repeats: int, what: str) -> float:
-    """Time of the decode steps alone: `full` (1 + N new tokens) minus `first` (1 new token), medians of `repeats`;
-    NaN, with a warning naming `what`, when the difference is lost in timing noise."""
-    seconds = median_time(timer, full, repeats) - median_time(timer, first, repeats)
-    if seconds <= 0:
-        warnings.warn(f"{what}: decode time lost in timing noise; raise --decode-tokens")
-        return float("nan")
-    return seconds
-
-
 def request_kwargs(name: str, model) -> dict[str, Any]:
     """The generate() arguments of a named HF-loop request (see REQUESTS)."""
     if name == "beam4":
@@ -159,23 +136,49 @@ def request_kwargs(name: str, model) -> dict[str, Any]:
     raise ValueError(f"unknown request {name!r}; choose from {REQUESTS}")
 
 
-def bench_requests(model, cfg: BenchConfig, progress: tqdm) -> dict[str, dict[str, float]]:
-    """Decode tokens/s of each HF-loop request at batch 1: as for plain decode, `generate` with 1 + N new tokens
-    minus `generate` with 1, over N."""
-    device = model.device
-    timer = Timer(device)
-    ids = _prompts(1, cfg.decode_prompt_length, model.config.vocab_size, device)
-    results = {}
-    for name in cfg.requests:
-        progress.set_postfix_str(f"request {name}")
-        extra = request_kwargs(name, model)
-        first, full = (_generate_fn(model, ids, n, extra=extra) for n in (1, 1 + cfg.decode_tokens))
-        full()  # warm-up
-        seconds = decode_seconds(timer, first, full, cfg.repeats, f"request {name}")
-        results[name] = {"decode_tok_s": cfg.decode_tokens / seconds,
-                         "decode_step_ms": 1e3 * seconds / cfg.decode_tokens}
-        progress.update(1)
-    return results
+def _decode_figures(estimate: DecodeEstimate, batch: int, steps: int) -> dict[str, Any]:
+    """The report's decode entries for one contender and case: tok/s (median; None when no round measured any),
+    its spread, ms per step, and whether it stood above the noise (with the reason when not)."""
+    spread = estimate.spread
+    figures = {"decode_tok_s": None if spread is None else batch * steps / spread.median,
+               "decode_tok_s_spread": None if spread is None else spread.inverse(batch * steps).to_dict(),
+               "decode_step_ms": None if spread is None else 1e3 * spread.median / steps,
+               "decode_reliable": estimate.reliable}
+    if not estimate.reliable:
+        figures["decode_unreliable_reason"] = estimate.reason
+    return figures
+
+
+def bench_requests(model, names: list[str], contexts: dict[str, Callable], cfg: BenchConfig,
+                   progress: tqdm) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, DecodeEstimate]]]:
+    """Decode tokens/s of each HF-loop request at batch 1, the contenders interleaved: as for plain decode,
+    `generate` with 1 + N new tokens minus `generate` with 1, over N."""
+    timer = Timer(model.device)
+    ids = _prompts(1, cfg.decode_prompt_length, model.config.vocab_size, model.device)
+    results: dict[str, dict] = {name: {} for name in names}
+    estimates: dict[str, dict[str, DecodeEstimate]] = {name: {} for name in names}
+    for request in cfg.requests:
+        progress.set_postfix_str(f"request {request}")
+        extra = request_kwargs(request, model)
+        pairs = {name: tuple(_in(contexts[name], _generate_fn(model, ids, n, extra=extra))
+                             for n in (1, 1 + cfg.decode_tokens)) for name in names}
+        for name in names:
+            pairs[name][1]()  # warm-up
+        found, _ = decode_rounds(timer, pairs, cfg.repeats, 3 * cfg.repeats)
+        for name in names:
+            figures = _decode_figures(found[name], 1, cfg.decode_tokens)
+            results[name][request] = figures
+            estimates[name][request] = found[name]
+        progress.update(len(names))
+    return results, estimates
+
+
+def _in(context: Callable, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run inside `context()` (HF's own path on the optimized model for the HF contenders)."""
+    def run():
+        with context():
+            return fn()
+    return run
 
 
 def device_ops_per_step(first: Callable[[], Any], full: Callable[[], Any], steps: int,
@@ -196,8 +199,10 @@ def device_ops_per_step(first: Callable[[], Any], full: Callable[[], Any], steps
     return (count(full) - count(first)) / steps
 
 
-def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> dict[str, Any]:
-    """Prefill latency and time to first token by prompt length, decode tokens/s by batch size, for one contender.
+def measure(model, kinds: dict[str, str], contexts: dict[str, Callable], cfg: BenchConfig,
+            progress: tqdm) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, DecodeEstimate]]]:
+    """Prefill latency and time to first token by prompt length, decode tokens/s by batch size, for every contender
+    (name -> its kind in CONTENDERS), timed interleaved. Returns the figures and the decode estimates.
 
     Prefill is one forward over a batch-1 prompt (no cache, last-position logits); time to first token is a whole
     `generate` call with one new token (prefill, cache writes, token selection and HF's per-call set-up).
@@ -205,55 +210,73 @@ def bench_contender(model, contender: str, cfg: BenchConfig, progress: tqdm) -> 
     device = model.device
     timer = Timer(device)
     vocab = model.config.vocab_size
-    result: dict[str, Any] = {"prefill_s": {}, "ttft_s": {}, "decode_tok_s": {}, "decode_step_ms": {},
-                              "first_call_s": {}, "device_ops_per_step": {}}
-    static_caches: dict[int, Any] = {}
+    names = list(kinds)
+    results: dict[str, dict[str, Any]] = {
+        name: {"prefill_s": {}, "prefill_s_spread": {}, "ttft_s": {}, "ttft_s_spread": {}, "decode_tok_s": {},
+               "decode_tok_s_spread": {}, "decode_step_ms": {}, "decode_reliable": {}, "first_call_s": {},
+               "device_ops_per_step": {}} for name in names}
+    estimates: dict[str, dict[str, DecodeEstimate]] = {name: {} for name in names}
+    static_caches: dict[tuple[str, int], Any] = {}
 
-    def generate_fn(ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
+    def generate_fn(name: str, ids: torch.Tensor, new_tokens: int) -> Callable[[], Any]:
         cache = None
-        if contender == "hf_static_compile":
+        if kinds[name] == "hf_static_compile":
             from transformers import StaticCache
 
             cache = static_caches.setdefault(
-                ids.shape[0], StaticCache(config=model.config, max_cache_len=cfg.max_cache_len()))
-        return _generate_fn(model, ids, new_tokens, cache)
+                (name, ids.shape[0]), StaticCache(config=model.config, max_cache_len=cfg.max_cache_len()))
+        return _in(contexts[name], _generate_fn(model, ids, new_tokens, cache))
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    def record(key: str, length: str, times: dict[str, list[float]]) -> None:
+        for name, values in times.items():
+            spread = Spread.of(values)
+            results[name][key][length] = spread.median
+            results[name][f"{key}_spread"][length] = spread.to_dict()
+
     for length in cfg.prompt_lengths:
-        progress.set_postfix_str(f"{contender} prefill {length}")
+        progress.set_postfix_str(f"prefill {length}")
         ids = _prompts(1, length, vocab, device)
         with torch.no_grad():
-            def prefill():
-                return model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-            prefill()
-            result["prefill_s"][str(length)] = median_time(timer, prefill, cfg.repeats)
-        fn = generate_fn(ids, 1)
-        fn()
-        result["ttft_s"][str(length)] = median_time(timer, fn, cfg.repeats)
-        progress.update(1)
+            prefills = {name: _in(contexts[name], lambda ids=ids: model(input_ids=ids, use_cache=False,
+                                                                        logits_to_keep=1)) for name in names}
+            for fn in prefills.values():
+                fn()
+            record("prefill_s", str(length), interleaved(timer, prefills, cfg.repeats))
+        firsts = {name: generate_fn(name, ids, 1) for name in names}
+        for fn in firsts.values():
+            fn()
+        record("ttft_s", str(length), interleaved(timer, firsts, cfg.repeats))
+        progress.update(len(names))
     for batch in cfg.batch_sizes:
-        progress.set_postfix_str(f"{contender} decode batch {batch}")
+        progress.set_postfix_str(f"decode batch {batch}")
         ids = _prompts(batch, cfg.decode_prompt_length, vocab, device)
-        first = generate_fn(ids, 1)
-        full = generate_fn(ids, 1 + cfg.decode_tokens)
-        if contender == "hf_static_compile":
-            # A fresh compile per batch size, as for a user who serves one batch size: without it the second
-            # size recompiles with a dynamic batch dimension, slower to compile and to run.
+        if "hf_static_compile" in kinds.values():
+            # A fresh compile per batch size, as for a user who serves one batch size: without it the second size
+            # recompiles with a dynamic batch dimension, slower to compile and to run.
             torch._dynamo.reset()
-        start = time.perf_counter()
-        full()  # warm-up: compiles and records graphs for this shape
-        result["first_call_s"][str(batch)] = time.perf_counter() - start
-        full()
-        seconds = decode_seconds(timer, first, full, cfg.repeats, f"{contender}, batch {batch}")
-        result["decode_tok_s"][str(batch)] = batch * cfg.decode_tokens / seconds
-        result["decode_step_ms"][str(batch)] = 1e3 * seconds / cfg.decode_tokens
-        result["device_ops_per_step"][str(batch)] = device_ops_per_step(first, full, cfg.decode_tokens, device)
-        progress.update(1)
-    # Peak GPU memory while this contender ran (None on CPU, where it is not tracked).
-    result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return result
+        pairs = {name: (generate_fn(name, ids, 1), generate_fn(name, ids, 1 + cfg.decode_tokens)) for name in names}
+        for name, (_, full) in pairs.items():
+            start = time.perf_counter()
+            full()  # warm-up: compiles and records graphs for this shape
+            results[name]["first_call_s"][str(batch)] = time.perf_counter() - start
+            full()
+        found, _ = decode_rounds(timer, pairs, cfg.repeats, 3 * cfg.repeats)
+        for name in names:
+            estimates[name][str(batch)] = found[name]
+            for key, value in _decode_figures(found[name], batch, cfg.decode_tokens).items():
+                results[name].setdefault(key, {})[str(batch)] = value
+            first, full = pairs[name]
+            results[name]["device_ops_per_step"][str(batch)] = device_ops_per_step(first, full, cfg.decode_tokens,
+                                                                                    device)
+        progress.update(len(names))
+    for name in names:  # peak GPU memory of each contender's largest decode (None on CPU, where it is not tracked)
+        results[name]["peak_memory_gib"] = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            generate_fn(name, _prompts(max(cfg.batch_sizes), cfg.decode_prompt_length, vocab, device),
+                        1 + cfg.decode_tokens)()
+            results[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return results, estimates
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -297,6 +320,26 @@ def _projection_bytes(model: torch.nn.Module) -> dict[str, float]:
     return {"bytes": total, "bytes_per_weight": total / weights}
 
 
+def _ratios(ours: dict[str, DecodeEstimate], base: dict[str, DecodeEstimate], paired: bool) -> dict[str, Any]:
+    """Our decode rate over the base's per case: {case: {"median", "min", "max", "rounds", "paired"}} or
+    {case: {"unreliable": why}}. Paired: the two were timed side by side in every round (the ratio of each
+    round); else the ratio of medians, its range from the extreme rounds."""
+    out = {}
+    for case, estimate in ours.items():
+        other = base[case]
+        if not (estimate.reliable and other.reliable):
+            why = estimate.reason if not estimate.reliable else other.reason
+            out[case] = {"unreliable": why}
+            continue
+        if paired:
+            spread = paired_ratio(estimate, other)
+        else:
+            a, b = estimate.spread, other.spread
+            spread = Spread(b.median / a.median, b.low / a.high, b.high / a.low, min(a.rounds, b.rounds))
+        out[case] = {**spread.to_dict(), "paired": paired}
+    return out
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every contender on one model; returns the report (see `write_report`)."""
     import qwen3_accel
@@ -305,39 +348,47 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     dtype = getattr(torch, cfg.dtype)
     model = load_model(cfg.model, device, dtype)
     bandwidth = copy_bandwidth(device)
+    noise = machine_noise(device)
     report: dict[str, Any] = {
         "model": cfg.model, "dtype": cfg.dtype, "tensor_parallel": _world_size(),
         "num_layers": model.config.num_hidden_layers,
         "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
-        "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9, "contenders": {},
+        "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "machine_noise": {**noise.to_dict(), "busy": looked_busy(noise)}, "contenders": {},
     }
     # Variants of qwen3_accel, each measured after the others on a fresh copy of the weights (optimize patches
     # in place; quantizing replaces them), one at a time.
     variants = [(f"qwen3_accel_{w}", dict(weights=w)) for w in cfg.weights]
     variants += [(f"qwen3_accel_decode_linear_{m}", dict(decode_linear=m)) for m in cfg.decode_linear]
-    steps = (len(cfg.contenders) + len(variants)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
-    request_contenders = [c for c in ("hf_eager", "qwen3_accel") if c in cfg.contenders] if cfg.requests else []
+    contenders = sorted(cfg.contenders, key=CONTENDERS.index)
+    steps = (len(contenders) + len(variants)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
+    request_contenders = [c for c in ("hf_eager", "qwen3_accel") if c in contenders] if cfg.requests else []
     steps += len(request_contenders) * len(cfg.requests)
     context = cfg.decode_prompt_length + cfg.decode_tokens // 2
     max_len = cfg.max_cache_len()
     step_bytes = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
+    contexts = {c: contextlib.nullcontext for c in contenders}
+    if "qwen3_accel" in contenders:
+        # One model for all: the HF contenders run HF's own forward and generate on its weights.
+        qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(cfg.batch_sizes), max_cache_len=max_len)
+        contexts.update({c: model.qwen3_accel.disabled for c in contenders if c != "qwen3_accel"})
     with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case", disable=not is_main_process()) as progress:
-        # qwen3_accel patches the model in place, so it runs last; the HF contenders share its weights.
-        for contender in sorted(cfg.contenders, key=CONTENDERS.index):
-            if contender == "qwen3_accel":
-                qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(cfg.batch_sizes),
-                                     max_cache_len=max_len)
-            report["contenders"][contender] = bench_contender(model, contender, cfg, progress)
-            if contender in request_contenders:
-                report["contenders"][contender]["requests"] = bench_requests(model, cfg, progress)
-            torch._dynamo.reset()
+        results, estimates = measure(model, {c: c for c in contenders}, contexts, cfg, progress)
+        report["contenders"].update(results)
+        if request_contenders:
+            requests, request_estimates = bench_requests(model, request_contenders, contexts, cfg, progress)
+            for name in request_contenders:
+                report["contenders"][name]["requests"] = requests[name]
+        torch._dynamo.reset()
         quantized_bytes = {}
         for name, options in variants:
             del model
             _free_memory(device)
             model = qwen3_accel.optimize(load_model(cfg.model, device, dtype), kernels=cfg.kernels,
                                          max_batch_size=max(cfg.batch_sizes), max_cache_len=max_len, **options)
-            report["contenders"][name] = bench_contender(model, "qwen3_accel", cfg, progress)
+            results, found = measure(model, {name: "qwen3_accel"}, {name: contextlib.nullcontext}, cfg, progress)
+            report["contenders"].update(results)
+            estimates.update(found)
             if "weights" in options:
                 report["contenders"][name]["weight_bytes"] = _projection_bytes(model)
                 quantized_bytes[name] = {batch: decode_bytes_per_step(model, batch, context)
@@ -349,74 +400,112 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         share = {}
         for c, r in report["contenders"].items():  # each against the bytes its own weights take
             own_bound = bandwidth / quantized_bytes[c][batch] * batch if c in quantized_bytes else bound
-            share[c] = r["decode_tok_s"][str(batch)] / own_bound
+            tok_s = r["decode_tok_s"][str(batch)]
+            share[c] = None if tok_s is None else tok_s / own_bound
         report["roofline"][str(batch)] = {
             "bytes_per_step": step_bytes[batch],
             "bound_tok_s": bound,
             "share": share,
             "quantized_bytes_per_step": {c: b[batch] for c, b in quantized_bytes.items()},
         }
-    tok_s = {c: r["decode_tok_s"] for c, r in report["contenders"].items()}
+    base_names = set(contenders)
     report["speedup"] = {
-        f"{ours}_vs_{base}": {n: tok_s[ours][n] / tok_s[base][n] for n in tok_s[ours]}
-        for ours in tok_s if ours.startswith("qwen3_accel")
-        for base in ("hf_eager", "hf_static_compile", "qwen3_accel") if base in tok_s and base != ours
+        f"{ours}_vs_{base}": _ratios(estimates[ours], estimates[base], paired=ours in base_names)
+        for ours in estimates if ours.startswith("qwen3_accel")
+        for base in ("hf_eager", "hf_static_compile", "qwen3_accel") if base in estimates and base != ours
     }
     if len(request_contenders) == 2:
-        ours, base = (report["contenders"][c]["requests"] for c in ("qwen3_accel", "hf_eager"))
-        report["request_speedup"] = {name: ours[name]["decode_tok_s"] / base[name]["decode_tok_s"]
-                                     for name in cfg.requests}
+        report["request_speedup"] = _ratios(request_estimates["qwen3_accel"], request_estimates["hf_eager"], True)
     report["notes"] = []
-    if "hf_static_compile" in cfg.contenders and device.type not in ("cuda", "xpu"):
+    if report["machine_noise"]["busy"]:
+        report["notes"].append(
+            f"the machine looked busy: a fixed workload took {noise.low * 1e3:.1f} to {noise.high * 1e3:.1f} ms over "
+            f"{noise.rounds} runs; contenders are interleaved, so load falls on all alike, but spreads are wide")
+    if variants:
+        report["notes"].append("qwen3_accel variants need their own copy of the weights: each was timed after the "
+                               "base contenders, so its ratios to them are not paired round by round")
+    if "hf_static_compile" in contenders and device.type not in ("cuda", "xpu"):
         report["notes"].append(f"transformers compiles the static-cache decode only on CUDA/XPU (and a few "
                                f"accelerators): on {device.type} hf_static_compile ran uncompiled")
     return report
 
 
+def _with_spread(median: float | None, spread: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    """"12.3 (11.9-13.0)": a median with its min-max over the rounds."""
+    if median is None or spread is None:
+        return "unreliable"
+    return f"{median * scale:.{digits}f} ({spread['min'] * scale:.{digits}f}-{spread['max'] * scale:.{digits}f})"
+
+
+def _ratio_text(ratio: dict) -> str:
+    if "unreliable" in ratio:
+        return f"not measured reliably ({ratio['unreliable']})"
+    how = "paired rounds" if ratio["paired"] else "rounds, not paired"
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f} over {ratio['rounds']} {how})"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """A plain-text table of one report."""
+    """A plain-text table of one report: each figure as median (min-max over the rounds)."""
     env = report["environment"]
+    width = 26
     lines = [
         f"{report['model']} ({report['dtype']}) on {env['device']}; torch {env['torch']}, transformers "
         f"{env['transformers']}, triton {env['triton']}; {env['date']}",
-        f"copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s",
+        f"copy bandwidth {report['copy_bandwidth_gb_s']:.0f} GB/s; figures: median (min-max) over the rounds, "
+        "contenders interleaved",
     ]
+    if report.get("machine_noise", {}).get("busy"):
+        lines.append("MACHINE LOOKED BUSY: spreads are wide; see the note below")
     if report.get("tensor_parallel", 1) > 1:
         lines.append(f"tensor parallel over {report['tensor_parallel']} ranks: bytes and roofline per rank")
     contenders = list(report["contenders"])
-    header = f"{'':28}" + "".join(f"{c:>20}" for c in contenders)
-    lines.append(header)
-    first = report["contenders"][contenders[0]]
+    results = report["contenders"]
+    lines.append(f"{'':28}" + "".join(f"{c:>{width}}" for c in contenders))
+    first = results[contenders[0]]
+    unreliable = []
     for length in first["ttft_s"]:
-        row = "".join(f"{report['contenders'][c]['prefill_s'][length] * 1e3:>17.1f} ms" for c in contenders)
-        lines.append(f"{'prefill prompt ' + length:28}{row}")
-        row = "".join(f"{report['contenders'][c]['ttft_s'][length] * 1e3:>17.1f} ms" for c in contenders)
-        lines.append(f"{'TTFT prompt ' + length:28}{row}")
+        for key, label in (("prefill_s", "prefill prompt"), ("ttft_s", "TTFT prompt")):
+            cells = [_with_spread(results[c][key][length], results[c][key + "_spread"][length], 1e3) + " ms"
+                     for c in contenders]
+            row = "".join(f"{cell:>{width}}" for cell in cells)
+            lines.append(f"{label + ' ' + length:28}{row}")
     for batch in first["decode_tok_s"]:
-        row = "".join(f"{report['contenders'][c]['decode_tok_s'][batch]:>15.1f} tok/s" for c in contenders)
-        lines.append(f"{'decode batch ' + batch:28}{row}")
+        cells = []
+        for c in contenders:
+            r = results[c]
+            text = _with_spread(r["decode_tok_s"][batch], r["decode_tok_s_spread"][batch]) + " tok/s"
+            if not r["decode_reliable"][batch]:
+                unreliable.append(f"{c}, decode batch {batch}: {r['decode_unreliable_reason'][batch]}")
+                text = f"unreliable [{len(unreliable)}]"
+            cells.append(f"{text:>{width}}")
+        lines.append(f"{'decode batch ' + batch:28}{''.join(cells)}")
         share = report["roofline"][batch]["share"]
-        row = "".join(f"{share[c] * 100:>19.1f}%" for c in contenders)
+        row = "".join(f"{'—' if share[c] is None else f'{share[c] * 100:.1f}%':>{width}}" for c in contenders)
         lines.append(f"{'  % of bandwidth roofline':28}{row}")
-        row = "".join(f"{report['contenders'][c]['first_call_s'][batch]:>18.1f} s" for c in contenders)
+        row = "".join(f"{results[c]['first_call_s'][batch]:>{width - 2}.1f} s" for c in contenders)
         lines.append(f"{'  first call (compiles)':28}{row}")
-        ops = [report["contenders"][c].get("device_ops_per_step", {}).get(batch) for c in contenders]
+        ops = [results[c].get("device_ops_per_step", {}).get(batch) for c in contenders]
         if any(n is not None for n in ops):
             layers = report.get("num_layers") or 1
-            row = "".join(f"{'—' if n is None else f'{n:.0f} ({n / layers:.1f}/layer)':>20}" for n in ops)
+            row = "".join(f"{'—' if n is None else f'{n:.0f} ({n / layers:.1f}/layer)':>{width}}" for n in ops)
             lines.append(f"{'  GPU ops per step':28}{row}")
     if first["peak_memory_gib"] is not None:
-        row = "".join(f"{report['contenders'][c]['peak_memory_gib']:>16.2f} GiB" for c in contenders)
+        row = "".join(f"{results[c]['peak_memory_gib']:>{width - 4}.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")
     for request in report["config"].get("requests", ()):
-        results = [report["contenders"][c].get("requests", {}).get(request) for c in contenders]
-        row = "".join(f"{'—':>20}" if r is None else f"{r['decode_tok_s']:>14.1f} tok/s" for r in results)
-        lines.append(f"{request + ' (HF loop), batch 1':28}{row}")
+        cells = []
+        for c in contenders:
+            r = results[c].get("requests", {}).get(request)
+            text = "—" if r is None else (_with_spread(r["decode_tok_s"], r["decode_tok_s_spread"]) + " tok/s"
+                                          if r["decode_reliable"] else "unreliable")
+            cells.append(f"{text:>{width}}")
+        lines.append(f"{request + ' (HF loop), batch 1':28}{''.join(cells)}")
     for name, by_batch in report["speedup"].items():
-        lines.append(f"{name}: " + ", ".join(f"batch {b}: {x:.2f}x" for b, x in by_batch.items()))
+        lines.append(f"{name}: " + "; ".join(f"batch {b}: {_ratio_text(x)}" for b, x in by_batch.items()))
     if report.get("request_speedup"):
         lines.append("qwen3_accel_vs_hf_eager, HF-loop requests: " +
-                     ", ".join(f"{name}: {x:.2f}x" for name, x in report["request_speedup"].items()))
+                     "; ".join(f"{name}: {_ratio_text(x)}" for name, x in report["request_speedup"].items()))
+    lines += [f"[{i}] {text}" for i, text in enumerate(unreliable, 1)]
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 
@@ -438,9 +527,13 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
         f.write(format_table(report) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, result in report["contenders"].items():
-        batches = [int(b) for b in result["decode_tok_s"]]
-        ax.plot(batches, list(result["decode_tok_s"].values()), marker="o", label=name)
+    for name, result in report["contenders"].items():  # medians, bars from min to max; unreliable points left out
+        points = [(int(b), v, result["decode_tok_s_spread"][b]) for b, v in result["decode_tok_s"].items()
+                  if v is not None and result["decode_reliable"][b]]
+        if points:
+            xs, ys, spreads = zip(*points)
+            errors = [[y - sp["min"] for y, sp in zip(ys, spreads)], [sp["max"] - y for y, sp in zip(ys, spreads)]]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=name)
     bounds = report["roofline"]
     ax.plot([int(b) for b in bounds], [v["bound_tok_s"] for v in bounds.values()], "k--", label="bandwidth bound")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
@@ -459,9 +552,14 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
         names = list(report["speedup"])
         batches = list(next(iter(report["speedup"].values())))
         width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            xs = [j + i * width for j in range(len(batches))]
-            ax.bar(xs, [report["speedup"][name][b] for b in batches], width, label=name)
+        for i, name in enumerate(names):  # medians, bars from min to max; unreliable cases left out
+            shown = [(j, report["speedup"][name][b]) for j, b in enumerate(batches)
+                     if "unreliable" not in report["speedup"][name][b]]
+            if shown:
+                xs = [j + i * width for j, _ in shown]
+                ys = [r["median"] for _, r in shown]
+                errors = [[r["median"] - r["min"] for _, r in shown], [r["max"] - r["median"] for _, r in shown]]
+                ax.bar(xs, ys, width, yerr=errors, capsize=3, label=name)
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set(ylabel="decode speedup (x)", title=f"{report['model']}: qwen3_accel speedup")

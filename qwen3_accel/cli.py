@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt length before the timed decode (default: %(default)s)")
     bench.add_argument("--decode-tokens", type=int, default=64,
                        help="tokens generated in the timed decode (default: %(default)s)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per case; the median is kept (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed rounds per case, the contenders interleaved in each; every figure is the median "
+                            "with its min-max; a decode estimate within the timer's noise gets up to 3x as many "
+                            "rounds, then is reported as unreliable (default: %(default)s)")
     bench.add_argument("--out", default="bench_out", help="folder for the JSON, table and plots (default: %(default)s)")
     bench.add_argument("--weights", type=_comma_list("weight formats", WEIGHT_FORMATS), default=(),
                        help=f"comma-separated formats, each measured after the others as qwen3_accel_<format> on a "

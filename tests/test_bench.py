@@ -25,6 +25,9 @@ def test_bench_report_has_every_field(tmp_path):
         for key in ("prefill_s", "ttft_s"):
             assert set(result[key]) == {"8", "16"} and all(v > 0 for v in result[key].values())
         assert set(result["decode_tok_s"]) == {"1", "2"} and all(v > 0 for v in result["decode_tok_s"].values())
+        for batch, spread in result["decode_tok_s_spread"].items():  # median with its min-max over >= 3 rounds
+            assert spread["min"] <= result["decode_tok_s"][batch] <= spread["max"] and spread["rounds"] >= 3
+        assert all(s["rounds"] == 3 for s in result["prefill_s_spread"].values())
         assert set(result["first_call_s"]) == {"1", "2"} and all(v > 0 for v in result["first_call_s"].values())
         assert "peak_memory_gib" in result
         assert result["device_ops_per_step"] == {"1": None, "2": None}  # counted on CUDA only
@@ -32,6 +35,9 @@ def test_bench_report_has_every_field(tmp_path):
         roof = saved["roofline"][batch]
         assert roof["bytes_per_step"] > 0 and roof["bound_tok_s"] > 0 and set(roof["share"]) == set(saved["contenders"])
     assert set(saved["speedup"]) == {"qwen3_accel_vs_hf_eager", "qwen3_accel_vs_hf_static_compile"}
+    for ratio in saved["speedup"]["qwen3_accel_vs_hf_eager"].values():  # timed side by side, round by round
+        assert "unreliable" in ratio or (ratio["paired"] and ratio["min"] <= ratio["median"] <= ratio["max"])
+    assert "NaN" not in json.dumps(saved) and "nan" not in format_table(saved).lower()
     assert any("ran uncompiled" in note for note in saved["notes"])  # HF compiles only on CUDA/XPU
     assert "GPU ops per step" not in format_table(saved)
     saved["contenders"]["qwen3_accel"]["device_ops_per_step"] = {"1": 19.0, "2": 21.0}  # as a CUDA run reports
@@ -121,14 +127,15 @@ def test_bench_measures_quantized_weights_on_a_fresh_copy():
     report = run_bench(cfg)
     assert set(report["contenders"]) == {"qwen3_accel", "qwen3_accel_int8", "qwen3_accel_fp8",
                                          "qwen3_accel_decode_linear_never"}
-    assert report["speedup"]["qwen3_accel_decode_linear_never_vs_qwen3_accel"]["1"] > 0
+    never = report["speedup"]["qwen3_accel_decode_linear_never_vs_qwen3_accel"]["1"]
+    assert never["min"] <= never["median"] <= never["max"] and not never["paired"]  # timed after qwen3_accel
     assert "weight_bytes" not in report["contenders"]["qwen3_accel_decode_linear_never"]
     for fmt in ("int8", "fp8"):
         per_weight = report["contenders"][f"qwen3_accel_{fmt}"]["weight_bytes"]["bytes_per_weight"]
         assert 1 <= per_weight < 1.1  # one byte per weight plus scales (fp32, one per row / 64x128 block)
         assert report["roofline"]["1"]["quantized_bytes_per_step"][f"qwen3_accel_{fmt}"] < report["roofline"]["1"][
             "bytes_per_step"]
-        assert report["speedup"][f"qwen3_accel_{fmt}_vs_qwen3_accel"]["1"] > 0
+        assert report["speedup"][f"qwen3_accel_{fmt}_vs_qwen3_accel"]["1"]["median"] > 0
     with pytest.raises(SystemExit):
         main(["bench", "--weights", "int3"])
     with pytest.raises(SystemExit):
