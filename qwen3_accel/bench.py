@@ -348,13 +348,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     dtype = getattr(torch, cfg.dtype)
     model = load_model(cfg.model, device, dtype)
     bandwidth = copy_bandwidth(device)
-    noise = machine_noise(device)
+    noise_before = machine_noise(device)
     report: dict[str, Any] = {
         "model": cfg.model, "dtype": cfg.dtype, "tensor_parallel": _world_size(),
         "num_layers": model.config.num_hidden_layers,
         "config": {k: v for k, v in vars(cfg).items() if k != "extra"},
         "environment": environment(device), "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "machine_noise": {**noise.to_dict(), "busy": looked_busy(noise)}, "contenders": {},
+        "contenders": {},
     }
     # Variants of qwen3_accel, each measured after the others on a fresh copy of the weights (optimize patches
     # in place; quantizing replaces them), one at a time.
@@ -401,7 +401,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for c, r in report["contenders"].items():  # each against the bytes its own weights take
             own_bound = bandwidth / quantized_bytes[c][batch] * batch if c in quantized_bytes else bound
             tok_s = r["decode_tok_s"][str(batch)]
-            share[c] = None if tok_s is None else tok_s / own_bound
+            share[c] = tok_s / own_bound if tok_s is not None and r["decode_reliable"][str(batch)] else None
         report["roofline"][str(batch)] = {
             "bytes_per_step": step_bytes[batch],
             "bound_tok_s": bound,
@@ -417,10 +417,16 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if len(request_contenders) == 2:
         report["request_speedup"] = _ratios(request_estimates["qwen3_accel"], request_estimates["hf_eager"], True)
     report["notes"] = []
-    if report["machine_noise"]["busy"]:
+    noise = {when: times for when, times in (("before", noise_before), ("after", machine_noise(device)))}
+    busy = [when for when, times in noise.items() if looked_busy(times)]
+    report["machine_noise"] = {**{when: Spread.of(times).to_dict() for when, times in noise.items()},
+                               "busy": bool(busy)}
+    for when in busy:
+        spread = Spread.of(noise[when])
         report["notes"].append(
-            f"the machine looked busy: a fixed workload took {noise.low * 1e3:.1f} to {noise.high * 1e3:.1f} ms over "
-            f"{noise.rounds} runs; contenders are interleaved, so load falls on all alike, but spreads are wide")
+            f"the machine looked busy {when} the run: a fixed workload took {spread.low * 1e3:.1f} to "
+            f"{spread.high * 1e3:.1f} ms (median {spread.median * 1e3:.1f}) over {spread.rounds} runs; contenders "
+            "are interleaved, so load falls on all alike, but spreads are wide")
     if variants:
         report["notes"].append("qwen3_accel variants need their own copy of the weights: each was timed after the "
                                "base contenders, so its ratios to them are not paired round by round")
@@ -473,7 +479,7 @@ def format_table(report: dict[str, Any]) -> str:
         cells = []
         for c in contenders:
             r = results[c]
-            text = _with_spread(r["decode_tok_s"][batch], r["decode_tok_s_spread"][batch]) + " tok/s"
+            text = _with_spread(r["decode_tok_s"][batch], r["decode_tok_s_spread"][batch], digits=0) + " tok/s"
             if not r["decode_reliable"][batch]:
                 unreliable.append(f"{c}, decode batch {batch}: {r['decode_unreliable_reason'][batch]}")
                 text = f"unreliable [{len(unreliable)}]"
@@ -496,8 +502,12 @@ def format_table(report: dict[str, Any]) -> str:
         cells = []
         for c in contenders:
             r = results[c].get("requests", {}).get(request)
-            text = "—" if r is None else (_with_spread(r["decode_tok_s"], r["decode_tok_s_spread"]) + " tok/s"
-                                          if r["decode_reliable"] else "unreliable")
+            if r is None:
+                text = "—"
+            elif r["decode_reliable"]:
+                text = _with_spread(r["decode_tok_s"], r["decode_tok_s_spread"], digits=0) + " tok/s"
+            else:
+                text = "unreliable"
             cells.append(f"{text:>{width}}")
         lines.append(f"{request + ' (HF loop), batch 1':28}{''.join(cells)}")
     for name, by_batch in report["speedup"].items():

@@ -9,6 +9,7 @@ who serves each call).
 """
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -104,7 +105,19 @@ def optimize(model: torch.nn.Module, options: OptimizeOptions | None = None, **k
         if options.weights:
             quantize.quantize_model(model, options.weights)
         model.qwen3_accel = Qwen3Accelerator(model, options)
+    if model.qwen3_accel.device.type == "cpu":
+        _note_cpu_speed()
     return model
+
+
+@functools.cache
+def _note_cpu_speed() -> None:
+    """Say once per process what a CPU user gets (measured: README "Main command", docs/BENCHMARKS.md)."""
+    logger.warning(
+        "qwen3_accel on the CPU runs the torch references of its ops (compiled by Inductor): HF's outputs and API, "
+        "but about HF eager's decode speed, not faster (0.8-1.0x on the tiny model, 2026-12-02); the kernels and "
+        "CUDA graphs that make it fast need a CUDA GPU"
+    )
 
 
 def _check_model(model: torch.nn.Module) -> None:

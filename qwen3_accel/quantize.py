@@ -147,6 +147,16 @@ def experts_format(experts: nn.Module) -> LinearFormat | None:
     return LinearFormat("gate_up_proj_scale_inv", None, block_n, block_k)
 
 
+def experts_scale_names(experts: nn.Module) -> list[str]:
+    """The attributes holding quantized experts' scales (and int4 zero points), in `fused_moe`'s argument order
+    (gate_up_scale, down_scale, then after the groups gate_up_zero, down_zero); empty if not quantized."""
+    fmt = experts_format(experts)
+    if fmt is None:
+        return []
+    zeros = ["gate_up_proj_zero", "down_proj_zero"] if fmt.zero else []
+    return ["gate_up_proj_scale_inv", "down_proj_scale_inv", *zeros]
+
+
 def quantized_modules(model: nn.Module) -> list[nn.Module]:
     """The decoder-layer projections and MoE experts of `model` that hold quantized weights."""
     experts = [layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")]

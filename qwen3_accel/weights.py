@@ -20,7 +20,7 @@ import torch.nn as nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from .parallel import local, shard_like
-from .quantize import experts_format, linear_format
+from .quantize import experts_format, experts_scale_names, linear_format
 
 
 @dataclass(frozen=True)
@@ -245,13 +245,8 @@ class _Builder:
         router, experts = module.gate, module.experts
         fmt = experts_format(experts)
         where = f"{name}.experts"
-        scales = ()
-        if fmt is not None:
-            zeros = (self.own(experts, "gate_up_proj_zero", f"{where}.gate_up_proj_zero"),
-                     self.own(experts, "down_proj_zero", f"{where}.down_proj_zero")) if fmt.zero else ()
-            scales = (self.own(experts, "gate_up_proj_scale_inv", f"{where}.gate_up_proj_scale_inv"),
-                      self.own(experts, "down_proj_scale_inv", f"{where}.down_proj_scale_inv"),
-                      fmt.group_n, fmt.group_k, *zeros)
+        tensors = [self.own(experts, name, f"{where}.{name}") for name in experts_scale_names(experts)]
+        scales = (*tensors[:2], fmt.group_n, fmt.group_k, *tensors[2:]) if tensors else ()
         return MoeMlpWeights(self.linear(router, f"{name}.gate"), router.top_k, router.norm_topk_prob,
                              self.own(experts, "gate_up_proj", f"{where}.gate_up_proj"),
                              self.own(experts, "down_proj", f"{where}.down_proj"), scales)

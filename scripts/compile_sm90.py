@@ -114,7 +114,8 @@ def compile_all(arch: int) -> list[Compiled]:
 
 def cases():
     """(name, call) pairs: each op's launcher with the GPU path's dtypes and flags, on small CPU tensors."""
-    from qwen3_accel.custom_ops import activation, attention, formats, linear, moe, rms_norm, rope
+    from qwen3_accel.custom_ops import (activation, attention, formats, linear, moe, paged_attention, rms_norm,
+                                        rope)
 
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape).to(dtype)
@@ -139,6 +140,17 @@ def cases():
             yield (f"decode_attention {tag} d{head_dim} g{group} {splits} split(s)",
                    lambda q=q, kv=kv, valid=valid: attention.decode_attention_triton(
                        q, kv, kv.clone(), valid, torch.zeros(len(kv), dtype=torch.int32), torch.tensor([200]), 0.1))
+        for head_dim, group, block_size, blocks in ((128, 4, 16, 16), (64, 8, 64, 64)):
+            q = randn(3, 2 * group, head_dim, dtype=dtype)
+            paged = randn(blocks, block_size, 2, head_dim, dtype=dtype)
+            tables = torch.randint(0, blocks, (3, blocks // 2), dtype=torch.int32)
+            splits = attention.num_kv_splits(3, 2, tables.shape[1] * block_size, attention._num_sms(q.device))
+            yield (f"paged_decode_attention {tag} d{head_dim} g{group} block {block_size} {splits} split(s)",
+                   lambda q=q, c=paged, t=tables: paged_attention.paged_decode_attention_triton(
+                       q, c, c.clone(), t, torch.tensor([1, 40, 100], dtype=torch.int32), 0.1))
+        k, pool = randn(5, 2, 128, dtype=dtype), randn(8, 16, 2, 128, dtype=dtype)
+        yield f"paged_store_kv {tag}", lambda k=k, c=pool: paged_attention.paged_store_kv_triton(
+            k, k.clone(), c, c.clone(), torch.tensor([0, -1, 17, 40, 127]))
 
     hidden, inter, experts, top_k = 256, 128, 8, 2
     yield "moe_route", lambda: moe.moe_route_triton(torch.randn(3, experts), top_k, True)

@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qwen3_accel.custom_ops import activation, attention, linear, moe, rms_norm, rope
+from qwen3_accel.custom_ops import activation, attention, linear, moe, paged_attention, rms_norm, rope
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def defined_kernels() -> set[str]:
     """Names of the Triton kernels defined in our op modules."""
-    return {name for module in (activation, attention, linear, moe, rms_norm, rope)
+    return {name for module in (activation, attention, linear, moe, paged_attention, rms_norm, rope)
             for name, obj in vars(module).items()
             if name.endswith("_kernel") and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
 

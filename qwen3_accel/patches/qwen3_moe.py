@@ -14,7 +14,7 @@ from transformers.integrations.moe import ExpertsInterface
 
 from ..custom_ops.moe import fused_moe_reference
 from ..parallel import local
-from ..quantize import experts_format
+from ..quantize import experts_format, experts_scale_names
 from . import qwen3
 
 EXPERTS_IMPLEMENTATION = "qwen3_accel"
@@ -22,11 +22,12 @@ EXPERTS_IMPLEMENTATION = "qwen3_accel"
 
 def expert_scales(experts: nn.Module) -> tuple:
     """The trailing `fused_moe` arguments for these experts: scales, groups (and int4 zero points), or nothing."""
-    fmt = experts_format(experts)
-    if fmt is None:
+    names = experts_scale_names(experts)
+    if not names:
         return ()
-    zeros = (experts.gate_up_proj_zero, experts.down_proj_zero) if fmt.zero else ()
-    return (experts.gate_up_proj_scale_inv, experts.down_proj_scale_inv, fmt.group_n, fmt.group_k, *zeros)
+    fmt = experts_format(experts)
+    tensors = [getattr(experts, name) for name in names]
+    return (*tensors[:2], fmt.group_n, fmt.group_k, *tensors[2:])
 
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
