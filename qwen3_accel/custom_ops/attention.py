@@ -48,6 +48,44 @@ def prefill_attention(
 
 
 @triton.jit
+def attend_block(q, k_ptrs, v_ptrs, in_range, visible, m, l, acc, scale, FP32_DOT: tl.constexpr):
+    """One block of keys for a group of queries, online softmax: q [G, D]; k_ptrs / v_ptrs [N, D] (loaded where
+    `in_range`); `visible` [N]: the keys the queries see. Returns the updated running max m [G], sum l [G] and
+    unnormalised output acc [G, D], fp32."""
+    k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+    if FP32_DOT:
+        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(visible[None, :], scores * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
+def store_split(part_out_ptr, part_lse_ptr, row, d, heads_valid, m, l, acc, HEAD_DIM: tl.constexpr,
+                NUM_SPLITS: tl.constexpr):
+    """A split's normalised output at `row` [G] of part_out (its log-sum-exp too, when there are splits to merge);
+    queries that saw no key get zeros."""
+    has_keys = l > 0
+    out = acc / tl.where(has_keys, l, 1.0)[:, None]
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(part_out_ptr.dtype.element_ty),
+             mask=heads_valid[:, None])
+    if NUM_SPLITS > 1:
+        lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=heads_valid)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_valid_ptr, seq_start_ptr, seq_end_ptr, part_out_ptr, part_lse_ptr,
     q_batch_stride, q_head_stride,
@@ -83,32 +121,9 @@ def _decode_split_kernel(
         in_range = n < hi
         valid = in_range & (tl.load(kv_valid_ptr + batch * valid_batch_stride + n, mask=in_range, other=0) != 0)
         offs = kv_base + n[:, None].to(tl.int64) * kv_slot_stride + d[None, :]
-        k = tl.load(k_ptr + offs, mask=in_range[:, None], other=0.0)
-        if FP32_DOT:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offs, mask=in_range[:, None], other=0.0)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-
-    has_keys = l > 0
-    out = acc / tl.where(has_keys, l, 1.0)[:, None]
+        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, in_range, valid, m, l, acc, scale, FP32_DOT)
     row = (batch * n_q_heads + heads) * NUM_SPLITS + split
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(part_out_ptr.dtype.element_ty),
-             mask=g[:, None] < GROUP)
-    if NUM_SPLITS > 1:
-        lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
+    store_split(part_out_ptr, part_lse_ptr, row, d, g < GROUP, m, l, acc, HEAD_DIM, NUM_SPLITS)
 
 
 @triton.jit

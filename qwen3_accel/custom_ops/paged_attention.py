@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .attention import _decode_combine_kernel, _num_sms, num_kv_splits
+from .attention import _decode_combine_kernel, _num_sms, attend_block, num_kv_splits, store_split
 
 
 @triton.jit
@@ -112,32 +112,9 @@ def _paged_decode_split_kernel(
         block = tl.load(block_table_ptr + batch * table_stride + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = block * cache_block_stride + (n % BLOCK_SIZE).to(tl.int64) * cache_slot_stride
         offs = row[:, None] + kv_head * cache_head_stride + d[None, :]
-        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
-        if FP32_DOT:
-            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
-
-    has_keys = l > 0
-    out = acc / tl.where(has_keys, l, 1.0)[:, None]
-    row = (batch * n_q_heads + heads) * NUM_SPLITS + split
-    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out.to(part_out_ptr.dtype.element_ty),
-             mask=g[:, None] < GROUP)
-    if NUM_SPLITS > 1:
-        lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g < GROUP)
+        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, valid, valid, m, l, acc, scale, FP32_DOT)
+    out_row = (batch * n_q_heads + heads) * NUM_SPLITS + split
+    store_split(part_out_ptr, part_lse_ptr, out_row, d, g < GROUP, m, l, acc, HEAD_DIM, NUM_SPLITS)
 
 
 def _check_decode(q, key_cache, value_cache, block_tables, seq_lens) -> None:
