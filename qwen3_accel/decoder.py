@@ -22,7 +22,6 @@ from transformers import DynamicCache
 from .cache import PrefillSpan, Qwen3StaticCache
 from .custom_ops import Kernels
 from .custom_ops.attention import prefill_attention
-from .custom_ops.paged_attention import gather_paged
 from .custom_ops.linear import DECODE_LINEAR_DENSE_MAX_HIDDEN, DECODE_LINEAR_MAX_ROWS
 from .parallel import SingleDevice
 from .weights import DecoderWeights, DenseMlpWeights, LayerWeights, Linear, MoeMlpWeights, Norm
@@ -113,28 +112,27 @@ class DecodeAttention:
 class PagedAttention:
     """A packed step of the continuous-batching engine over its paged cache: `tokens` [1, T] hold first one token
     per decoding sequence, then prompt chunks. Every token's key and value go to its slot (`paged_store_kv`); the
-    decode tokens attend through `paged_decode_attention`, each prompt chunk over its sequence's keys so far
-    (gathered from its blocks, causal)."""
+    decode tokens attend through `paged_decode_attention`, the prompt chunks through `paged_prefill_attention`
+    (each over its sequence's keys so far, causal): two launches whatever the mix."""
 
     writes_cache = False
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], batch, scale: float):
-        self.keys, self.values, self.batch, self.scale = keys, values, batch, scale
+    def __init__(self, kernels: Kernels, keys: list[torch.Tensor], values: list[torch.Tensor], batch, scale: float):
+        self.kernels, self.keys, self.values, self.batch, self.scale = kernels, keys, values, batch, scale
 
     def __call__(self, layer: int, q, k, v) -> torch.Tensor:  # q [1, T, Hq, D], k/v [1, T, Hkv, D]
-        batch, keys, values = self.batch, self.keys[layer], self.values[layer]
-        ops = torch.ops.qwen3_accel
+        batch, keys, values, ops = self.batch, self.keys[layer], self.values[layer], self.kernels
         ops.paged_store_kv(k[0], v[0], keys, values, batch.slot_mapping)
         n_decode = batch.decode_seq_lens.shape[0]
         parts = []
         if n_decode:
             parts.append(ops.paged_decode_attention(q[0, :n_decode], keys, values, batch.decode_tables,
-                                                    batch.decode_seq_lens, self.scale).flatten(1))
-        for chunk_start, chunk_end, table, context in batch.prefill_chunks:
-            seq_keys = gather_paged(keys, table[None])[:, :context]
-            seq_values = gather_paged(values, table[None])[:, :context]
-            parts.append(prefill_attention(q[:, chunk_start:chunk_end], seq_keys, seq_values, None, self.scale)[0])
-        return torch.cat(parts)[None]
+                                                    batch.decode_seq_lens, self.scale))
+        if batch.prefill_context_lens.shape[0]:
+            parts.append(ops.paged_prefill_attention(q[0, n_decode:], keys, values, batch.prefill_tables,
+                                                     batch.prefill_starts, batch.prefill_context_lens,
+                                                     batch.max_prefill_len, self.scale))
+        return torch.cat(parts).flatten(1)[None]
 
 
 Attention = PrefillAttention | StaticPrefillAttention | DecodeAttention | PagedAttention

@@ -169,7 +169,7 @@ class ModelRunner:
         """One packed step of the continuous-batching engine (serving/engine.py) over its paged cache: the logits
         [N, V] at `batch.logit_index` (the last token of each sequence that samples)."""
         embeds = self.embed(batch.tokens)[None]  # [1, T, H]
-        attention = decoder.PagedAttention(keys, values, batch, self.scale)
+        attention = decoder.PagedAttention(self.kernels, keys, values, batch, self.scale)
         fused = decoder.fuses_decode_linears(self.weights, self.hidden_size, batch.tokens.shape[0], self.tp,
                                              self.decode_linear_mode)
         hidden = decoder.forward_hidden(self.kernels, self.weights, self.cos_sin, embeds, batch.positions[None],

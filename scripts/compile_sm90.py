@@ -148,6 +148,14 @@ def cases():
             yield (f"paged_decode_attention {tag} d{head_dim} g{group} block {block_size} {splits} split(s)",
                    lambda q=q, c=paged, t=tables: paged_attention.paged_decode_attention_triton(
                        q, c, c.clone(), t, torch.tensor([1, 40, 100], dtype=torch.int32), 0.1))
+        for head_dim, group, block_size in ((128, 4, 16), (64, 8, 64)):
+            q = randn(23, 2 * group, head_dim, dtype=dtype)
+            paged = randn(8, block_size, 2, head_dim, dtype=dtype)
+            tables = torch.randint(0, 8, (2, 4), dtype=torch.int32)
+            yield (f"paged_prefill_attention {tag} d{head_dim} g{group} block {block_size}",
+                   lambda q=q, c=paged, t=tables: paged_attention.paged_prefill_attention_triton(
+                       q, c, c.clone(), t, torch.tensor([0, 3, 23], dtype=torch.int32),
+                       torch.tensor([3, 50], dtype=torch.int32), 20, 0.1))
         k, pool = randn(5, 2, 128, dtype=dtype), randn(8, 16, 2, 128, dtype=dtype)
         yield f"paged_store_kv {tag}", lambda k=k, c=pool: paged_attention.paged_store_kv_triton(
             k, k.clone(), c, c.clone(), torch.tensor([0, -1, 17, 40, 127]))

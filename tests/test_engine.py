@@ -103,3 +103,14 @@ def test_bad_requests_are_clear_errors(pair):
         engine.add_request([1] * 10, max_new_tokens=optimized.config.max_position_embeddings)
     with pytest.raises(TypeError, match="optimize"):
         Engine(torch.nn.Linear(2, 2))
+
+
+def test_the_triton_paged_kernels_serve_the_engine():
+    """The engine on the Triton kernels (interpreted): paged K/V stores, decode and prefill attention over blocks,
+    chunked and preempted prompts; HF's greedy tokens."""
+    reference, optimized = model_pair("tiny", compile=False, kernels="triton")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 70))] for _ in range(6)]
+    engine = Engine(optimized, num_blocks=10, block_size=16, max_batch_tokens=48, max_batch_size=4)
+    assert engine.generate(prompts, max_new_tokens=8) == [hf_tokens(reference, p, 8) for p in prompts]
+    assert sum(s.preemptions for s in engine.requests.values()) > 0

@@ -1,6 +1,8 @@
 """Paged KV cache ops (custom_ops/paged_attention.py): the Triton kernels, interpreted, against their torch
 references and against the static cache's decode attention on the same keys."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -83,3 +85,37 @@ def test_registered_ops():
     k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
     torch.library.opcheck(torch.ops.qwen3_accel.paged_store_kv,
                           (k, v, key_cache.clone(), value_cache.clone(), torch.tensor([0, -1, 33])))
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (16, 2)], ids=["gqa1", "gqa2", "gqa8"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_paged_prefill_attention_matches_reference(q_heads, kv_heads, head_dim, block_size):
+    """Packed prompt chunks: a one-token prompt, a fresh prompt, a continuation after cached tokens (crossing a
+    block), and one longer than a query block."""
+    chunks = [(1, 1), (5, 5), (20, 37), (33, 40)]  # (chunk tokens, tokens of the sequence so far)
+    contexts = [context for _, context in chunks]
+    key_cache, value_cache, tables, context_lens = paged_setup(contexts, block_size, kv_heads, head_dim,
+                                                               torch.float32, seed=6)
+    starts = torch.tensor([0] + list(itertools.accumulate(n for n, _ in chunks)), dtype=torch.int32)
+    q = torch.randn(int(starts[-1]), q_heads, head_dim, generator=torch.Generator().manual_seed(7))
+    args = (q, key_cache, value_cache, tables, starts, context_lens, max(n for n, _ in chunks), head_dim**-0.5)
+    expected = paged_attention.paged_prefill_attention_reference(*args)
+    torch.testing.assert_close(paged_attention.paged_prefill_attention_triton(*args), expected, rtol=1e-5, atol=1e-5)
+    # The reference is HF's causal attention: the continuation chunk's last query over its whole sequence.
+    keys = paged_attention.gather_paged(key_cache, tables)[2, :37]
+    values = paged_attention.gather_paged(value_cache, tables)[2, :37]
+    last = q[int(starts[3]) - 1]  # [Hq, D]
+    group = q_heads // kv_heads
+    weights = torch.softmax(torch.einsum("hd,shd->hs", last, keys.repeat_interleave(group, 1)) * head_dim**-0.5, -1)
+    torch.testing.assert_close(expected[int(starts[3]) - 1],
+                               torch.einsum("hs,shd->hd", weights, values.repeat_interleave(group, 1)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_paged_prefill_op_registration():
+    key_cache, value_cache, tables, context_lens = paged_setup([7, 20], 16, 2, 64, torch.float32)
+    q = torch.randn(9, 4, 64)
+    starts = torch.tensor([0, 3, 9], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.qwen3_accel.paged_prefill_attention,
+                          (q, key_cache, value_cache, tables, starts, context_lens, 6, 0.125))

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import activation, attention, linear, moe, rms_norm, rope
+from . import activation, attention, linear, moe, paged_attention, rms_norm, rope
 
 KERNEL_MODES = ("auto", "triton", "torch")
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
@@ -32,6 +32,9 @@ class Kernels:
     fused_moe: Callable
     quantized_linear: Callable
     decode_linear: Callable
+    paged_store_kv: Callable  # the continuous-batching engine's paged cache (serving/)
+    paged_decode_attention: Callable
+    paged_prefill_attention: Callable
 
 
 def _check_interpreter(what: str, device: torch.device) -> None:
@@ -68,7 +71,8 @@ def select_kernels(mode: str, device: torch.device, attention_backend: str = "au
             mode, rms_norm.rms_norm_reference, rms_norm.fused_add_rms_norm_reference,
             rope.qk_norm_rope_reference, rope.qk_norm_rope_store_kv_reference, activation.silu_and_mul_reference,
             decode_attention, moe.moe_route_reference, moe.fused_moe_reference,
-            linear.quantized_linear_reference, linear.decode_linear_reference,
+            linear.quantized_linear_reference, linear.decode_linear_reference, paged_attention.paged_store_kv_reference,
+            paged_attention.paged_decode_attention_reference, paged_attention.paged_prefill_attention_reference,
         )
     if mode == "triton" and device.type != "cuda":
         _check_interpreter("kernels='triton'", device)
@@ -76,9 +80,11 @@ def select_kernels(mode: str, device: torch.device, attention_backend: str = "au
             mode, rms_norm.rms_norm_triton, rms_norm.fused_add_rms_norm_triton,
             rope.qk_norm_rope_triton, rope.qk_norm_rope_store_kv_triton, activation.silu_and_mul_triton,
             decode_attention, moe.moe_route_triton, moe.fused_moe_triton, linear.quantized_linear_triton,
-            linear.decode_linear_triton,
+            linear.decode_linear_triton, paged_attention.paged_store_kv_triton,
+            paged_attention.paged_decode_attention_triton, paged_attention.paged_prefill_attention_triton,
         )
     return Kernels(
         mode, ops.rms_norm, ops.fused_add_rms_norm, ops.qk_norm_rope, ops.qk_norm_rope_store_kv, ops.silu_and_mul,
-        decode_attention, ops.moe_route, ops.fused_moe, ops.quantized_linear, ops.decode_linear,
+        decode_attention, ops.moe_route, ops.fused_moe, ops.quantized_linear, ops.decode_linear, ops.paged_store_kv,
+        ops.paged_decode_attention, ops.paged_prefill_attention,
     )

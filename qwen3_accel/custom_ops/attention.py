@@ -50,14 +50,14 @@ def prefill_attention(
 @triton.jit
 def attend_block(q, k_ptrs, v_ptrs, in_range, visible, m, l, acc, scale, FP32_DOT: tl.constexpr):
     """One block of keys for a group of queries, online softmax: q [G, D]; k_ptrs / v_ptrs [N, D] (loaded where
-    `in_range`); `visible` [N]: the keys the queries see. Returns the updated running max m [G], sum l [G] and
-    unnormalised output acc [G, D], fp32."""
+    `in_range`); `visible` [G, N] (or [1, N]): which keys each query sees. Returns the updated running max m [G],
+    sum l [G] and unnormalised output acc [G, D], fp32."""
     k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
     if FP32_DOT:
         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         scores = tl.dot(q, tl.trans(k))
-    scores = tl.where(visible[None, :], scores * scale, float("-inf"))
+    scores = tl.where(visible, scores * scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
@@ -121,7 +121,8 @@ def _decode_split_kernel(
         in_range = n < hi
         valid = in_range & (tl.load(kv_valid_ptr + batch * valid_batch_stride + n, mask=in_range, other=0) != 0)
         offs = kv_base + n[:, None].to(tl.int64) * kv_slot_stride + d[None, :]
-        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, in_range, valid, m, l, acc, scale, FP32_DOT)
+        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, in_range, valid[None, :], m, l, acc, scale,
+                                 FP32_DOT)
     row = (batch * n_q_heads + heads) * NUM_SPLITS + split
     store_split(part_out_ptr, part_lse_ptr, row, d, g < GROUP, m, l, acc, HEAD_DIM, NUM_SPLITS)
 

@@ -8,6 +8,7 @@ included. Nothing else marks which slots are real: a sequence reads exactly its 
   paged_store_kv          the new tokens' keys and values into their slots (`slot_mapping [T]`, -1: skip)
   paged_decode_attention  one query per sequence over its blocks: split-KV, the splits merged by log-sum-exp with
                           the static cache's combine kernel (attention.py)
+  paged_prefill_attention chunks of prompts packed in one row of queries, each over its sequence's blocks, causal
 """
 
 import torch
@@ -112,7 +113,7 @@ def _paged_decode_split_kernel(
         block = tl.load(block_table_ptr + batch * table_stride + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = block * cache_block_stride + (n % BLOCK_SIZE).to(tl.int64) * cache_slot_stride
         offs = row[:, None] + kv_head * cache_head_stride + d[None, :]
-        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, valid, valid, m, l, acc, scale, FP32_DOT)
+        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, valid, valid[None, :], m, l, acc, scale, FP32_DOT)
     out_row = (batch * n_q_heads + heads) * NUM_SPLITS + split
     store_split(part_out_ptr, part_lse_ptr, out_row, d, g < GROUP, m, l, acc, HEAD_DIM, NUM_SPLITS)
 
@@ -182,3 +183,112 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
 @paged_decode_attention.register_fake
 def _(q, key_cache, value_cache, block_tables, seq_lens, scale):
     return q.new_empty(q.shape)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, chunk_starts_ptr, context_lens_ptr,
+    q_token_stride, q_head_stride, out_token_stride, out_head_stride, table_stride,
+    cache_block_stride, cache_slot_stride, cache_head_stride, scale,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    # q, out: [T, Hq, D] packed chunks; chunk c is rows [chunk_starts[c], chunk_starts[c + 1]), the last tokens of
+    # its sequence's context_lens[c] (whose keys are in the cache). Grid: (chunks, Hq, query blocks of BLOCK_M).
+    # Query i of a chunk sits at position context - chunk_len + i and sees the keys at positions <= its own.
+    chunk = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    q_lo = tl.load(chunk_starts_ptr + chunk)
+    chunk_len = tl.load(chunk_starts_ptr + chunk + 1) - q_lo
+    context = tl.load(context_lens_ptr + chunk)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < chunk_len
+    positions = context - chunk_len + rows
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_lo + rows)[:, None].to(tl.int64) * q_token_stride + head * q_head_stride + d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    kv_head = head // GROUP
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.minimum(context, context - chunk_len + (tl.program_id(2) + 1) * BLOCK_M)  # past the block's last query
+    for block_lo in range(0, hi, BLOCK_N):
+        n = block_lo + tl.arange(0, BLOCK_N)
+        in_range = n < hi
+        block = tl.load(block_table_ptr + chunk * table_stride + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        row = block * cache_block_stride + (n % BLOCK_SIZE).to(tl.int64) * cache_slot_stride
+        offs = row[:, None] + kv_head * cache_head_stride + d[None, :]
+        visible = in_range[None, :] & (n[None, :] <= positions[:, None])
+        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, in_range, visible, m, l, acc, scale, FP32_DOT)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + (q_lo + rows)[:, None].to(tl.int64) * out_token_stride + head * out_head_stride + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+def _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, context_lens) -> None:
+    assert q.dim() == 3 and q.stride(-1) == 1, "q: [T, Hq, D] packed chunks"
+    assert key_cache.shape == value_cache.shape and key_cache.stride() == value_cache.stride()
+    assert key_cache.dim() == 4 and key_cache.stride(-1) == 1, "caches: [num_blocks, block_size, Hkv, D]"
+    assert q.shape[1] % key_cache.shape[2] == 0, "query heads must be a multiple of kv heads"
+    chunks = block_tables.shape[0]
+    assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1
+    assert chunk_starts.dtype == torch.int32 and chunk_starts.shape == (chunks + 1,)
+    assert context_lens.dtype == torch.int32 and context_lens.shape == (chunks,)
+
+
+def paged_prefill_attention_triton(q, key_cache, value_cache, block_tables, chunk_starts, context_lens,
+                                   max_chunk_len: int, scale: float):
+    _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, context_lens)
+    tokens, n_q_heads, head_dim = q.shape
+    block_size, n_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
+    out = q.new_empty(q.shape)
+    chunks = block_tables.shape[0]
+    if chunks == 0 or max_chunk_len == 0:
+        return out
+    block_m = 16  # the smallest tl.dot tile; first guess, like the decode kernels' blocks, until a GPU run
+    _paged_prefill_kernel[(chunks, n_q_heads, triton.cdiv(max_chunk_len, block_m))](
+        q, key_cache, value_cache, out, block_tables, chunk_starts, context_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), float(scale),
+        BLOCK_SIZE=block_size, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=32,
+        FP32_DOT=q.dtype == torch.float32, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def paged_prefill_attention_reference(q, key_cache, value_cache, block_tables, chunk_starts, context_lens,
+                                      max_chunk_len: int, scale: float):
+    """Each chunk through SDPA over its sequence's first context_lens[c] keys, gathered from its blocks, causal."""
+    _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, context_lens)
+    out = q.new_empty(q.shape)
+    starts, contexts = chunk_starts.tolist(), context_lens.tolist()
+    keys, values = gather_paged(key_cache, block_tables), gather_paged(value_cache, block_tables)
+    for c, context in enumerate(contexts):
+        lo, hi = starts[c], starts[c + 1]
+        if hi == lo:
+            continue
+        chunk_q = q[lo:hi].transpose(0, 1)[None]  # [1, Hq, L, D]
+        k, v = keys[c, :context].transpose(0, 1)[None], values[c, :context].transpose(0, 1)[None]
+        query_pos = torch.arange(context - (hi - lo), context, device=q.device)[:, None]
+        mask = torch.arange(context, device=q.device)[None, :] <= query_pos  # [L, S]
+        attended = F.scaled_dot_product_attention(chunk_q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[lo:hi] = attended[0].transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op("qwen3_accel::paged_prefill_attention", mutates_args=())
+def paged_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            block_tables: torch.Tensor, chunk_starts: torch.Tensor, context_lens: torch.Tensor,
+                            max_chunk_len: int, scale: float) -> torch.Tensor:
+    """Prompt chunks packed in q [T, Hq, D] (chunk c: rows chunk_starts[c]..chunk_starts[c + 1], the last tokens of
+    a sequence of context_lens[c] cached tokens, block table row c), each attending causally over its sequence's
+    keys -> [T, Hq, D]. `max_chunk_len` bounds the chunks (host-known, sizes the grid). Triton on CUDA."""
+    args = (q, key_cache, value_cache, block_tables, chunk_starts, context_lens, max_chunk_len, scale)
+    return paged_prefill_attention_triton(*args) if q.is_cuda else paged_prefill_attention_reference(*args)
+
+
+@paged_prefill_attention.register_fake
+def _(q, key_cache, value_cache, block_tables, chunk_starts, context_lens, max_chunk_len, scale):
+    return q.new_empty(q.shape)
+

@@ -30,8 +30,21 @@ class PagedBatch:
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each token
     decode_tables: torch.Tensor  # [D, max_blocks] int32, the decoding sequences' block tables
     decode_seq_lens: torch.Tensor  # [D] int32, their lengths with the new token
-    prefill_chunks: list[tuple[int, int, torch.Tensor, int]]  # (start, end) in `tokens`, block table, context
+    prefill_tables: torch.Tensor  # [P, max_blocks] int32, the prompt chunks' block tables
+    prefill_starts: torch.Tensor  # [P + 1] int32: chunk c is tokens[D + starts[c] : D + starts[c + 1]]
+    prefill_context_lens: torch.Tensor  # [P] int32: its sequence's tokens up to the chunk's end
+    max_prefill_len: int  # the longest chunk (sizes the prefill kernel's grid)
     logit_index: torch.Tensor  # [N] int64: where in `tokens` each sampling sequence's last token is
+
+
+def block_tables(chunks: list[Chunk]) -> torch.Tensor:
+    """The chunks' sequences' block tables as one [len(chunks), longest] int32 tensor (zero-padded)."""
+    width = max((len(c.sequence.blocks.table) for c in chunks), default=1)
+    tables = torch.zeros((len(chunks), width), dtype=torch.int32)
+    for row, chunk in enumerate(chunks):
+        table = chunk.sequence.blocks.table
+        tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return tables
 
 
 class PagedKVCache:
@@ -152,22 +165,17 @@ class Engine:
                 slots.append(blocks.slot(seq.blocks, position))
             last[id(chunk)] = len(tokens) - 1
         logit_index = [last[id(c)] for c in chunks if c.samples]  # in the scheduler's order, as `step` reads them
-        max_blocks = max((len(c.sequence.blocks.table) for c in decodes), default=1)
-        tables = torch.zeros((len(decodes), max_blocks), dtype=torch.int32)
-        for row, chunk in enumerate(decodes):
-            table = chunk.sequence.blocks.table
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        prefill_chunks, offset = [], len(decodes)
+        starts = [0]
         for chunk in prefills:
-            n = chunk.end - chunk.start
-            table = torch.tensor(chunk.sequence.blocks.table, dtype=torch.int32, device=device)
-            prefill_chunks.append((offset, offset + n, table, chunk.end))
-            offset += n
+            starts.append(starts[-1] + chunk.end - chunk.start)
         as_long = dict(dtype=torch.long, device=device)
+        as_int = dict(dtype=torch.int32, device=device)
         return PagedBatch(
             torch.tensor(tokens, **as_long), torch.tensor(positions, **as_long), torch.tensor(slots, **as_long),
-            tables.to(device), torch.tensor([c.end for c in decodes], dtype=torch.int32, device=device),
-            prefill_chunks, torch.tensor(logit_index, **as_long),
+            block_tables(decodes).to(device), torch.tensor([c.end for c in decodes], **as_int),
+            block_tables(prefills).to(device), torch.tensor(starts, **as_int),
+            torch.tensor([c.end for c in prefills], **as_int),
+            max((c.end - c.start for c in prefills), default=0), torch.tensor(logit_index, **as_long),
         )
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
