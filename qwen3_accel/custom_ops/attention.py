@@ -48,6 +48,22 @@ def prefill_attention(
 
 
 @triton.jit
+def query_group(q_ptr, batch, kv_head, q_batch_stride, q_head_stride, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """The GROUP query heads of one kv head for one sequence ([GROUP_PAD, HEAD_DIM], padding rows zero), with the
+    lanes and an empty online-softmax state: (g, d, heads, q, m, l, acc)."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + batch * q_batch_stride + heads[:, None] * q_head_stride + d[None, :],
+                mask=g[:, None] < GROUP, other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    return g, d, heads, q, m, l, acc
+
+
+@triton.jit
 def attend_block(q, k_ptrs, v_ptrs, in_range, visible, m, l, acc, scale, FP32_DOT: tl.constexpr):
     """One block of keys for a group of queries, online softmax: q [G, D]; k_ptrs / v_ptrs [N, D] (loaded where
     `in_range`); `visible` [G, N] (or [1, N]): which keys each query sees. Returns the updated running max m [G],
@@ -107,14 +123,8 @@ def _decode_split_kernel(
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, end)
 
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + batch * q_batch_stride + heads[:, None] * q_head_stride + d[None, :],
-                mask=g[:, None] < GROUP, other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    g, d, heads, q, m, l, acc = query_group(q_ptr, batch, kv_head, q_batch_stride, q_head_stride, GROUP, GROUP_PAD,
+                                            HEAD_DIM)
     kv_base = batch * kv_batch_stride + kv_head * kv_head_stride
     for block_lo in range(lo, hi, BLOCK_N):
         n = block_lo + tl.arange(0, BLOCK_N)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .attention import _decode_combine_kernel, _num_sms, attend_block, num_kv_splits, store_split
+from .attention import _decode_combine_kernel, _num_sms, attend_block, num_kv_splits, query_group, store_split
 
 
 @triton.jit
@@ -99,14 +99,8 @@ def _paged_decode_split_kernel(
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + batch * q_batch_stride + heads[:, None] * q_head_stride + d[None, :],
-                mask=g[:, None] < GROUP, other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    g, d, heads, q, m, l, acc = query_group(q_ptr, batch, kv_head, q_batch_stride, q_head_stride, GROUP, GROUP_PAD,
+                                            HEAD_DIM)
     for block_lo in range(lo, hi, BLOCK_N):
         n = block_lo + tl.arange(0, BLOCK_N)
         valid = n < hi
