@@ -155,8 +155,8 @@ def rope_table(model: torch.nn.Module, max_positions: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ layers
 def qkv_heads(kernels: Kernels, weights: LayerWeights, qkv: torch.Tensor, batch: int, seq_len: int,
               cos_sin: torch.Tensor, positions: torch.Tensor, attention: Attention, layer: int, shape):
-    # positions: [B * L]
-    """Split the fused projection into heads and apply QK-norm + RoPE (storing k and v in the decode cache)."""
+    """Split the fused projection into heads and apply QK-norm + RoPE at `positions` [B * L] (storing k and v in
+    the decode cache)."""
     n_q, n_kv, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     qkv = qkv.view(batch * seq_len, n_q + 2 * n_kv, head_dim)
     q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]

@@ -103,16 +103,15 @@ def route_generate(model, args: tuple, kwargs: dict[str, Any], *, fast_loop: boo
     """The path for `model.generate(*args, **kwargs)` (fast_loop: whether the option allows the fast loop)."""
     if autocast:
         return GenerateRoute(HF_GENERATE, "autocast is on: our kernels and cache run the model dtype")
-    fast_reason = "fast_generate=False"
-    if fast_loop:
-        fast_reason = implementations.changed()
-        if fast_reason is None:
-            fast_reason, request = fast_path_reason(model, args, kwargs)
-            if request is not None:
-                return GenerateRoute(FAST_LOOP, request=request)
+    changed = implementations.changed()
+    fast_reason = changed if fast_loop else "fast_generate=False"
+    if fast_loop and changed is None:
+        fast_reason, request = fast_path_reason(model, args, kwargs)
+        if request is not None:
+            return GenerateRoute(FAST_LOOP, request=request)
     others = {k: v for k, v in kwargs.items() if k != "generation_config"}
     config = model._prepare_generation_config(kwargs.get("generation_config"), **others)[0]
-    reason = hf_cache_reason(model, args, kwargs, config) or implementations.changed()
+    reason = hf_cache_reason(model, args, kwargs, config) or changed
     if reason is not None:
         return GenerateRoute(HF_CACHE, reason, config=config)
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))

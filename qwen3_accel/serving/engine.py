@@ -158,9 +158,8 @@ class Engine:
         tokens, positions, slots, last = [], [], [], {}
         for chunk in decodes + prefills:
             seq = chunk.sequence
-            all_tokens = seq.tokens
+            tokens += seq.tokens_between(chunk.start, chunk.end)
             for position in range(chunk.start, chunk.end):
-                tokens.append(all_tokens[position])
                 positions.append(position)
                 slots.append(blocks.slot(seq.blocks, position))
             last[id(chunk)] = len(tokens) - 1

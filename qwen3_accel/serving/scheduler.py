@@ -60,6 +60,16 @@ class Sequence:
         return self.prompt + self.generated
 
     @property
+    def num_tokens(self) -> int:
+        """len(tokens), without building the list (the scheduler asks every step, for every sequence)."""
+        return len(self.prompt) + len(self.generated)
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """tokens[start:end], without building the whole list."""
+        prompt_len = len(self.prompt)
+        return self.prompt[start:end] + self.generated[max(0, start - prompt_len) : max(0, end - prompt_len)]
+
+    @property
     def finished(self) -> bool:
         return self.status in (Status.FINISHED, Status.FAILED)
 
@@ -75,7 +85,7 @@ class Chunk:
 
     @property
     def samples(self) -> bool:
-        return self.end == len(self.sequence.tokens)
+        return self.end == self.sequence.num_tokens
 
 
 class Scheduler:
@@ -135,12 +145,12 @@ class Scheduler:
         budget = self.max_batch_tokens
         preempted = False
         for seq in list(self.running):
-            if seq not in self.running or seq.computed < len(seq.tokens) - 1 or budget == 0:
+            if seq not in self.running or seq.computed < seq.num_tokens - 1 or budget == 0:
                 continue  # preempted by an earlier one this step, or still in its prompt
-            while seq.blocks.num_tokens < len(seq.tokens) and not self.blocks.can_append(seq.blocks):
+            while seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks):
                 victim = next((s for s in reversed(self.running) if s is not seq), None)
                 if victim is None:
-                    self.finish(seq, Status.FAILED, self._too_long(len(seq.tokens)))
+                    self.finish(seq, Status.FAILED, self._too_long(seq.num_tokens))
                     break
                 self._preempt(victim)
                 preempted = True
@@ -148,15 +158,15 @@ class Scheduler:
                 budget = self.max_batch_tokens - sum(c.end - c.start for c in chunks)
             if seq.finished:
                 continue
-            if seq.blocks.num_tokens < len(seq.tokens):
+            if seq.blocks.num_tokens < seq.num_tokens:
                 self.blocks.append(seq.blocks)
-            chunks.append(Chunk(seq, len(seq.tokens) - 1, len(seq.tokens)))
+            chunks.append(Chunk(seq, seq.num_tokens - 1, seq.num_tokens))
             budget -= 1
         for seq in self.running:  # prompts being prefilled in chunks
             if budget == 0:
                 break
-            if seq.computed < len(seq.tokens) - 1:
-                end = min(len(seq.tokens), seq.computed + budget)
+            if seq.computed < seq.num_tokens - 1:
+                end = min(seq.num_tokens, seq.computed + budget)
                 chunks.append(Chunk(seq, seq.computed, end))
                 budget -= end - seq.computed
         # No admission right after a preemption: the freed blocks would be taken again at once.
