@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -292,7 +293,9 @@ usage: qwen3-accel serve MODEL [--optimize KEY=VALUE,...] [transformers serve's 
 
 `transformers serve` on Qwen3 / Qwen3-MoE models optimized by qwen3_accel, with continuous batching on (add
 --no-continuous-batching to serve one request at a time): an OpenAI-compatible server (/v1/chat/completions,
-/v1/completions, /v1/models, /health). Every argument but --optimize is transformers serve's, passed through
+/v1/completions, /v1/models, /health). Requests run on qwen3_accel's continuous-batching engine (paged KV cache,
+our kernels; generation settings it does not implement go to HF's, and the log says so). Every argument but
+--optimize is transformers serve's, passed through
 unchanged (`transformers serve --help` lists them; e.g. --host, --port, --force-model). Needs
 `pip install "transformers[serving]"`.
 
@@ -343,6 +346,11 @@ def _serve(argv: list[str]) -> None:
     from . import patch_transformers
 
     patch_transformers(**options)  # the server loads models with from_pretrained: they come back optimized
+    handler = logging.StreamHandler()  # which engine serves, and the requests it cancels, in the server's log
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    package_logger = logging.getLogger("qwen3_accel")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
     from transformers.cli.transformers import app
 
     app(["serve", *rest], prog_name="qwen3-accel")

@@ -45,7 +45,7 @@ def check_versions(
 
 check_versions()  # before the imports below, which an unsupported release may not have
 
-from transformers import Qwen3ForCausalLM  # noqa: E402
+from transformers import ContinuousBatchingConfig, Qwen3ForCausalLM  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast  # noqa: E402
 
 # transformers 5.24 renamed the cache argument of `generate`, `prepare_inputs_for_generation` and the models'
@@ -54,6 +54,9 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).pa
 CACHE_ARG_NAMES = ("cache", "past_key_values")
 _OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
 OUTPUT_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+# ContinuousBatchingConfig's tokens per cache page: `block_size` until 5.24 renamed it `page_size`.
+_CB_FIELDS = {field.name for field in dataclasses.fields(ContinuousBatchingConfig)}
+CB_PAGE_FIELD = "page_size" if "page_size" in _CB_FIELDS else "block_size"
 
 
 def causal_lm_output(logits: torch.Tensor, cache, moe: bool = False) -> CausalLMOutputWithPast:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import Cache, DynamicCache, Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from transformers import Cache, DynamicCache, GenerationConfig, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.utils import ModelOutput
 
 from . import compat, decoder, parallel, quantize, router
@@ -30,6 +30,7 @@ from .graphs import outside_inference_mode
 from .patches import qwen3 as dense
 from .patches import qwen3_moe
 from .runner import ModelRunner
+from .serving.manager import BatchingManager
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,8 @@ class Qwen3Accelerator:
         model.generate = self.generate
         model.generate_batch = self.generate_batch
         model.init_continuous_batching = self.init_continuous_batching
+        model.destroy_cached_continuous_batching_manager = self.destroy_cached_continuous_batching_manager
+        self.kept_manager: BatchingManager | None = None
 
     def _setup(self) -> None:
         with outside_inference_mode():
@@ -209,32 +212,54 @@ class Qwen3Accelerator:
         self._ready = True
 
     # --------------------------------------------------------------------------- continuous batching
-    # HF's continuous batching (its scheduler, paged cache and paged attention) on the optimized model, on HF's
-    # attention (see router.Implementations); our forward hands every call of the manager (packed batches over its
-    # paged cache) to HF's forward, MoE experts still fused.
+    # Our engine (serving/: paged cache, scheduler, our kernels) behind HF's manager API; what it does not cover
+    # (router.batching_reason) goes to HF's continuous batching on HF's attention (router.Implementations hands it
+    # over), MoE experts still fused.
     def generate_batch(self, *args: Any, **kwargs: Any):
-        """HF's `generate_batch` (returns HF's `GenerationOutput` per request), on HF's continuous batching."""
+        """HF's `generate_batch` (HF's `GenerationOutput` per request): HF's own driver over the manager
+        `init_continuous_batching` returns."""
         self._ensure_ready()
         try:
-            self.implementations.hand_to_batching()
             return type(self.model).generate_batch(self.model, *args, **kwargs)
         finally:
             self.implementations.restore_after_batching()
 
-    def init_continuous_batching(self, *args: Any, **kwargs: Any):
-        """HF's `init_continuous_batching` (the manager `transformers serve --continuous-batching` drives)."""
+    def init_continuous_batching(self, generation_config: GenerationConfig | None = None,
+                                 continuous_batching_config: Any = None, workload_hints: Any = None):
+        """A continuous-batching manager with HF's methods (the one `transformers serve --continuous-batching`
+        drives): ours (serving.manager.BatchingManager) unless the request needs HF's (logged with the reason)."""
         self._ensure_ready()
+        config = generation_config if generation_config is not None else self.model.generation_config
+        reason = router.batching_reason(self.model, config, continuous_batching_config,
+                                        implementations=self.implementations, tensor_parallel=self.tp.world_size > 1)
+        if reason is None:
+            if self.kept_manager is not None:  # stop(keep_for_next_session=True), as HF caches its manager
+                return self.kept_manager
+            logger.info("qwen3_accel: continuous batching on qwen3_accel's engine (paged KV cache, our kernels)")
+            return BatchingManager(self.model, config, continuous_batching_config, on_stop=self._manager_stopped)
+        logger.info("qwen3_accel: continuous batching on HF's engine and attention: %s", reason)
         self.implementations.hand_to_batching()
-        manager = type(self.model).init_continuous_batching(self.model, *args, **kwargs)
+        manager = type(self.model).init_continuous_batching(self.model, generation_config,
+                                                            continuous_batching_config, workload_hints)
         self.implementations.batching_managers.add(manager)
         return manager
+
+    def _manager_stopped(self, manager: BatchingManager, keep: bool) -> None:
+        self.kept_manager = manager if keep else None
+
+    def destroy_cached_continuous_batching_manager(self) -> None:
+        """HF's method: release a manager kept by `stop(keep_for_next_session=True)` (ours or HF's)."""
+        if self.kept_manager is not None:
+            self.kept_manager.destroy()
+            self.kept_manager = None
+        type(self.model).destroy_cached_continuous_batching_manager(self.model)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"model": self.model, "options": self.options, "hf_implementations": self.hf_implementations}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # The model is not restored yet: set up on first use.
-        self.__dict__.update(state, _ready=False, _lock=threading.RLock())
+        self.__dict__.update(state, _ready=False, _lock=threading.RLock(), kept_manager=None)
 
     def _ensure_ready(self) -> None:
         if not self._ready:

@@ -62,11 +62,9 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | 
     attention_mask = model_kwargs.pop("attention_mask", None)
     if model_kwargs:
         return f"model arguments {sorted(model_kwargs)}", None
-    defaults = config._get_default_generation_params()
-    for key, value in config.to_dict().items():
-        if key in _HANDLED or value == defaults.get(key) or (key not in defaults and value in (None, False, {}, [])):
-            continue
-        return f"{key}={value!r}", None
+    setting = unhandled_setting(config)
+    if setting is not None:
+        return setting, None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
         return "no 2-D input_ids tensor", None
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
@@ -85,6 +83,44 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | 
     elif not bool(attention_mask[:, -1].bool().all()):
         return "a right-padded attention_mask", None
     return None, FastRequest(config, inputs, attention_mask, streamer, eos_ids)
+
+
+def unhandled_setting(config: GenerationConfig, ignored: frozenset = frozenset()) -> str | None:
+    """The first generation setting away from HF's default that our loops do not implement, as `key=value` (None
+    is a setting left unset: HF's default applies)."""
+    defaults = config._get_default_generation_params()
+    for key, value in config.to_dict().items():
+        if key in _HANDLED or key in ignored or value is None or value == defaults.get(key) or (
+                key not in defaults and value in (False, {}, [])):
+            continue
+        return f"{key}={value!r}"
+    return None
+
+
+# Cache settings continuous batching has no use for (its paged cache is the cache): `transformers serve` sets
+# use_cache=False in every continuous-batching request's config.
+_BATCHING_IGNORED = frozenset({"use_cache", "cache_implementation"})
+# ContinuousBatchingConfig fields our engine does not implement, with the value that asks for nothing.
+_BATCHING_UNHANDLED = {"return_logprobs": False, "per_request_processors": False, "cpu_offload_space": 0.0}
+
+
+def batching_reason(model, generation_config: GenerationConfig, cb_config: Any, *, implementations:
+                    "Implementations", tensor_parallel: bool) -> str | None:
+    """Why HF's continuous batching must serve `init_continuous_batching(generation_config, cb_config)`, or None
+    when our engine (serving/) does."""
+    if tensor_parallel:
+        return "tensor parallelism (our engine runs on one device)"
+    changed = implementations.changed()
+    if changed is not None:
+        return changed
+    setting = unhandled_setting(generation_config, _BATCHING_IGNORED)
+    if setting is not None:
+        return setting
+    for name, nothing in _BATCHING_UNHANDLED.items():
+        value = getattr(cb_config, name, nothing)
+        if value not in (nothing, None):
+            return f"continuous_batching_config.{name}={value!r}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,11 @@ def test_many_prompts_with_preemption_equal_hf(pair):
                for i in range(36)]
     prompts[0] = [7]  # one token
     engine = Engine(optimized, num_blocks=32, block_size=16, max_batch_tokens=128, max_batch_size=16)
-    outputs = engine.generate(prompts, max_new_tokens=16)
-    assert outputs == [hf_tokens(reference, p, 16) for p in prompts]
-    seqs = list(engine.requests.values())
+    seqs = [engine.add_request(p, 16) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert [s.generated for s in seqs] == [hf_tokens(reference, p, 16) for p in prompts]
+    assert not engine.requests  # finished requests are forgotten
     assert sum(s.preemptions for s in seqs) > 0, "the pool was meant to be too small to run every request at once"
     assert engine.block_manager.num_free == 32  # every block back
 
@@ -112,5 +114,8 @@ def test_the_triton_paged_kernels_serve_the_engine():
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 70))] for _ in range(6)]
     engine = Engine(optimized, num_blocks=10, block_size=16, max_batch_tokens=48, max_batch_size=4)
-    assert engine.generate(prompts, max_new_tokens=8) == [hf_tokens(reference, p, 8) for p in prompts]
-    assert sum(s.preemptions for s in engine.requests.values()) > 0
+    seqs = [engine.add_request(p, 8) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert [s.generated for s in seqs] == [hf_tokens(reference, p, 8) for p in prompts]
+    assert sum(s.preemptions for s in seqs) > 0

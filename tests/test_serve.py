@@ -141,3 +141,27 @@ def test_concurrent_openai_requests_get_hfs_answers(servers, model_dir):
     for (kind, stream, text, _, ids), answer in zip(requests, answers):
         if kind == "completion" and not stream:  # and the text is HF generate()'s for the prompt alone
             assert answer == _hf_answer(model_dir, ids), text
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(servers, model_dir):
+    """A streaming client that goes away after a few chunks: the server cancels its request (the log says so,
+    with the whole pool free again), and goes on answering."""
+    import re
+
+    ours, _, logs = servers
+    log = logs / "ours.log"
+    assert "continuous batching on qwen3_accel's engine" in log.read_text()  # not HF's engine
+    stream = ours.completions.create(model=model_dir, prompt="request 0: what is", max_tokens=3000, temperature=0,
+                                     stream=True)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()
+    deadline = time.monotonic() + 60
+    while not (cancelled := re.findall(r"cancelled after (\d+) tokens; (\d+) of (\d+) KV blocks free",
+                                       log.read_text())):
+        assert time.monotonic() < deadline, f"no cancellation in the server's log:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    generated, free, total = map(int, cancelled[-1])
+    assert generated < 3000 and free == total
+    answer = ours.completions.create(model=model_dir, prompt="request 1: what", max_tokens=NEW_TOKENS, temperature=0)
+    assert answer.choices[0].text

@@ -91,14 +91,14 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_batch_size)
         self.max_positions = model.config.max_position_embeddings
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Sequence] = {}  # the requests not finished yet (a server's never grows)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     request_id: str | None = None) -> Sequence:
         """Queue a request; it joins the running batch at the next step with room for it."""
-        if request_id is not None and request_id in self.requests and not self.requests[request_id].finished:
+        if request_id is not None and request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already running")
         if len(prompt) + max_new_tokens > self.max_positions:
             raise ValueError(f"prompt + new tokens = {len(prompt) + max_new_tokens} exceeds the model's "
@@ -109,9 +109,14 @@ class Engine:
         self.requests[seq.request_id] = seq
         return seq
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (e.g. its client went away); its blocks are free for the others at once."""
-        self.scheduler.cancel(self.requests[request_id])
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request (e.g. its client went away); its blocks are free for the others at once. False when no
+        such request is running (unknown, or finished already)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.cancel(seq)
+        return True
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -130,8 +135,10 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- step
     def step(self) -> list[Sequence]:
         """Run one scheduled step; returns the sequences that got a token in it (a request the scheduler failed,
-        e.g. one too long for the whole pool, has status FAILED and its error)."""
+        e.g. one too long for the whole pool, has status FAILED and its error). Finished requests leave
+        `requests`."""
         chunks = self.scheduler.schedule()
+        self._forget_finished()
         if not chunks:
             return []
         with self.acc._lock, torch.no_grad():
@@ -146,7 +153,12 @@ class Engine:
             params = seq.params
             if token in params.eos_ids or len(seq.generated) >= params.max_new_tokens:
                 self.scheduler.finish(seq)
+        self._forget_finished()
         return sampling
+
+    def _forget_finished(self) -> None:
+        for request_id in [rid for rid, seq in self.requests.items() if seq.finished]:
+            del self.requests[request_id]
 
     def _pack(self, chunks: list[Chunk]) -> PagedBatch:
         device = self.runner.device

@@ -97,6 +97,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.preemptions = 0  # since the engine started (a sign the pool is too small for the load)
         self._ids = itertools.count()
 
     def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -137,6 +138,7 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.WAITING
         seq.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(seq)
 
     def schedule(self) -> list[Chunk]:

@@ -1,0 +1,396 @@
+"""HF's continuous-batching manager API on our engine: what `init_continuous_batching`, HF's `generate_batch` and
+`transformers serve --continuous-batching` call, with HF's types (`GenerationOutput`, `RequestStatus`).
+
+One background thread owns the engine (engine.py): between two steps it takes the requests and cancellations the
+callers queued, then runs a step and delivers what it produced — every new token of a streaming request, the last
+output of every request — to the request's registered handler (on its asyncio loop, as HF does) or to the shared
+output queue that `get_result` and iteration read. A request that cannot run (an empty prompt, more tokens than
+the model's positions or the whole pool, settings the engine does not implement) gets a FAILED output with the
+reason and harms no other; a step that raises fails the requests in flight, and the loop goes on with a fresh
+engine.
+"""
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.continuous_batching import RequestStatus
+from transformers.generation.continuous_batching.requests import GenerationOutput
+
+from .. import compat
+from .engine import Engine
+from .scheduler import Sequence, Status
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16  # token slots per KV block (vLLM's default); HF's page_size x num_blocks sets the pool's tokens
+# Tokens one step computes at most. On the CPU a step of 256 tokens already takes ~50 ms for the tiny models;
+# on a GPU 2048 (vLLM's chunked-prefill default) keeps prompt chunks from stalling decodes. Not yet measured here.
+MAX_BATCH_TOKENS = {"cpu": 256, "cuda": 2048}
+MAX_BATCH_SIZE = 128  # sequences running at once (the 64-user target with room for arrivals)
+KV_MEMORY_FRACTION = 0.8  # of the free device memory, HF's own default when logits are processed
+IDLE_WAIT_S = 0.1  # how long the loop sleeps when it has nothing to run, unless a request wakes it
+
+
+@dataclass
+class _Request:
+    """A request as the manager tracks it beside the engine's Sequence."""
+
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    eos_ids: list[int]
+    streaming: bool
+    record_timestamps: bool
+    created: float = field(default_factory=time.perf_counter)
+    started: float = -1.0
+    timestamps: list[float] = field(default_factory=list)
+    sequence: Sequence | None = None
+
+    def output(self, status: RequestStatus, error: str | None = None) -> GenerationOutput:
+        generated = list(self.sequence.generated) if self.sequence is not None else []
+        finished = time.perf_counter() if status >= RequestStatus.FINISHED else -1.0
+        return GenerationOutput(request_id=self.request_id, prompt_ids=list(self.prompt), generated_tokens=generated,
+                                error=error, status=status, created_time=self.created,
+                                lifespan=(self.started, finished),
+                                timestamps=list(self.timestamps) if self.record_timestamps else None)
+
+
+class ThreadStatus:
+    """What `transformers serve` reads to know whether the worker lives (`fatal_error`, HF's attribute name)."""
+
+    def __init__(self) -> None:
+        self.fatal_error: Exception | None = None
+
+
+def sampling_settings(config: GenerationConfig) -> dict[str, Any]:
+    """The engine's sampling settings from a generation config (HF's defaults where it sets none)."""
+    if not config.do_sample:
+        return dict(do_sample=False)
+    settings = dict(do_sample=True, temperature=float(config.temperature if config.temperature is not None else 1.0),
+                    top_k=int(config.top_k or 0), top_p=float(config.top_p if config.top_p is not None else 1.0))
+    if settings["temperature"] <= 0 or settings["top_k"] < 0 or not 0 < settings["top_p"] <= 1:
+        raise ValueError(f"invalid sampling settings {settings}: need temperature > 0, top_k >= 0 (0 = off) and "
+                         "0 < top_p <= 1")
+    return settings
+
+
+def eos_list(eos: int | list[int] | None) -> list[int]:
+    """HF's convention: None or negative ids mean no stop token."""
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return [int(e) for e in eos if e >= 0]
+
+
+class BatchingManager:
+    """Continuous batching on an optimized model's kernels behind HF's `ContinuousBatchingManager` methods.
+
+    Build it with `model.init_continuous_batching(generation_config, continuous_batching_config)` on a model
+    `qwen3_accel.optimize` returned. From HF's `ContinuousBatchingConfig` it reads the pool (`num_blocks` x
+    `page_size` tokens, else `max_memory_percent` of the free device memory), `max_batch_tokens` and
+    `max_requests_per_batch`; our blocks hold BLOCK_SIZE tokens whatever the page size.
+    """
+
+    def __init__(self, model: torch.nn.Module, generation_config: GenerationConfig, cb_config: Any = None,
+                 on_stop: Callable[["BatchingManager", bool], None] | None = None):
+        self.model = model
+        self.generation_config = generation_config
+        self.sampling = sampling_settings(generation_config)
+        device = model.lm_head.weight.device.type
+        cb = cb_config
+        pool_tokens = None
+        if cb is not None and getattr(cb, "num_blocks", None):
+            pool_tokens = cb.num_blocks * getattr(cb, compat.CB_PAGE_FIELD)
+        self.engine_options = dict(
+            num_blocks=-(-pool_tokens // BLOCK_SIZE) if pool_tokens else None,
+            block_size=BLOCK_SIZE,
+            max_batch_tokens=(getattr(cb, "max_batch_tokens", None) or MAX_BATCH_TOKENS.get(device, 256)),
+            max_batch_size=(getattr(cb, "max_requests_per_batch", None) or MAX_BATCH_SIZE),
+            kv_memory_fraction=(getattr(cb, "max_memory_percent", None) or KV_MEMORY_FRACTION),
+        )
+        self.max_queue_size = getattr(cb, "max_queue_size", 0) or 0
+        self.engine: Engine | None = None
+        self.background_thread_status = ThreadStatus()
+        self.warmed_up = False
+        self._on_stop = on_stop
+        self._inputs: queue.Queue[_Request] = queue.Queue(maxsize=self.max_queue_size)
+        self._cancels: queue.Queue[str] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop_mode: str | None = None  # "flush" (finish what was asked) or "hard" (fail it)
+        self._release_engine = False  # the loop drops the engine (its KV pool) when it ends
+        self._thread: threading.Thread | None = None
+        self._step_lock = threading.Lock()  # held by the loop around each step; pause() takes it
+        self._ids_lock = threading.Lock()
+        self._next_id = 0
+        self._requests: dict[str, _Request] = {}  # queued or running, owned by the loop thread
+        self.output_queue: queue.Queue[GenerationOutput] = queue.Queue()
+        self._handlers: dict[str, tuple[Callable, asyncio.AbstractEventLoop]] = {}
+        self._handlers_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------ control
+    def _ensure_engine(self) -> Engine:
+        if self.engine is None:
+            self.engine = Engine(self.model, **self.engine_options)
+        return self.engine
+
+    def warmup(self) -> None:
+        """Build the engine (its KV pool) and run one token through it, so the first request does not pay for
+        kernel compilation."""
+        engine = self._ensure_engine()
+        with self._step_lock:
+            engine.generate([[0]], max_new_tokens=1)
+        self.warmed_up = True
+
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.is_running():
+            logger.warning("qwen3_accel: the continuous-batching manager is running already")
+            return
+        self._ensure_engine()
+        self._stop_mode, self._release_engine = None, False
+        self.background_thread_status = ThreadStatus()
+        self._thread = threading.Thread(target=self._loop, name="qwen3_accel-batching", daemon=True)
+        self._thread.start()
+
+    def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
+             hard_stop: bool = False) -> None:
+        """Stop the loop: by default once the requests asked so far are answered; `hard_stop` fails them instead.
+        Without `keep_for_next_session` the KV pool is released."""
+        if self._thread is None:
+            logger.warning("qwen3_accel: the continuous-batching manager was not started")
+            return
+        self._release_engine = not keep_for_next_session
+        self._stop_mode = "hard" if hard_stop else "flush"
+        self._wake.set()
+        if block:
+            self.join(timeout=timeout)
+        if self._on_stop is not None:
+            self._on_stop(self, keep_for_next_session)
+
+    def join(self, stop_trigger_time: float | None = None, timeout: float | None = None) -> None:
+        """Wait for the loop to end, at most `timeout` s (HF's signature; the trigger time is not used)."""
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("qwen3_accel: the continuous-batching loop did not stop within %s s", timeout)
+        else:
+            self._thread = None
+
+    def destroy(self) -> None:
+        if self.is_running():
+            self.stop(block=True)
+        self.engine = None
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Hold the loop between two steps (to change the model in place); requests and cache are kept."""
+        if not self.is_running():
+            raise RuntimeError("Cannot pause generation while no generation loop is running.")
+        with self._step_lock:
+            yield
+
+    # ----------------------------------------------------------------------------------- requests
+    def _new_id(self) -> str:
+        with self._ids_lock:
+            request_id = f"req_{self._next_id}"
+            self._next_id += 1
+        return request_id
+
+    def add_request(self, input_ids: list[int], request_id: str | None = None, max_new_tokens: int | None = None,
+                    streaming: bool = False, record_timestamps: bool = False,
+                    eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str | None:
+        """Queue one request (HF's signature); its outputs arrive by `get_result`, iteration or a handler. A
+        request that cannot run gets a FAILED output with the reason."""
+        if self._stop_mode is not None:
+            logger.warning("qwen3_accel: the manager is stopping; request %s is dropped", request_id)
+            return None
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = input_ids.reshape(-1).tolist()
+        request_id = self._new_id() if request_id is None else request_id
+        config = self.generation_config
+        max_new_tokens = config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new_tokens is None:  # HF: no limit; here, until eos or the model's positions run out
+            max_new_tokens = max(1, self.model.config.max_position_embeddings - len(input_ids))
+        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        request = _Request(request_id, [int(t) for t in input_ids], int(max_new_tokens), eos_list(eos), streaming,
+                           record_timestamps)
+        if logit_processor_kwargs:
+            self._deliver(request.output(RequestStatus.FAILED, (
+                f"per-request logits-processor settings {sorted(logit_processor_kwargs)} are not supported by "
+                "qwen3_accel's engine (give them in the manager's generation config)")))
+            return request_id
+        self._inputs.put(request, block=True, timeout=10)
+        self._wake.set()
+        return request_id
+
+    def add_requests(self, inputs: list[list[int]], max_new_tokens: int | None = None, streaming: bool = False,
+                     record_timestamps: bool = False, **logit_processor_kwargs: Any) -> list[str]:
+        """`add_request` for each prompt, in order; the eos ids of the generation config, else the model's."""
+        eos = self.generation_config.eos_token_id
+        eos = self.model.config.eos_token_id if eos is None else eos
+        return [self.add_request(ids, max_new_tokens=max_new_tokens, streaming=streaming,
+                                 record_timestamps=record_timestamps, eos_token_id=-1 if eos is None else eos,
+                                 **logit_processor_kwargs) for ids in inputs]
+
+    def cancel_request(self, request_id: str) -> None:
+        """Stop a request (a client that went away): its blocks go back to the pool at the next step and its last
+        output is FAILED with error "cancelled". An unknown or finished id is a no-op."""
+        self._cancels.put(request_id)
+        self._wake.set()
+
+    def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
+        """The next output (of `request_id`, if given; others are put back), or None after `timeout` s or when the
+        loop has ended with nothing left."""
+        if self.output_queue.empty() and not self.is_running():
+            return None
+        try:
+            result = self.output_queue.get(block=True, timeout=timeout)
+        except queue.Empty:
+            return None
+        if request_id is not None and result.request_id != request_id:
+            self.output_queue.put(result)
+            return None
+        return result
+
+    def __iter__(self) -> Iterator[GenerationOutput]:
+        while self.is_running() or not self.output_queue.empty():
+            result = self.get_result(timeout=IDLE_WAIT_S)
+            if result is not None:
+                yield result
+
+    def request_id_iter(self, request_id: str) -> Iterator[GenerationOutput]:
+        while self.is_running() or not self.output_queue.empty():
+            result = self.get_result(request_id=request_id, timeout=IDLE_WAIT_S)
+            if result is not None:
+                yield result
+                if result.is_finished():
+                    return
+
+    def register_result_handler(self, request_id: str, callback: Callable[[GenerationOutput], Any]) -> None:
+        """Deliver this request's outputs to `callback` on the caller's running asyncio loop (HF's contract:
+        every token when streaming, else the last output); dropped once the request finishes."""
+        loop = asyncio.get_running_loop()
+
+        def deliver_and_clean_up(output: GenerationOutput) -> None:
+            callback(output)
+            if output.is_finished():
+                with self._handlers_lock:
+                    self._handlers.pop(request_id, None)
+
+        with self._handlers_lock:
+            self._handlers[request_id] = (deliver_and_clean_up, loop)
+
+    def _deliver(self, output: GenerationOutput) -> None:
+        with self._handlers_lock:
+            handler = self._handlers.get(output.request_id)
+        if handler is None:
+            self.output_queue.put(output)
+            return
+        callback, loop = handler
+        try:
+            loop.call_soon_threadsafe(callback, output)
+        except RuntimeError:  # the caller's loop has closed: nobody is listening any more
+            with self._handlers_lock:
+                self._handlers.pop(output.request_id, None)
+
+    # --------------------------------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        device = self.model.lm_head.weight.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            while True:
+                self._take_requests()
+                engine = self.engine
+                if self._stop_mode == "hard" or (self._stop_mode == "flush" and not self._requests
+                                                 and self._inputs.empty()):
+                    break
+                if not engine.has_work():
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                with self._step_lock:
+                    try:
+                        stepped = engine.step()
+                    except Exception as error:  # a bug of ours: fail what was in flight, keep serving
+                        logger.exception("qwen3_accel: a continuous-batching step failed")
+                        self._fail_all(f"the step failed: {error!r}")
+                        self.engine = Engine(self.model, **self.engine_options)
+                        continue
+                self._publish(stepped)
+            self._fail_all("the manager stopped before this request finished")
+        except Exception as error:
+            logger.exception("qwen3_accel: the continuous-batching loop died")
+            self.background_thread_status.fatal_error = error
+            self._fail_all(f"the continuous-batching loop died: {error!r}")
+        finally:
+            if self._release_engine:
+                self.engine = None
+
+    def _take_requests(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                request = self._inputs.get_nowait()
+            except queue.Empty:
+                break
+            if request.request_id in self._requests:
+                self._deliver(request.output(RequestStatus.FAILED, f"request {request.request_id!r} is running "
+                                                                   "already: ids must be unique"))
+                continue
+            try:
+                request.sequence = engine.add_request(request.prompt, request.max_new_tokens,
+                                                      eos_token_id=request.eos_ids, request_id=request.request_id,
+                                                      **self.sampling)
+            except ValueError as error:
+                self._deliver(request.output(RequestStatus.FAILED, str(error)))
+                continue
+            self._requests[request.request_id] = request
+        while True:
+            try:
+                request_id = self._cancels.get_nowait()
+            except queue.Empty:
+                break
+            request = self._requests.pop(request_id, None)
+            if request is not None:
+                engine.cancel(request_id)
+                self._deliver(request.output(RequestStatus.FAILED, "cancelled"))
+                blocks = engine.block_manager
+                logger.info("qwen3_accel: request %s cancelled after %d tokens; %d of %d KV blocks free", request_id,
+                            len(request.sequence.generated), blocks.num_free, len(blocks.blocks))
+
+    def _publish(self, stepped: list[Sequence]) -> None:
+        now = time.perf_counter()
+        got_token = {seq.request_id for seq in stepped}
+        for request_id, request in list(self._requests.items()):
+            seq = request.sequence
+            if request.started < 0 and seq.status is not Status.WAITING:
+                request.started = now
+            if request_id in got_token and request.record_timestamps:
+                request.timestamps.append(now)
+            if seq.finished:
+                del self._requests[request_id]
+                status = RequestStatus.FINISHED if seq.status is Status.FINISHED else RequestStatus.FAILED
+                self._deliver(request.output(status, seq.error))
+            elif request.streaming and request_id in got_token:
+                self._deliver(request.output(RequestStatus.DECODING))
+
+    def _fail_all(self, reason: str) -> None:
+        for request in self._requests.values():
+            self._deliver(request.output(RequestStatus.FAILED, reason))
+        self._requests.clear()
+        while True:
+            try:
+                request = self._inputs.get_nowait()
+            except queue.Empty:
+                break
+            self._deliver(request.output(RequestStatus.FAILED, reason))
