@@ -15,6 +15,8 @@ Under tensor parallelism (`tp`) attention runs this rank's heads and the MLP its
 sums, reduced over the ranks.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -107,6 +109,31 @@ class DecodeAttention:
         out = self.kernels.decode_attention(q[:, 0], self.keys[layer], self.values[layer], self.kv_valid,
                                             self.seq_start, self.seq_end, self.scale)
         return out.reshape(q.shape[0], 1, -1)
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """One step's packed inputs. Tokens [T]: one per decoding sequence first, then the prompt chunks in order."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each token
+    decode_tables: torch.Tensor  # [D, max_blocks] int32, the decoding sequences' block tables
+    decode_seq_lens: torch.Tensor  # [D] int32, their lengths with the new token
+    prefill_tables: torch.Tensor  # [P, max_blocks] int32, the prompt chunks' block tables
+    prefill_starts: torch.Tensor  # [P + 1] int32: chunk c is tokens[D + starts[c] : D + starts[c + 1]]
+    prefill_context_lens: torch.Tensor  # [P] int32: its sequence's tokens up to the chunk's end
+    max_prefill_len: int  # the longest chunk (sizes the prefill kernel's grid)
+    logit_index: torch.Tensor  # [N] int64: where in `tokens` each sampling sequence's last token is
+
+    @classmethod
+    def decode(cls, tokens, positions, slot_mapping, tables, seq_lens) -> "PagedBatch":
+        """A step of one token per sequence (no prompt chunk): every row samples."""
+        device = tokens.device
+        no_rows = torch.zeros((0, tables.shape[1]), dtype=torch.int32, device=device)
+        none = torch.zeros((0,), dtype=torch.int32, device=device)
+        return cls(tokens, positions, slot_mapping, tables, seq_lens, no_rows, torch.zeros((1,), dtype=torch.int32,
+                   device=device), none, 0, torch.arange(tokens.shape[0], device=device))
 
 
 class PagedAttention:

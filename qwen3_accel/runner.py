@@ -165,7 +165,14 @@ class ModelRunner:
         state.unfinished.copy_(still)
         state.step.add_(1)
 
-    def paged_step(self, keys: list[torch.Tensor], values: list[torch.Tensor], batch) -> torch.Tensor:
+    def paged_decode_step(self, tokens, positions, slot_mapping, tables, seq_lens, keys, values) -> torch.Tensor:
+        """The engine's step when every sequence decodes one token (compiled per row bucket, serving/engine.py):
+        [B] tokens -> [B, V] logits."""
+        return self.paged_step(keys, values, decoder.PagedBatch.decode(tokens, positions, slot_mapping, tables,
+                                                                       seq_lens))
+
+    def paged_step(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                   batch: decoder.PagedBatch) -> torch.Tensor:
         """One packed step of the continuous-batching engine (serving/engine.py) over its paged cache: the logits
         [N, V] at `batch.logit_index` (the last token of each sequence that samples)."""
         embeds = self.embed(batch.tokens)[None]  # [1, T, H]

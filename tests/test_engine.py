@@ -119,3 +119,23 @@ def test_the_triton_paged_kernels_serve_the_engine():
         engine.step()
     assert [s.generated for s in seqs] == [hf_tokens(reference, p, 8) for p in prompts]
     assert sum(s.preemptions for s in seqs) > 0
+
+
+def test_decode_steps_replay_one_graph_per_bucket():
+    """optimize(compile=True): decode-only steps run compiled, one graph per (row bucket, table width) key and
+    no recompile, while sequences finish (4 -> 3 -> 1 rows) and one grows past 64 blocks; HF's tokens."""
+    reference, optimized = model_pair("tiny")
+    engine = Engine(optimized, num_blocks=128, block_size=16, max_batch_tokens=2048, max_batch_size=8)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 17, 1020)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        seqs = [engine.add_request(p, n) for p, n in zip(prompts, (2, 6, 6, 8))]
+        while engine.has_work():
+            engine.step()
+    assert [s.generated for s in seqs] == [hf_tokens(reference, p, s.params.max_new_tokens)
+                                           for p, s in zip(prompts, seqs)]
+    graphs = engine.decode_graphs
+    assert not graphs.eager_keys
+    # 4 rows at width 64; the long one passes 1024 tokens (65 blocks: width 128) with 3 rows left (bucket 4);
+    # then it decodes alone. Each key compiled once.
+    assert set(graphs.compiled) == {("paged decode", 4, 64), ("paged decode", 4, 128), ("paged decode", 1, 128)}

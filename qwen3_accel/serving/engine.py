@@ -9,32 +9,19 @@ into one token row with their positions, cache slots and block tables, runs the 
 ended at its last token. Requests join and leave between any two steps.
 """
 
-from dataclasses import dataclass
-
 import torch
 
+from ..decoder import PagedBatch
 from ..fast_generate import select_tokens
-from ..graphs import outside_inference_mode
+from ..graphs import CompiledSteps, outside_inference_mode
 from .blocks import BlockManager
 from .scheduler import Chunk, SamplingParams, Scheduler, Sequence, Status
 
 DEFAULT_CPU_BLOCKS = 1024  # without a device to measure, a pool of 1024 blocks (16k tokens at 16 per block)
-
-
-@dataclass(frozen=True)
-class PagedBatch:
-    """One step's packed inputs. Tokens [T]: one per decoding sequence first, then the prompt chunks in order."""
-
-    tokens: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each token
-    decode_tables: torch.Tensor  # [D, max_blocks] int32, the decoding sequences' block tables
-    decode_seq_lens: torch.Tensor  # [D] int32, their lengths with the new token
-    prefill_tables: torch.Tensor  # [P, max_blocks] int32, the prompt chunks' block tables
-    prefill_starts: torch.Tensor  # [P + 1] int32: chunk c is tokens[D + starts[c] : D + starts[c + 1]]
-    prefill_context_lens: torch.Tensor  # [P] int32: its sequence's tokens up to the chunk's end
-    max_prefill_len: int  # the longest chunk (sizes the prefill kernel's grid)
-    logit_index: torch.Tensor  # [N] int64: where in `tokens` each sampling sequence's last token is
+# Decode-only steps replay a graph per (row bucket, block-table width) key: rows padded to a power of two up to
+# max_batch_size, table widths to a power of two from this many blocks (1024 tokens at 16 per block) up to the
+# model's positions, so that a serving mix of short requests uses one width and the set of graphs stays small.
+MIN_GRAPH_TABLE_BLOCKS = 64
 
 
 def block_tables(chunks: list[Chunk]) -> torch.Tensor:
@@ -48,14 +35,18 @@ def block_tables(chunks: list[Chunk]) -> torch.Tensor:
 
 
 class PagedKVCache:
-    """Per layer keys and values [num_blocks, block_size, kv_heads, head_dim] in the model dtype."""
+    """Per layer keys and values [num_blocks + 1, block_size, kv_heads, head_dim] in the model dtype. The last
+    block (`scratch`) belongs to no sequence: the padding rows of a graph-bucketed step write and read there."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.scratch = num_blocks
         with outside_inference_mode():
             self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
             self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for t in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(t)  # the graphs read the pool in place
 
 
 def blocks_for_memory(bytes_per_block: int, device: torch.device, fraction: float) -> int:
@@ -92,6 +83,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_batch_tokens, max_batch_size)
         self.max_positions = model.config.max_position_embeddings
         self.requests: dict[str, Sequence] = {}  # the requests not finished yet (a server's never grows)
+        self.max_table_blocks = self.block_manager.blocks_for(self.max_positions)
+        # One graph per key, this engine's own (its pool is in every graph); eager when optimize(compile=False).
+        self.decode_graphs = CompiledSteps(self.runner.paged_decode_step, self.runner.compile)
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
@@ -143,8 +137,10 @@ class Engine:
             return []
         with self.acc._lock, torch.no_grad():
             self.acc.check_weights_shared()
-            batch = self._pack(chunks)
-            logits = self.runner.paged_step(self.cache.keys, self.cache.values, batch)
+            if all(chunk.end - chunk.start == 1 for chunk in chunks):
+                logits = self._decode(chunks)
+            else:  # prompt chunks in the step: eager (their shapes vary every step)
+                logits = self.runner.paged_step(self.cache.keys, self.cache.values, self._pack(chunks))
         self.scheduler.completed(chunks)
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]
         next_tokens = self._pick(logits.float(), sampling)
@@ -188,6 +184,36 @@ class Engine:
             torch.tensor([c.end for c in prefills], **as_int),
             max((c.end - c.start for c in prefills), default=0), torch.tensor(logit_index, **as_long),
         )
+
+    def graph_key(self, num_sequences: int, table_blocks: int) -> tuple[int, int]:
+        """(rows, table width) of the graph a decode-only step of these sizes replays."""
+        rows = min(1 << (num_sequences - 1).bit_length(), max(self.scheduler.max_batch_size, num_sequences))
+        width = max(MIN_GRAPH_TABLE_BLOCKS, 1 << (table_blocks - 1).bit_length())
+        return rows, min(width, max(self.max_table_blocks, table_blocks))
+
+    def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
+        """A step of one token per sequence through the graph of its bucket: padding rows attend to, and write
+        into, the scratch block only. Logits of the sampling rows, in the chunks' order."""
+        blocks, scratch = self.block_manager, self.cache.scratch
+        rows, width = self.graph_key(len(chunks), max(len(c.sequence.blocks.table) for c in chunks))
+        pad = rows - len(chunks)
+        tokens = [c.sequence.tokens_between(c.start, c.end)[0] for c in chunks] + [0] * pad
+        positions = [c.start for c in chunks] + [0] * pad
+        slots = [blocks.slot(c.sequence.blocks, c.start) for c in chunks] + [scratch * blocks.block_size] * pad
+        tables = torch.full((rows, width), scratch, dtype=torch.int32)
+        for row, chunk in enumerate(chunks):
+            table = chunk.sequence.blocks.table
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        seq_lens = [c.end for c in chunks] + [1] * pad
+        device = self.runner.device
+        as_long = dict(dtype=torch.long, device=device)
+        logits = self.decode_graphs(
+            ("paged decode", rows, width), torch.tensor(tokens, **as_long), torch.tensor(positions, **as_long),
+            torch.tensor(slots, **as_long), tables.to(device), torch.tensor(seq_lens, dtype=torch.int32,
+                                                                           device=device),
+            self.cache.keys, self.cache.values)
+        sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]  # (a prompt's 1-token chunk may not)
+        return logits[sampling]  # a copy: a graph's output is overwritten by its next replay
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """The next token of each sampling sequence: greedy rows by one argmax, sampled rows with their own
