@@ -200,9 +200,11 @@ def test_bad_requests_fail_alone_with_clear_errors(pair):
         assert all(r.error is None and len(r.generated_tokens) == 8 for r in flushed)
         manager.start()
         ids = [manager.add_request([i + 1] * 20, max_new_tokens=40) for i in range(6)]
-        manager.stop(block=True, timeout=120, hard_stop=True)
+        manager.stop(block=True, timeout=120, hard_stop=True, keep_for_next_session=True)
         stopped = [manager.get_result(timeout=1) for _ in ids]
         assert all(r.status == RequestStatus.FAILED and "stopped" in r.error for r in stopped)
+        engine = manager.engine  # kept, and empty: nothing runs on for a request that was failed
+        assert not engine.has_work() and engine.block_manager.num_free == len(engine.block_manager.blocks)
         assert manager.add_request([1], max_new_tokens=1) is None  # not accepted by a stopped manager
     finally:
         manager.stop(block=True)
@@ -248,3 +250,16 @@ def test_settings_our_engine_does_not_implement_go_to_hfs(pair):
     plain = reference.generate_batch(prompts, generation_config=config, continuous_batching_config=pool)
     assert [o.generated_tokens for o in ours.values()] == [o.generated_tokens for o in plain.values()]
     assert optimized.config._attn_implementation == "qwen3_accel"
+
+
+def test_generate_batch_on_a_compiled_model_replays_decode_graphs():
+    """optimize()'s default compile=True: the loop thread compiles and replays the engine's decode graphs."""
+    reference, optimized = model_pair("tiny")
+    prompts = _prompts(6, reference.config.vocab_size, seed=5)
+    config = GenerationConfig(max_new_tokens=5, eos_token_id=None, **GREEDY)
+    outputs = optimized.generate_batch(prompts, generation_config=config, continuous_batching_config=SMALL_POOL,
+                                       persistent_manager=True)
+    graphs = optimized.qwen3_accel.kept_manager.engine.decode_graphs
+    optimized.destroy_cached_continuous_batching_manager()
+    assert [o.generated_tokens for o in outputs.values()] == [_alone(reference, p, 5) for p in prompts]
+    assert graphs.compiled and not graphs.eager_keys

@@ -118,6 +118,7 @@ class BatchingManager:
         self.engine: Engine | None = None
         self.background_thread_status = ThreadStatus()
         self.warmed_up = False
+        self._warm_pending = False
         self._on_stop = on_stop
         self._inputs: queue.Queue[_Request] = queue.Queue(maxsize=self.max_queue_size)
         self._cancels: queue.Queue[str] = queue.Queue()
@@ -140,11 +141,10 @@ class BatchingManager:
         return self.engine
 
     def warmup(self) -> None:
-        """Build the engine (its KV pool) and run one token through it, so the first request does not pay for
-        kernel compilation."""
-        engine = self._ensure_engine()
-        with self._step_lock:
-            engine.generate([[0]], max_new_tokens=1)
+        """Build the engine (its KV pool); the loop then runs one token through it before the first request, in its
+        own thread (where its graphs will replay), so the first request does not pay for compilation."""
+        self._ensure_engine()
+        self._warm_pending = True
         self.warmed_up = True
 
     def is_running(self) -> bool:
@@ -164,14 +164,16 @@ class BatchingManager:
              hard_stop: bool = False) -> None:
         """Stop the loop: by default once the requests asked so far are answered; `hard_stop` fails them instead.
         Without `keep_for_next_session` the KV pool is released."""
-        if self._thread is None:
-            logger.warning("qwen3_accel: the continuous-batching manager was not started")
-            return
         self._release_engine = not keep_for_next_session
-        self._stop_mode = "hard" if hard_stop else "flush"
-        self._wake.set()
-        if block:
-            self.join(timeout=timeout)
+        if self._thread is None:
+            logger.warning("qwen3_accel: the continuous-batching manager is not running")
+            if self._release_engine:
+                self.engine = None
+        else:
+            self._stop_mode = "hard" if hard_stop else "flush"
+            self._wake.set()
+            if block:
+                self.join(timeout=timeout)
         if self._on_stop is not None:
             self._on_stop(self, keep_for_next_session)
 
@@ -308,6 +310,9 @@ class BatchingManager:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
+            if self._warm_pending and not self.engine.has_work():
+                self.engine.generate([[0]], max_new_tokens=1)
+            self._warm_pending = False
             while True:
                 self._take_requests()
                 engine = self.engine
@@ -385,7 +390,10 @@ class BatchingManager:
                 self._deliver(request.output(RequestStatus.DECODING))
 
     def _fail_all(self, reason: str) -> None:
-        for request in self._requests.values():
+        """Fail every request queued or running (the engine drops them too, and frees their blocks)."""
+        for request_id, request in self._requests.items():
+            if self.engine is not None:
+                self.engine.cancel(request_id)
             self._deliver(request.output(RequestStatus.FAILED, reason))
         self._requests.clear()
         while True:
