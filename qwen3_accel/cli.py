@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from .bench import CONTENDERS, REQUESTS, BenchConfig
+from .bench_serve import SERVE_CONTENDERS
 from .custom_ops import KERNEL_MODES
 from .eval import Thresholds
 from .quantize import WEIGHT_FORMATS
@@ -109,6 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--quick", action="store_true", help="one small shape per op (a smoke run, e.g. on CPU)")
     kern.add_argument("--out", default="bench_out", help="folder for the JSON, table and plot (default: %(default)s)")
 
+    serve_bench = sub.add_parser(
+        "bench-serve", help="many users at once: our continuous batching vs HF's and vs static generate() batches",
+        description="Replay a seeded request trace (Poisson arrivals or all at once, prompt and output lengths "
+                    "around their means, eos ignored) with at most N requests in flight against qwen3_accel's "
+                    "continuous batching, HF's own continuous batching on a plain copy of the weights, and our "
+                    "generate() on static left-padded batches, taking turns round by round. Reports output "
+                    "tokens/s, time to first token and time per output token (p50/p99), inter-token latency and "
+                    "KV memory, each the median (min-max) over the rounds; writes JSON, a table and a PNG.",
+    )
+    _add_model_args(serve_bench, default_device)
+    serve_bench.add_argument("--contenders", type=_comma_list("contenders", SERVE_CONTENDERS),
+                             default=SERVE_CONTENDERS,
+                             help=f"comma-separated subset of {','.join(SERVE_CONTENDERS)} (default: all)")
+    serve_bench.add_argument("--concurrency", type=_int_list, default=(1, 32, 64),
+                             help="requests in flight at most, one case each, comma-separated (default: 1,32,64)")
+    serve_bench.add_argument("--requests", type=int, default=None,
+                             help="requests per case (default: twice the concurrency, at least 8)")
+    serve_bench.add_argument("--rate", type=float, default=math.inf,
+                             help="arrivals per second, Poisson (default: inf, every request arrives at once)")
+    serve_bench.add_argument("--prompt-len", type=int, default=128, help="mean prompt tokens (default: %(default)s)")
+    serve_bench.add_argument("--output-len", type=int, default=128, help="mean output tokens (default: %(default)s)")
+    serve_bench.add_argument("--length-spread", type=float, default=0.0,
+                             help="lengths drawn uniformly within mean x (1 ± this) (default: %(default)s)")
+    serve_bench.add_argument("--repeats", type=int, default=3,
+                             help="timed rounds per case after one untimed warm-up round, the contenders "
+                                  "taking turns in each (default: %(default)s)")
+    serve_bench.add_argument("--max-batch-tokens", type=int, default=None,
+                             help="tokens one engine step computes at most, both engines (default: 2048 on CUDA, "
+                                  "256 on the CPU)")
+    serve_bench.add_argument("--seed", type=int, default=0, help="the trace's seed (default: %(default)s)")
+    serve_bench.add_argument("--out", default="bench_out",
+                             help="folder for the JSON, table and plot (default: %(default)s)")
+
     gen = sub.add_parser("generate", help="generate with an optimized model",
                          description="Generate greedily with qwen3_accel. With a named shape (random weights, no "
                                      "tokenizer) the prompt is random token ids and the output is token ids. "
@@ -183,6 +218,21 @@ def _bench(args) -> None:
         return
     print(format_table(report))
     for path in write_report(report, args.out):
+        print(f"wrote {path}")
+
+
+def _bench_serve(args) -> None:
+    from .bench_serve import ServeBenchConfig, format_serve_table, run_serve_bench, write_serve_report
+
+    cfg = ServeBenchConfig(
+        model=args.model, device=args.device, dtype=args.dtype, kernels=args.kernels, contenders=args.contenders,
+        concurrency=args.concurrency, requests=args.requests, rate=args.rate, prompt_len=args.prompt_len,
+        output_len=args.output_len, length_spread=args.length_spread, repeats=args.repeats,
+        max_batch_tokens=args.max_batch_tokens, seed=args.seed,
+    )
+    report = run_serve_bench(cfg)
+    print(format_serve_table(report))
+    for path in write_serve_report(report, args.out):
         print(f"wrote {path}")
 
 
@@ -369,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         _bench(args)
     elif args.command == "bench-kernels":
         _bench_kernels(args)
+    elif args.command == "bench-serve":
+        _bench_serve(args)
     elif args.command == "eval":
         _eval(args)
     elif args.command == "generate":

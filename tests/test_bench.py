@@ -83,11 +83,11 @@ def test_top_level_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for command in ("bench", "bench-kernels", "eval", "generate", "info"):
+    for command in ("bench", "bench-kernels", "bench-serve", "eval", "generate", "info", "serve"):
         assert command in text
 
 
-@pytest.mark.parametrize("command", ["bench", "bench-kernels", "eval", "generate"])
+@pytest.mark.parametrize("command", ["bench", "bench-kernels", "bench-serve", "eval", "generate"])
 def test_help_explains_every_option(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])

@@ -52,6 +52,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest freed first
         self.named: dict[tuple, int] = {}  # Block.key -> block index (in use or free) of published prompt blocks
         self._uids = 0
+        self.peak_used = 0  # the most blocks in use at once (the KV memory a workload really took)
 
     @property
     def num_free(self) -> int:
@@ -64,6 +65,7 @@ class BlockManager:
         block = self.blocks[index]
         if block.refs == 0:
             del self.free[index]
+            self.peak_used = max(self.peak_used, len(self.blocks) - len(self.free))
         block.refs += 1
         return block
 
