@@ -116,3 +116,25 @@ def test_hf_module_attributes_we_read(pair):
     assert attn.scaling == attn.head_dim**-0.5
     assert isinstance(attn.q_norm, Qwen3RMSNorm) and attn.q_norm.variance_epsilon == optimized.config.rms_norm_eps
     assert optimized.model.rotary_emb.inv_freq.shape == (attn.head_dim // 2,)
+
+
+def test_continuous_batching_types_and_config_we_use():
+    """HF's continuous-batching output type and config fields the manager builds and reads (serving/manager.py)."""
+    import dataclasses
+
+    from transformers import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching import RequestStatus
+    from transformers.generation.continuous_batching.requests import GenerationOutput
+
+    from qwen3_accel.compat import CB_PAGE_FIELD
+
+    fields = {f.name for f in dataclasses.fields(GenerationOutput)}
+    assert {"request_id", "prompt_ids", "generated_tokens", "error", "status", "created_time", "lifespan",
+            "timestamps"} <= fields
+    assert RequestStatus.DECODING < RequestStatus.FINISHED < RequestStatus.FAILED  # is_finished: status >= FINISHED
+    assert GenerationOutput("r", status=RequestStatus.FAILED).is_finished()
+    assert not GenerationOutput("r", status=RequestStatus.DECODING).is_finished()
+    config = ContinuousBatchingConfig(num_blocks=3, max_batch_tokens=64, max_requests_per_batch=4,
+                                      max_memory_percent=0.5, **{CB_PAGE_FIELD: 32})
+    assert (config.num_blocks, getattr(config, CB_PAGE_FIELD), config.max_batch_tokens, config.max_requests_per_batch,
+            config.max_memory_percent, config.max_queue_size) == (3, 32, 64, 4, 0.5, 0)
