@@ -13,6 +13,8 @@
 #                                    graphs held, memory after warm-up and at the end (scripts/soak.py)
 #                   sizes            the other dense sizes (Qwen3-1.7B, 4B, 14B, 32B), qwen3_accel at batch 1,
 #                                    tok/s, % of roofline and GPU operations per step (one call of its own)
+#                   serve            bench-serve (issue 24): our continuous batching vs HF's vs static generate()
+#                                    batches, Qwen3-0.6B and Qwen3-8B at 1, 32 and 64 users, 128 in / 128 out
 #                   requests         HF-loop requests (beam search with 4 beams, self-assisted decoding, a
 #                                    repetition penalty) on Qwen3-0.6B and Qwen3-8B: HF eager vs qwen3_accel
 # Each stage has its own time limit; $OUT_DIR/timing.txt records how long each one took.
@@ -33,7 +35,7 @@ stages=("${expanded[@]}")
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} TQDM_MININTERVAL=30
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-quiet() { grep -v "it/s\]\|case/s\]\|s/case\]"; }
+quiet() { grep -v "it/s\]\|case/s\]\|s/case\]\|run/s\]\|s/run\]"; }
 bench=(python3 -m qwen3_accel.cli bench)
 suite_start=$SECONDS
 for stage in "${stages[@]}"; do
@@ -83,6 +85,12 @@ for stage in "${stages[@]}"; do
         for model in Qwen3-0.6B Qwen3-8B; do
             timeout 240 "${bench[@]}" --out "$out/requests" --model $model --contenders hf_eager,qwen3_accel \
                 --batch-sizes 1 --prompt-lengths 128 --decode-tokens 32 --requests beam4,assisted,penalty 2>&1 | quiet
+        done ;;
+    serve)
+        mkdir -p "$out/serve"
+        for model in Qwen3-0.6B Qwen3-8B; do
+            timeout 270 python3 -m qwen3_accel.cli bench-serve --out "$out/serve" --model $model \
+                --concurrency 1,32,64 --repeats 2 2>&1 | quiet
         done ;;
     sizes)
         mkdir -p "$out/sizes"
