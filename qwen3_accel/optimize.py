@@ -236,7 +236,8 @@ class Qwen3Accelerator:
             if self.kept_manager is not None:  # stop(keep_for_next_session=True), as HF caches its manager
                 return self.kept_manager
             logger.info("qwen3_accel: continuous batching on qwen3_accel's engine (paged KV cache, our kernels)")
-            return BatchingManager(self.model, config, continuous_batching_config, on_stop=self._manager_stopped)
+            return BatchingManager(self.model, config, continuous_batching_config, workload_hints,
+                                   on_stop=self._manager_stopped)
         logger.info("qwen3_accel: continuous batching on HF's engine and attention: %s", reason)
         self.implementations.hand_to_batching()
         manager = type(self.model).init_continuous_batching(self.model, generation_config,

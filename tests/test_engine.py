@@ -139,3 +139,18 @@ def test_decode_steps_replay_one_graph_per_bucket():
     # 4 rows at width 64; the long one passes 1024 tokens (65 blocks: width 128) with 3 rows left (bucket 4);
     # then it decodes alone. Each key compiled once.
     assert set(graphs.compiled) == {("paged decode", 4, 64), ("paged decode", 4, 128), ("paged decode", 1, 128)}
+
+
+def test_captured_graphs_serve_later_steps_without_compiling():
+    """capture_decode_graphs (the manager's warmup) compiles every row bucket at every width a sequence of the
+    given length reaches, on the scratch block only: later steps replay them, the pool untouched by it."""
+    reference, optimized = model_pair("tiny")
+    engine = Engine(optimized, num_blocks=64, block_size=16, max_batch_tokens=256, max_batch_size=8)
+    keys = engine.capture_decode_graphs(max_tokens=100)  # 7 blocks: widths 4 and 8 on the CPU
+    assert set(keys) == {("paged decode", rows, width) for rows in (1, 2, 4, 8) for width in (4, 8)}
+    assert engine.block_manager.num_free == 64 and not engine.requests
+    prompts = [[3 + i, 7, 11] * 10 for i in range(5)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = engine.generate(prompts, max_new_tokens=20)
+    assert outputs == [hf_tokens(reference, p, 20) for p in prompts]
+    assert set(engine.decode_graphs.compiled) == set(keys)  # nothing compiled after the capture

@@ -19,9 +19,12 @@ from .scheduler import Chunk, SamplingParams, Scheduler, Sequence, Status
 
 DEFAULT_CPU_BLOCKS = 1024  # without a device to measure, a pool of 1024 blocks (16k tokens at 16 per block)
 # Decode-only steps replay a graph per (row bucket, block-table width) key: rows padded to a power of two up to
-# max_batch_size, table widths to a power of two from this many blocks (1024 tokens at 16 per block) up to the
-# model's positions, so that a serving mix of short requests uses one width and the set of graphs stays small.
-MIN_GRAPH_TABLE_BLOCKS = 64
+# max_batch_size, table widths to a power of two from this many blocks up to the model's positions. On CUDA 64
+# (1024 tokens at 16 per block): the Triton kernel stops at each sequence's length, so a wider table costs little
+# and a serving mix of short requests uses one width. On the CPU the torch reference attends over the whole width
+# (it gathers every block), so tables stay as narrow as the longest sequence: at 32 rows of ~100 tokens a width
+# of 64 made each step 2.3x slower than the fast loop's (tiny model, 2026-12-02).
+MIN_GRAPH_TABLE_BLOCKS = {"cuda": 64, "cpu": 4}
 
 
 def block_tables(chunks: list[Chunk], width: int | None = None, fill: int = 0) -> torch.Tensor:
@@ -83,6 +86,7 @@ class Engine:
         self.max_positions = model.config.max_position_embeddings
         self.requests: dict[str, Sequence] = {}  # the requests not finished yet (a server's never grows)
         self.max_table_blocks = self.block_manager.blocks_for(self.max_positions)
+        self.min_table_blocks = MIN_GRAPH_TABLE_BLOCKS.get(self.runner.device.type, 64)
         # One graph per key, this engine's own (its pool is in every graph); eager when optimize(compile=False).
         self.decode_graphs = CompiledSteps(self.runner.paged_decode_step, self.runner.compile)
 
@@ -187,8 +191,33 @@ class Engine:
     def graph_key(self, num_sequences: int, table_blocks: int) -> tuple[int, int]:
         """(rows, table width) of the graph a decode-only step of these sizes replays."""
         rows = min(1 << (num_sequences - 1).bit_length(), max(self.scheduler.max_batch_size, num_sequences))
-        width = max(MIN_GRAPH_TABLE_BLOCKS, 1 << (table_blocks - 1).bit_length())
+        width = max(self.min_table_blocks, 1 << (table_blocks - 1).bit_length())
         return rows, min(width, max(self.max_table_blocks, table_blocks))
+
+    def capture_decode_graphs(self, max_tokens: int = 1) -> list[tuple]:
+        """Compile (on a GPU: capture) the decode graph of every row bucket up to max_batch_size, at every table
+        width a sequence of up to `max_tokens` tokens reaches, on the scratch block only (no sequence is
+        touched); returns the keys. What serving engines do at start, so no request waits for a compilation."""
+        if not self.runner.compile:
+            return []
+        scratch, block_size = self.cache.scratch, self.block_manager.block_size
+        widths = sorted({self.graph_key(1, blocks)[1] for blocks in range(1, self.block_manager.blocks_for(
+            max(1, max_tokens)) + 1)})
+        rows_buckets = sorted({self.graph_key(n, 1)[0] for n in range(1, self.scheduler.max_batch_size + 1)})
+        device = self.runner.device
+        keys = []
+        with self.acc._lock, torch.no_grad():
+            for width in widths:
+                for rows in rows_buckets:
+                    # Distinct tensors for tokens and positions: aliased inputs would be a guard of their own.
+                    tokens, positions = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
+                    self.decode_graphs(("paged decode", rows, width), tokens, positions,
+                                       torch.full((rows,), scratch * block_size, dtype=torch.long, device=device),
+                                       torch.full((rows, width), scratch, dtype=torch.int32, device=device),
+                                       torch.ones(rows, dtype=torch.int32, device=device), self.cache.keys,
+                                       self.cache.values)
+                    keys.append(("paged decode", rows, width))
+        return keys
 
     def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
         """A step of one token per sequence through the graph of its bucket: padding rows attend to, and write

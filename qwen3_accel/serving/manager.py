@@ -98,7 +98,7 @@ class BatchingManager:
     """
 
     def __init__(self, model: torch.nn.Module, generation_config: GenerationConfig, cb_config: Any = None,
-                 on_stop: Callable[["BatchingManager", bool], None] | None = None):
+                 workload_hints: Any = None, on_stop: Callable[["BatchingManager", bool], None] | None = None):
         self.model = model
         self.generation_config = generation_config
         self.sampling = sampling_settings(generation_config)
@@ -111,10 +111,15 @@ class BatchingManager:
             num_blocks=-(-pool_tokens // BLOCK_SIZE) if pool_tokens else None,
             block_size=BLOCK_SIZE,
             max_batch_tokens=(getattr(cb, "max_batch_tokens", None) or MAX_BATCH_TOKENS.get(device, 256)),
-            max_batch_size=(getattr(cb, "max_requests_per_batch", None) or MAX_BATCH_SIZE),
+            max_batch_size=(getattr(cb, "max_requests_per_batch", None)
+                            or min(MAX_BATCH_SIZE, getattr(workload_hints, "num_requests", None) or MAX_BATCH_SIZE)),
             kv_memory_fraction=(getattr(cb, "max_memory_percent", None) or KV_MEMORY_FRACTION),
         )
         self.max_queue_size = getattr(cb, "max_queue_size", 0) or 0
+        # The longest sequence the caller expects (HF's WorkloadHints, as generate_batch passes them): warmup
+        # compiles the decode graphs of every table width up to it.
+        self.expected_tokens = ((getattr(workload_hints, "max_prompt_length", 0) or 0)
+                                + (getattr(workload_hints, "max_generated_length", 0) or 0))
         self.engine: Engine | None = None
         self.background_thread_status = ThreadStatus()
         self.warmed_up = False
@@ -141,8 +146,9 @@ class BatchingManager:
         return self.engine
 
     def warmup(self) -> None:
-        """Build the engine (its KV pool); the loop then runs one token through it before the first request, in its
-        own thread (where its graphs will replay), so the first request does not pay for compilation."""
+        """Build the engine (its KV pool); the loop then compiles its decode graphs (every row bucket, every table
+        width up to the workload hints' longest sequence) and runs one token through it before the first request,
+        in its own thread (where the graphs will replay), so no request pays for compilation."""
         self._ensure_engine()
         self._warm_pending = True
         self.warmed_up = True
@@ -311,6 +317,7 @@ class BatchingManager:
             torch.cuda.set_device(device)
         try:
             if self._warm_pending and not self.engine.has_work():
+                self.engine.capture_decode_graphs(self.expected_tokens)
                 self.engine.generate([[0]], max_new_tokens=1)
             self._warm_pending = False
             while True:
