@@ -80,10 +80,16 @@ def make_trace(count: int, rate: float, prompt_len: int, output_len: int, spread
 
 @dataclass
 class Served:
-    """One request as a contender answered it: when it was submitted and when each token arrived (perf_counter)."""
+    """One request as a contender answered it: when it was submitted, when each token arrived (perf_counter) and
+    how many it made (HF's engine restarts a preempted request's timestamps, so they may miss early tokens)."""
 
     submitted: float
     token_times: list[float]
+    tokens: int
+
+    @property
+    def timed_whole(self) -> bool:
+        return len(self.token_times) == self.tokens
 
 
 def replay_on_manager(manager, trace: list[TraceRequest], concurrency: int) -> list[Served]:
@@ -109,7 +115,7 @@ def replay_on_manager(manager, trace: list[TraceRequest], concurrency: int) -> l
         index, submitted = in_flight.pop(result.request_id)
         if result.error is not None:
             raise RuntimeError(f"request {result.request_id} failed in the benchmark: {result.error}")
-        served[index] = Served(submitted, list(result.timestamps))
+        served[index] = Served(submitted, list(result.timestamps), len(result.generated_tokens))
     return [served[i] for i in range(len(trace))]
 
 
@@ -163,7 +169,7 @@ def replay_static(model, trace: list[TraceRequest], concurrency: int) -> list[Se
                        eos_token_id=None, max_new_tokens=max(r.new_tokens for _, r in batch), streamer=streamer)
         previous = (now, time.perf_counter() - start, concurrency - len(batch))
         for index, request in batch:
-            served[index] = Served(sent[index], streamer.times[: request.new_tokens])
+            served[index] = Served(sent[index], streamer.times[: request.new_tokens], request.new_tokens)
     return [served[i] for i in range(len(trace))]
 
 
@@ -173,16 +179,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def round_figures(served: list[Served], streams_tokens: bool) -> dict[str, float | None]:
-    """One round's figures: output tokens/s over the whole replay, TTFT / TPOT / ITL percentiles in ms."""
+    """One round's figures: output tokens/s over the whole replay, TTFT / TPOT / ITL percentiles in ms (from the
+    requests whose every token has its time), and how many requests had missing token times."""
     first_submit = min(s.submitted for s in served)
     last_token = max(s.token_times[-1] for s in served)
-    tokens = sum(len(s.token_times) for s in served)
-    ttft = [(s.token_times[0] - s.submitted) * 1e3 for s in served]
-    tpot = [(s.token_times[-1] - s.token_times[0]) * 1e3 / (len(s.token_times) - 1) for s in served
+    tokens = sum(s.tokens for s in served)
+    timed = [s for s in served if s.timed_whole] or served
+    ttft = [(s.token_times[0] - s.submitted) * 1e3 for s in timed]
+    tpot = [(s.token_times[-1] - s.token_times[0]) * 1e3 / (len(s.token_times) - 1) for s in timed
             if len(s.token_times) > 1]
-    itl = [(b - a) * 1e3 for s in served for a, b in zip(s.token_times, s.token_times[1:])] if streams_tokens else []
+    itl = [(b - a) * 1e3 for s in timed for a, b in zip(s.token_times, s.token_times[1:])] if streams_tokens else []
     figures = {"tok_s": tokens / (last_token - first_submit), "ttft_p50_ms": percentile(ttft, 50),
-               "ttft_p99_ms": percentile(ttft, 99)}
+               "ttft_p99_ms": percentile(ttft, 99), "partly_timed": len(served) - len(timed)}
     figures["tpot_p50_ms"] = percentile(tpot, 50) if tpot else None
     figures["tpot_p99_ms"] = percentile(tpot, 99) if tpot else None
     figures["itl_p50_ms"] = percentile(itl, 50) if itl else None
@@ -282,10 +290,11 @@ def _case_report(rounds: dict[str, list[dict]], trace: list[TraceRequest], pool_
                             "output_tokens": sum(r.new_tokens for r in trace), "contenders": {}}
     for name, per_round in rounds.items():
         figures: dict[str, Any] = {}
-        for key in per_round[0]:
+        for key in (k for k in per_round[0] if k != "partly_timed"):
             values = [r[key] for r in per_round if r[key] is not None]
             figures[key] = Spread.of(values).to_dict() if values else None
         tok_s = [r["tok_s"] for r in per_round]
+        figures["partly_timed"] = max(r["partly_timed"] for r in per_round)  # (not a spread: a count)
         figures["reliable"] = max(tok_s) <= ROUNDS_AGREE * min(tok_s)
         if not figures["reliable"]:
             figures["unreliable_reason"] = (f"throughput varied more than {ROUNDS_AGREE:g}x over the rounds "
@@ -334,6 +343,9 @@ def format_serve_table(report: dict[str, Any]) -> str:
                          f"{kv_text:>12}")
             if not f["reliable"]:
                 lines.append(f"{'':>5}  {'':<12} unreliable: {f['unreliable_reason']}")
+            if f["partly_timed"]:
+                lines.append(f"{'':>5}  {'':<12} latencies from the other requests: {f['partly_timed']} were "
+                             "preempted and restarted, their early token times lost")
         for name, ratio in case["throughput_ratio"].items():
             text = ratio["unreliable"] if "unreliable" in ratio else (
                 f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}x over {ratio['rounds']} paired rounds)")

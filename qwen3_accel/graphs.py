@@ -7,6 +7,7 @@ function's code: it is compiled once, on its first call, and never shares a cach
 that everything that varies per request is a device tensor (see fast_generate.py), which bounds the set.
 """
 
+import collections
 import contextlib
 import logging
 import os
@@ -63,6 +64,7 @@ class CompiledSteps:
         self.enabled = enabled
         self.compiled: dict[Hashable, Callable] = {}
         self.eager_keys: set[Hashable] = set()
+        self.calls: collections.Counter = collections.Counter()  # compiled calls per key (tests see replays)
 
     def __call__(self, key: Hashable, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled or key in self.eager_keys:
@@ -72,6 +74,7 @@ class CompiledSteps:
             step = torch.compile(_own_code(self.fn), mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.compiled[key] = step
         torch.compiler.cudagraph_mark_step_begin()
+        self.calls[key] += 1
         try:
             with outside_inference_mode():  # one set of guards whatever the caller's mode; ordinary output tensors
                 return step(*args, **kwargs)
@@ -89,6 +92,7 @@ class CompiledSteps:
         """Drop every graph (their inputs, e.g. the cache tensors, were re-allocated)."""
         self.compiled.clear()
         self.eager_keys.clear()
+        self.calls.clear()
 
     def __len__(self) -> int:
         return len(self.compiled)

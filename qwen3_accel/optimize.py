@@ -233,8 +233,13 @@ class Qwen3Accelerator:
         reason = router.batching_reason(self.model, config, continuous_batching_config,
                                         implementations=self.implementations, tensor_parallel=self.tp.world_size > 1)
         if reason is None:
-            if self.kept_manager is not None:  # stop(keep_for_next_session=True), as HF caches its manager
-                return self.kept_manager
+            kept = self.kept_manager
+            if kept is not None:  # stop(keep_for_next_session=True), as HF caches its manager
+                if kept.generation_config.to_dict() != config.to_dict():
+                    logger.warning("qwen3_accel: returning the continuous-batching manager kept from the last "
+                                   "session, with its own generation config (as HF does); destroy it first "
+                                   "(destroy_cached_continuous_batching_manager) for new settings")
+                return kept
             logger.info("qwen3_accel: continuous batching on qwen3_accel's engine (paged KV cache, our kernels)")
             return BatchingManager(self.model, config, continuous_batching_config, workload_hints,
                                    on_stop=self._manager_stopped)
@@ -246,7 +251,10 @@ class Qwen3Accelerator:
         return manager
 
     def _manager_stopped(self, manager: BatchingManager, keep: bool) -> None:
-        self.kept_manager = manager if keep else None
+        if keep:
+            self.kept_manager = manager
+        elif self.kept_manager is manager:
+            self.kept_manager = None
 
     def destroy_cached_continuous_batching_manager(self) -> None:
         """HF's method: release a manager kept by `stop(keep_for_next_session=True)` (ours or HF's)."""

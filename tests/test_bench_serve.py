@@ -24,13 +24,17 @@ def test_the_trace_is_seeded_poisson_with_lengths_in_their_range():
 
 
 def test_round_figures_from_token_times():
-    served = [Served(0.0, [0.1, 0.2, 0.3]), Served(0.5, [0.9, 1.0])]  # 5 tokens from 0 s to 1 s
+    served = [Served(0.0, [0.1, 0.2, 0.3], 3), Served(0.5, [0.9, 1.0], 2)]  # 5 tokens from 0 s to 1 s
     figures = round_figures(served, streams_tokens=True)
     assert figures["tok_s"] == pytest.approx(5.0)
     assert figures["ttft_p50_ms"] == pytest.approx(100.0) and figures["ttft_p99_ms"] == pytest.approx(400.0)
     assert figures["tpot_p50_ms"] == pytest.approx(100.0)
     assert figures["itl_p50_ms"] == pytest.approx(100.0) and figures["itl_p99_ms"] == pytest.approx(100.0)
     assert round_figures(served, streams_tokens=False)["itl_p50_ms"] is None
+    # A request whose early token times were lost (HF restarts them on preemption): counted, not timed.
+    partly = round_figures(served + [Served(0.0, [5.0], 4)], streams_tokens=True)
+    assert partly["partly_timed"] == 1 and partly["tok_s"] == pytest.approx(9 / 5.0)
+    assert partly["ttft_p99_ms"] == pytest.approx(400.0)
 
 
 def test_a_whole_run_reports_every_contender_with_spreads(tmp_path, capsys):

@@ -152,16 +152,26 @@ def test_result_handlers_deliver_on_the_callers_event_loop(pair):
         await asyncio.wait_for(done.wait(), 120)
         return seen
 
+    async def serve_registering_late(prompt):  # transformers serve's streaming order: add, then register
+        loop, done, seen = asyncio.get_running_loop(), asyncio.Event(), []
+        manager.add_request(prompt, request_id="late", max_new_tokens=5, streaming=True)
+        await asyncio.sleep(0.5)  # outputs made before the registration must not be lost
+        manager.register_result_handler("late", lambda o: (seen.append(o), o.is_finished() and done.set()))
+        await asyncio.wait_for(done.wait(), 120)
+        return seen
+
     try:
         prompt = [5, 6, 7, 8]
         streamed = asyncio.run(serve(prompt, True))
         plain = asyncio.run(serve(prompt, False))
+        late = asyncio.run(serve_registering_late(prompt))
     finally:
         manager.stop(block=True)
     expected = _alone(reference, prompt, 5)
     assert [o.generated_tokens for o in streamed] == [expected[: n + 1] for n in range(5)]
     assert [o.status for o in streamed] == [RequestStatus.DECODING] * 4 + [RequestStatus.FINISHED]
     assert len(plain) == 1 and plain[0].generated_tokens == expected
+    assert [o.generated_tokens for o in late] == [expected[: n + 1] for n in range(5)]
 
 
 def test_bad_requests_fail_alone_with_clear_errors(pair):
@@ -263,3 +273,50 @@ def test_generate_batch_on_a_compiled_model_replays_decode_graphs():
     optimized.destroy_cached_continuous_batching_manager()
     assert [o.generated_tokens for o in outputs.values()] == [_alone(reference, p, 5) for p in prompts]
     assert graphs.compiled and not graphs.eager_keys
+    assert max(graphs.calls.values()) > 1, "the warm-up compiled the graphs, but no request step replayed one"
+
+
+def test_cancel_mid_decode_pause_and_ids(pair):
+    """A request cancelled while it decodes ends FAILED "cancelled" with a prefix of HF's tokens and frees its
+    blocks; ids in flight are unique; pause() holds the loop (from two threads) and stop() inside it is refused;
+    after stop, request_id_iter hands over what is left of that request and ends."""
+    reference, optimized = pair
+    manager = optimized.init_continuous_batching(generation_config=GenerationConfig(eos_token_id=None, **GREEDY),
+                                                 continuous_batching_config=SMALL_POOL)
+    manager.start()
+    try:
+        prompt = [4, 8, 15, 16, 23, 42]
+        long = manager.add_request(prompt, max_new_tokens=400, streaming=True)
+        with pytest.raises(ValueError, match="unique"):
+            manager.add_request([1, 2], request_id=long, max_new_tokens=2)
+        stream = manager.request_id_iter(long)
+        seen = [next(stream) for _ in range(3)]
+        manager.cancel_request(long)
+        final = [o for o in stream][-1]
+        assert final.status == RequestStatus.FAILED and final.error == "cancelled"
+        assert 3 <= len(final.generated_tokens) < 400
+        assert final.generated_tokens == _alone(reference, prompt, len(final.generated_tokens))
+        assert [o.generated_tokens for o in seen] == [final.generated_tokens[: n + 1] for n in range(3)]
+        blocks = manager.engine.block_manager
+        assert blocks.num_free == len(blocks.blocks)
+        with manager.pause():
+            entered = threading.Event()
+
+            def pause_too():
+                with manager.pause():
+                    entered.set()
+
+            other = threading.Thread(target=pause_too)
+            other.start()
+            assert entered.wait(10)  # two holders at once
+            other.join()
+            held = manager.add_request([3, 1, 4], max_new_tokens=2)
+            assert manager.get_result(held, timeout=1) is None  # the loop waits while the pause is held
+            with pytest.raises(RuntimeError, match="inside a pause"):
+                manager.stop()
+        assert next(manager.request_id_iter(held)).generated_tokens == _alone(reference, [3, 1, 4], 2)
+        first, second = (manager.add_request(p, max_new_tokens=3) for p in ([9, 9], [8, 8]))
+    finally:
+        manager.stop(block=True)
+    assert [o.request_id for o in manager.request_id_iter(second)] == [second]  # ends, does not spin
+    assert [o.request_id for o in manager.request_id_iter(first)] == [first]

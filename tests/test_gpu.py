@@ -183,3 +183,21 @@ def test_continuous_batching_engine_on_cuda():
         expected = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
         assert output.error is None and output.generated_tokens == expected.tolist()
     assert graphs.compiled and not graphs.eager_keys and preemptions > 0
+
+
+def test_default_kv_pool_is_the_same_size_for_every_new_manager():
+    """Default sizing (a share of free memory): a manager built after another one stopped finds the memory the
+    first released (stop empties the allocator's cache), not a fifth of it."""
+    from transformers import GenerationConfig
+
+    _, optimized = model_pair("tiny", device="cuda")
+    config = GenerationConfig(max_new_tokens=2, eos_token_id=None, do_sample=False, pad_token_id=0)
+    sizes = []
+    for _ in range(2):
+        manager = optimized.init_continuous_batching(generation_config=config)
+        manager.start()
+        sizes.append(len(manager.engine.block_manager.blocks))
+        manager.add_request([1, 2, 3], max_new_tokens=2)
+        assert manager.get_result(timeout=120).error is None
+        manager.stop(block=True)
+    assert sizes[1] >= 0.9 * sizes[0], sizes

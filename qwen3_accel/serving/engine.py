@@ -9,6 +9,8 @@ into one token row with their positions, cache slots and block tables, runs the 
 ended at its last token. Requests join and leave between any two steps.
 """
 
+import itertools
+
 import torch
 
 from ..decoder import PagedBatch
@@ -56,6 +58,7 @@ def blocks_for_memory(bytes_per_block: int, device: torch.device, fraction: floa
     if device.type != "cuda":
         return DEFAULT_CPU_BLOCKS
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by the allocator
     return max(1, int(free * fraction) // bytes_per_block)
 
 
@@ -205,17 +208,19 @@ class Engine:
             max(1, max_tokens)) + 1)})
         rows_buckets = sorted({self.graph_key(n, 1)[0] for n in range(1, self.scheduler.max_batch_size + 1)})
         device = self.runner.device
+        # On CUDA, a reduce-overhead key's first call warms up and the second records its graph.
+        calls = 2 if device.type == "cuda" else 1
         keys = []
         with self.acc._lock, torch.no_grad():
-            for width in widths:
-                for rows in rows_buckets:
-                    # Distinct tensors for tokens and positions: aliased inputs would be a guard of their own.
-                    tokens, positions = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
-                    self.decode_graphs(("paged decode", rows, width), tokens, positions,
-                                       torch.full((rows,), scratch * block_size, dtype=torch.long, device=device),
-                                       torch.full((rows, width), scratch, dtype=torch.int32, device=device),
-                                       torch.ones(rows, dtype=torch.int32, device=device), self.cache.keys,
-                                       self.cache.values)
+            for width, rows, _ in itertools.product(widths, rows_buckets, range(calls)):
+                # Distinct tensors for tokens and positions: aliased inputs would be a guard of their own.
+                tokens, positions = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
+                self.decode_graphs(("paged decode", rows, width), tokens, positions,
+                                   torch.full((rows,), scratch * block_size, dtype=torch.long, device=device),
+                                   torch.full((rows, width), scratch, dtype=torch.int32, device=device),
+                                   torch.ones(rows, dtype=torch.int32, device=device), self.cache.keys,
+                                   self.cache.values)
+                if ("paged decode", rows, width) not in keys:
                     keys.append(("paged decode", rows, width))
         return keys
 

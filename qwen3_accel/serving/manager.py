@@ -12,6 +12,7 @@ engine.
 
 import asyncio
 import contextlib
+import gc
 import logging
 import queue
 import threading
@@ -108,7 +109,7 @@ class BatchingManager:
         if cb is not None and getattr(cb, "num_blocks", None):
             pool_tokens = cb.num_blocks * getattr(cb, compat.CB_PAGE_FIELD)
         self.engine_options = dict(
-            num_blocks=-(-pool_tokens // BLOCK_SIZE) if pool_tokens else None,
+            num_blocks=-(-pool_tokens // BLOCK_SIZE) if pool_tokens else None,  # None: sized by free memory, once
             block_size=BLOCK_SIZE,
             max_batch_tokens=(getattr(cb, "max_batch_tokens", None) or MAX_BATCH_TOKENS.get(device, 256)),
             max_batch_size=(getattr(cb, "max_requests_per_batch", None)
@@ -116,23 +117,27 @@ class BatchingManager:
             kv_memory_fraction=(getattr(cb, "max_memory_percent", None) or KV_MEMORY_FRACTION),
         )
         self.max_queue_size = getattr(cb, "max_queue_size", 0) or 0
-        # The longest sequence the caller expects (HF's WorkloadHints, as generate_batch passes them): warmup
+        # The longest sequence the caller expects (HF's WorkloadHints, as generate_batch passes them): the warm-up
         # compiles the decode graphs of every table width up to it.
         self.expected_tokens = ((getattr(workload_hints, "max_prompt_length", 0) or 0)
                                 + (getattr(workload_hints, "max_generated_length", 0) or 0))
         self.engine: Engine | None = None
         self.background_thread_status = ThreadStatus()
         self.warmed_up = False
-        self._warm_pending = False
+        self._warmed_engine: Engine | None = None  # the engine whose graphs the loop compiled
         self._on_stop = on_stop
-        self._inputs: queue.Queue[_Request] = queue.Queue(maxsize=self.max_queue_size)
-        self._cancels: queue.Queue[str] = queue.Queue()
+        # Adds and cancels in the order they were made (a cancel right after its add must find it).
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.max_queue_size)
         self._wake = threading.Event()
+        # Guards what decides whether a request is accepted: the stop mode, the ids in flight, and the loop's exit.
+        self._submit_lock = threading.Lock()
         self._stop_mode: str | None = None  # "flush" (finish what was asked) or "hard" (fail it)
+        self._live_ids: set[str] = set()  # added and not finished yet
         self._release_engine = False  # the loop drops the engine (its KV pool) when it ends
         self._thread: threading.Thread | None = None
-        self._step_lock = threading.Lock()  # held by the loop around each step; pause() takes it
-        self._ids_lock = threading.Lock()
+        self._pause = threading.Condition()  # pause(): the loop waits between two steps while any is held
+        self._pauses, self._stepping = 0, False
+        self._paused_here = threading.local()
         self._next_id = 0
         self._requests: dict[str, _Request] = {}  # queued or running, owned by the loop thread
         self.output_queue: queue.Queue[GenerationOutput] = queue.Queue()
@@ -143,14 +148,23 @@ class BatchingManager:
     def _ensure_engine(self) -> Engine:
         if self.engine is None:
             self.engine = Engine(self.model, **self.engine_options)
+            # Later engines of this manager (a restart, a recovery) get the same pool: sized by free memory again
+            # they would find less, the old pool still in the allocator's cache.
+            self.engine_options["num_blocks"] = len(self.engine.block_manager.blocks)
         return self.engine
 
+    def _drop_engine(self) -> None:
+        """Release the engine and its KV pool back to the device (HF's stop empties the cache too)."""
+        self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def warmup(self) -> None:
-        """Build the engine (its KV pool); the loop then compiles its decode graphs (every row bucket, every table
-        width up to the workload hints' longest sequence) and runs one token through it before the first request,
-        in its own thread (where the graphs will replay), so no request pays for compilation."""
+        """Build the engine (its KV pool). The loop compiles its decode graphs (every row bucket, every table width
+        up to the workload hints' longest sequence) and runs one token through it when it starts, before any
+        request, in its own thread (where the graphs will replay): no request waits for a compilation."""
         self._ensure_engine()
-        self._warm_pending = True
         self.warmed_up = True
 
     def is_running(self) -> bool:
@@ -161,7 +175,8 @@ class BatchingManager:
             logger.warning("qwen3_accel: the continuous-batching manager is running already")
             return
         self._ensure_engine()
-        self._stop_mode, self._release_engine = None, False
+        with self._submit_lock:
+            self._stop_mode, self._release_engine = None, False
         self.background_thread_status = ThreadStatus()
         self._thread = threading.Thread(target=self._loop, name="qwen3_accel-batching", daemon=True)
         self._thread.start()
@@ -169,14 +184,18 @@ class BatchingManager:
     def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
              hard_stop: bool = False) -> None:
         """Stop the loop: by default once the requests asked so far are answered; `hard_stop` fails them instead.
-        Without `keep_for_next_session` the KV pool is released."""
+        Requests added after this call are refused. Without `keep_for_next_session` the KV pool is released."""
+        if getattr(self._paused_here, "depth", 0):
+            raise RuntimeError("Cannot stop the manager from inside a pause: the loop waits for the pause to end. "
+                               "Leave the `pause` context before calling `stop`.")
         self._release_engine = not keep_for_next_session
         if self._thread is None:
             logger.warning("qwen3_accel: the continuous-batching manager is not running")
             if self._release_engine:
-                self.engine = None
+                self._drop_engine()
         else:
-            self._stop_mode = "hard" if hard_stop else "flush"
+            with self._submit_lock:
+                self._stop_mode = "hard" if hard_stop else "flush"
             self._wake.set()
             if block:
                 self.join(timeout=timeout)
@@ -196,47 +215,63 @@ class BatchingManager:
     def destroy(self) -> None:
         if self.is_running():
             self.stop(block=True)
-        self.engine = None
+        self._drop_engine()
 
     @contextlib.contextmanager
     def pause(self):
-        """Hold the loop between two steps (to change the model in place); requests and cache are kept."""
+        """Hold the loop between two steps (to change the model in place); requests and cache are kept. Several
+        threads may hold it at once; the loop resumes when the last one leaves."""
         if not self.is_running():
             raise RuntimeError("Cannot pause generation while no generation loop is running.")
-        with self._step_lock:
+        with self._pause:
+            self._pauses += 1
+            while self._stepping:
+                self._pause.wait()
+        self._paused_here.depth = getattr(self._paused_here, "depth", 0) + 1
+        try:
             yield
+        finally:
+            self._paused_here.depth -= 1
+            with self._pause:
+                self._pauses -= 1
+                self._pause.notify_all()
 
     # ----------------------------------------------------------------------------------- requests
-    def _new_id(self) -> str:
-        with self._ids_lock:
-            request_id = f"req_{self._next_id}"
-            self._next_id += 1
-        return request_id
-
     def add_request(self, input_ids: list[int], request_id: str | None = None, max_new_tokens: int | None = None,
                     streaming: bool = False, record_timestamps: bool = False,
                     eos_token_id: int | list[int] | None = None, **logit_processor_kwargs: Any) -> str | None:
         """Queue one request (HF's signature); its outputs arrive by `get_result`, iteration or a handler. A
-        request that cannot run gets a FAILED output with the reason."""
-        if self._stop_mode is not None:
-            logger.warning("qwen3_accel: the manager is stopping; request %s is dropped", request_id)
-            return None
+        request that cannot run gets a FAILED output with the reason; a stopping manager refuses it (None)."""
         if isinstance(input_ids, torch.Tensor):
             input_ids = input_ids.reshape(-1).tolist()
-        request_id = self._new_id() if request_id is None else request_id
         config = self.generation_config
         max_new_tokens = config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new_tokens is None:  # HF: no limit; here, until eos or the model's positions run out
             max_new_tokens = max(1, self.model.config.max_position_embeddings - len(input_ids))
         eos = config.eos_token_id if eos_token_id is None else eos_token_id
-        request = _Request(request_id, [int(t) for t in input_ids], int(max_new_tokens), eos_list(eos), streaming,
-                           record_timestamps)
+        with self._submit_lock:
+            if self._stop_mode is not None:
+                logger.warning("qwen3_accel: the manager is stopping; request %s is refused", request_id)
+                return None
+            if request_id is None:
+                request_id = f"req_{self._next_id}"
+                self._next_id += 1
+            elif request_id in self._live_ids:
+                raise ValueError(f"request {request_id!r} is already queued or running: ids must be unique")
+            request = _Request(request_id, [int(t) for t in input_ids], int(max_new_tokens), eos_list(eos),
+                               streaming, record_timestamps)
+            if not logit_processor_kwargs:
+                self._live_ids.add(request_id)
+                try:
+                    self._events.put(("add", request), block=True, timeout=10)
+                except queue.Full:
+                    self._live_ids.discard(request_id)
+                    raise RuntimeError(f"the request queue is full ({self.max_queue_size} requests waiting)") from None
         if logit_processor_kwargs:
             self._deliver(request.output(RequestStatus.FAILED, (
                 f"per-request logits-processor settings {sorted(logit_processor_kwargs)} are not supported by "
                 "qwen3_accel's engine (give them in the manager's generation config)")))
             return request_id
-        self._inputs.put(request, block=True, timeout=10)
         self._wake.set()
         return request_id
 
@@ -251,8 +286,8 @@ class BatchingManager:
 
     def cancel_request(self, request_id: str) -> None:
         """Stop a request (a client that went away): its blocks go back to the pool at the next step and its last
-        output is FAILED with error "cancelled". An unknown or finished id is a no-op."""
-        self._cancels.put(request_id)
+        output is FAILED with error "cancelled" (HF's manager sends none). An unknown or finished id is a no-op."""
+        self._events.put(("cancel", request_id), block=True, timeout=10)
         self._wake.set()
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
@@ -276,16 +311,34 @@ class BatchingManager:
                 yield result
 
     def request_id_iter(self, request_id: str) -> Iterator[GenerationOutput]:
-        while self.is_running() or not self.output_queue.empty():
+        """This request's outputs as they come, until its last one; once the loop has ended, what is left of them
+        in the queue (one pass: the others' outputs stay queued)."""
+        while self.is_running():
             result = self.get_result(request_id=request_id, timeout=IDLE_WAIT_S)
             if result is not None:
                 yield result
                 if result.is_finished():
                     return
+        for result in self._take_queued(request_id):
+            yield result
+
+    def _take_queued(self, request_id: str) -> list[GenerationOutput]:
+        """This request's outputs waiting in the shared queue, in order; the others are put back in theirs."""
+        mine, others = [], []
+        while True:
+            try:
+                output = self.output_queue.get_nowait()
+            except queue.Empty:
+                break
+            (mine if output.request_id == request_id else others).append(output)
+        for output in others:
+            self.output_queue.put(output)
+        return mine
 
     def register_result_handler(self, request_id: str, callback: Callable[[GenerationOutput], Any]) -> None:
         """Deliver this request's outputs to `callback` on the caller's running asyncio loop (HF's contract:
-        every token when streaming, else the last output); dropped once the request finishes."""
+        every token when streaming, else the last output); dropped once the request finishes. Outputs made
+        before the registration (`transformers serve` registers after adding a streaming request) come first."""
         loop = asyncio.get_running_loop()
 
         def deliver_and_clean_up(output: GenerationOutput) -> None:
@@ -295,14 +348,18 @@ class BatchingManager:
                     self._handlers.pop(request_id, None)
 
         with self._handlers_lock:
+            for output in self._take_queued(request_id):
+                loop.call_soon(deliver_and_clean_up, output)
             self._handlers[request_id] = (deliver_and_clean_up, loop)
 
     def _deliver(self, output: GenerationOutput) -> None:
+        """To the request's handler, else the shared queue (under the handlers' lock, so that a registration
+        that takes the queued outputs never misses one put in between)."""
         with self._handlers_lock:
             handler = self._handlers.get(output.request_id)
-        if handler is None:
-            self.output_queue.put(output)
-            return
+            if handler is None:
+                self.output_queue.put(output)
+                return
         callback, loop = handler
         try:
             loop.call_soon_threadsafe(callback, output)
@@ -310,34 +367,49 @@ class BatchingManager:
             with self._handlers_lock:
                 self._handlers.pop(output.request_id, None)
 
+    def _finish(self, request: _Request, status: RequestStatus, error: str | None = None) -> None:
+        """A request's last output; its id may be used again."""
+        self._deliver(request.output(status, error))
+        with self._submit_lock:
+            self._live_ids.discard(request.request_id)
+
     # --------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
         device = self.model.lm_head.weight.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
-            if self._warm_pending and not self.engine.has_work():
-                self.engine.capture_decode_graphs(self.expected_tokens)
-                self.engine.generate([[0]], max_new_tokens=1)
-            self._warm_pending = False
+            engine = self.engine
+            if self._warmed_engine is not engine:  # once per engine, before any request
+                engine.capture_decode_graphs(self.expected_tokens)
+                engine.generate([[0]], max_new_tokens=1)
+                self._warmed_engine = engine
             while True:
-                self._take_requests()
-                engine = self.engine
-                if self._stop_mode == "hard" or (self._stop_mode == "flush" and not self._requests
-                                                 and self._inputs.empty()):
-                    break
+                self._take_events()
+                with self._submit_lock:  # no request can be accepted between this check and the exit
+                    if self._stop_mode == "hard" or (self._stop_mode == "flush" and not self._requests
+                                                     and self._events.empty()):
+                        break
                 if not engine.has_work():
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                with self._step_lock:
-                    try:
-                        stepped = engine.step()
-                    except Exception as error:  # a bug of ours: fail what was in flight, keep serving
-                        logger.exception("qwen3_accel: a continuous-batching step failed")
-                        self._fail_all(f"the step failed: {error!r}")
-                        self.engine = Engine(self.model, **self.engine_options)
-                        continue
+                with self._pause:
+                    while self._pauses:
+                        self._pause.wait()
+                    self._stepping = True
+                try:
+                    stepped = engine.step()
+                except Exception as error:  # a bug of ours: fail what was in flight, keep serving
+                    logger.exception("qwen3_accel: a continuous-batching step failed")
+                    self._fail_all(f"the step failed: {error!r}", events=False)
+                    self._drop_engine()
+                    engine = self._ensure_engine()
+                    continue
+                finally:
+                    with self._pause:
+                        self._stepping = False
+                        self._pause.notify_all()
                 self._publish(stepped)
             self._fail_all("the manager stopped before this request finished")
         except Exception as error:
@@ -346,39 +418,40 @@ class BatchingManager:
             self._fail_all(f"the continuous-batching loop died: {error!r}")
         finally:
             if self._release_engine:
-                self.engine = None
+                self._drop_engine()
 
-    def _take_requests(self) -> None:
+    def _take_events(self) -> None:
+        """The adds and cancels made since the last step, in their order."""
+        while True:
+            try:
+                kind, item = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._admit(item)
+            else:
+                self._cancel(item)
+
+    def _admit(self, request: _Request) -> None:
+        try:
+            request.sequence = self.engine.add_request(request.prompt, request.max_new_tokens,
+                                                       eos_token_id=request.eos_ids, request_id=request.request_id,
+                                                       **self.sampling)
+        except ValueError as error:
+            self._finish(request, RequestStatus.FAILED, str(error))
+            return
+        self._requests[request.request_id] = request
+
+    def _cancel(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return  # unknown, or finished already
         engine = self.engine
-        while True:
-            try:
-                request = self._inputs.get_nowait()
-            except queue.Empty:
-                break
-            if request.request_id in self._requests:
-                self._deliver(request.output(RequestStatus.FAILED, f"request {request.request_id!r} is running "
-                                                                   "already: ids must be unique"))
-                continue
-            try:
-                request.sequence = engine.add_request(request.prompt, request.max_new_tokens,
-                                                      eos_token_id=request.eos_ids, request_id=request.request_id,
-                                                      **self.sampling)
-            except ValueError as error:
-                self._deliver(request.output(RequestStatus.FAILED, str(error)))
-                continue
-            self._requests[request.request_id] = request
-        while True:
-            try:
-                request_id = self._cancels.get_nowait()
-            except queue.Empty:
-                break
-            request = self._requests.pop(request_id, None)
-            if request is not None:
-                engine.cancel(request_id)
-                self._deliver(request.output(RequestStatus.FAILED, "cancelled"))
-                blocks = engine.block_manager
-                logger.info("qwen3_accel: request %s cancelled after %d tokens; %d of %d KV blocks free", request_id,
-                            len(request.sequence.generated), blocks.num_free, len(blocks.blocks))
+        engine.cancel(request_id)
+        self._finish(request, RequestStatus.FAILED, "cancelled")
+        blocks = engine.block_manager
+        logger.info("qwen3_accel: request %s cancelled after %d tokens; %d of %d KV blocks free", request_id,
+                    len(request.sequence.generated), blocks.num_free, len(blocks.blocks))
 
     def _publish(self, stepped: list[Sequence]) -> None:
         now = time.perf_counter()
@@ -392,20 +465,22 @@ class BatchingManager:
             if seq.finished:
                 del self._requests[request_id]
                 status = RequestStatus.FINISHED if seq.status is Status.FINISHED else RequestStatus.FAILED
-                self._deliver(request.output(status, seq.error))
+                self._finish(request, status, seq.error)
             elif request.streaming and request_id in got_token:
                 self._deliver(request.output(RequestStatus.DECODING))
 
-    def _fail_all(self, reason: str) -> None:
-        """Fail every request queued or running (the engine drops them too, and frees their blocks)."""
-        for request_id, request in self._requests.items():
+    def _fail_all(self, reason: str, events: bool = True) -> None:
+        """Fail every request running (the engine drops them too, and frees their blocks) and, with `events`,
+        every one still queued (pending cancels are dropped)."""
+        for request_id, request in list(self._requests.items()):
             if self.engine is not None:
                 self.engine.cancel(request_id)
-            self._deliver(request.output(RequestStatus.FAILED, reason))
+            self._finish(request, RequestStatus.FAILED, reason)
         self._requests.clear()
-        while True:
+        while events:
             try:
-                request = self._inputs.get_nowait()
+                kind, item = self._events.get_nowait()
             except queue.Empty:
                 break
-            self._deliver(request.output(RequestStatus.FAILED, reason))
+            if kind == "add":
+                self._finish(item, RequestStatus.FAILED, reason)
