@@ -14,7 +14,6 @@ need their own copy of the weights, so each is timed after the base contenders, 
 
 import contextlib
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .compat import CACHE_ARG
 from .loading import is_main_process, load_model
+from .reports import pyplot, write_json_and_table
 from .timing import (DecodeEstimate, Spread, Timer, decode_rounds, interleaved, looked_busy, machine_noise,
                      paired_ratio)
 
@@ -522,19 +522,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
     """JSON, table and PNG plots (tok/s by batch size; speedup bars) into `out_dir`; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
-    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"bench_{report['model']}")
     paths = [f"{stem}.json", f"{stem}.txt", f"{stem}_decode.png"]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(format_table(report) + "\n")
+    write_json_and_table(report, format_table(report), paths[0], paths[1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, result in report["contenders"].items():  # medians, bars from min to max; unreliable points left out

@@ -427,20 +427,13 @@ def format_kernel_table(report: dict[str, Any]) -> str:
 
 def write_kernel_report(report: dict[str, Any], out_dir: str) -> list[str]:
     """JSON, table and a PNG of achieved bandwidth per case into `out_dir`; returns the paths."""
-    import json
     import os
 
-    import matplotlib
+    from .reports import pyplot, write_json_and_table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
+    plt = pyplot()
     paths = [os.path.join(out_dir, f) for f in ("kernels.json", "kernels.txt", "kernels.png")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(format_kernel_table(report) + "\n")
+    write_json_and_table(report, format_kernel_table(report), paths[0], paths[1])
     rows = report["cases"]
     names = sorted({n for row in rows for n in row["results"]})
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rows)), 4.5))

@@ -13,7 +13,6 @@ per output token after it (TPOT, per request) at p50 and p99, inter-token latenc
 engines, and KV memory: the pool each engine reserves and the most our engine used.
 """
 
-import json
 import math
 import os
 import random
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from . import compat
 from .bench import environment
 from .loading import load_model
+from .reports import pyplot, write_json_and_table
 from .timing import ROUNDS_AGREE, Spread, looked_busy, machine_noise
 
 SERVE_CONTENDERS = ("qwen3_accel", "hf_cb", "static")
@@ -357,18 +357,10 @@ def format_serve_table(report: dict[str, Any]) -> str:
 
 def write_serve_report(report: dict[str, Any], out_dir: str) -> list[str]:
     """JSON, table and a PNG (output tok/s and TTFT p50 by concurrency, with min-max bars) into `out_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
+    plt = pyplot()
     stem = os.path.join(out_dir, f"bench_serve_{report['model'].replace('/', '_')}")
     paths = [f"{stem}.json", f"{stem}.txt", f"{stem}.png"]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(format_serve_table(report) + "\n")
+    write_json_and_table(report, format_serve_table(report), paths[0], paths[1])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     users = [int(u) for u in report["cases"]]
     names = list(next(iter(report["cases"].values()))["contenders"])
