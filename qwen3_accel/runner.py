@@ -45,6 +45,7 @@ class ModelRunner:
         self.decode_steps = CompiledSteps(self.decode_step, options.compile)
         self.fast_steps = CompiledSteps(self.fast_step, options.compile)
         self.fast_states: dict[tuple[int, int], FastDecodeState] = {}
+        self.paged_graphs: dict[tuple[int, ...], CompiledSteps] = {}  # by KV pool shape (serving/engine.py)
 
     # ------------------------------------------------------------------------------------ cache and graphs
     def cache_for(self, batch_size: int, total_len: int) -> Qwen3StaticCache:
@@ -56,6 +57,14 @@ class ModelRunner:
         self.decode_steps.clear()
         self.fast_steps.clear()
         self.fast_states.clear()
+
+    def paged_decode_graphs(self, pool_shape: tuple[int, ...]) -> CompiledSteps:
+        """The continuous-batching engine's decode graphs for a KV pool of this shape, kept for the engines of
+        this model one after another (each HF `generate_batch` builds one): a new pool of the same shape does not
+        compile them again (on CUDA their graphs are re-recorded over the new pool's addresses)."""
+        if pool_shape not in self.paged_graphs:
+            self.paged_graphs[pool_shape] = CompiledSteps(self.paged_decode_step, self.compile)
+        return self.paged_graphs[pool_shape]
 
     def graph_count(self) -> int:
         return len(self.decode_steps) + len(self.fast_steps)

@@ -154,3 +154,20 @@ def test_captured_graphs_serve_later_steps_without_compiling():
         outputs = engine.generate(prompts, max_new_tokens=20)
     assert outputs == [hf_tokens(reference, p, 20) for p in prompts]
     assert set(engine.decode_graphs.compiled) == set(keys)  # nothing compiled after the capture
+
+
+def test_a_later_engine_of_the_same_pool_shape_compiles_nothing():
+    """Each HF generate_batch builds an engine: the model's decode graphs for that pool shape are kept, so the
+    next engine replays them (on CUDA re-recorded over its own pool) instead of compiling again."""
+    reference, optimized = model_pair("tiny")
+    prompts = [[5, 6, 7], [8, 9]]
+    first = Engine(optimized, num_blocks=32, max_batch_size=4)
+    first.generate(prompts, max_new_tokens=6)
+    compiled = set(first.decode_graphs.compiled)
+    del first
+    second = Engine(optimized, num_blocks=32, max_batch_size=4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = second.generate(prompts, max_new_tokens=6)
+    assert outputs == [hf_tokens(reference, p, 6) for p in prompts]
+    assert set(second.decode_graphs.compiled) == compiled
+    assert Engine(optimized, num_blocks=16).decode_graphs is not second.decode_graphs  # another shape: its own

@@ -15,7 +15,7 @@ import torch
 
 from ..decoder import PagedBatch
 from ..fast_generate import select_tokens
-from ..graphs import CompiledSteps, outside_inference_mode
+from ..graphs import outside_inference_mode
 from .blocks import BlockManager
 from .scheduler import Chunk, SamplingParams, Scheduler, Sequence, Status
 
@@ -90,8 +90,9 @@ class Engine:
         self.requests: dict[str, Sequence] = {}  # the requests not finished yet (a server's never grows)
         self.max_table_blocks = self.block_manager.blocks_for(self.max_positions)
         self.min_table_blocks = MIN_GRAPH_TABLE_BLOCKS.get(self.runner.device.type, 64)
-        # One graph per key, this engine's own (its pool is in every graph); eager when optimize(compile=False).
-        self.decode_graphs = CompiledSteps(self.runner.paged_decode_step, self.runner.compile)
+        # One graph per key, shared with the model's earlier engines of this pool shape (two engines alive at once
+        # would make CUDA graphs re-record at every switch: slower, never wrong); eager with compile=False.
+        self.decode_graphs = self.runner.paged_decode_graphs(tuple(self.cache.keys[0].shape))
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
