@@ -171,3 +171,17 @@ def test_a_later_engine_of_the_same_pool_shape_compiles_nothing():
     assert outputs == [hf_tokens(reference, p, 6) for p in prompts]
     assert set(second.decode_graphs.compiled) == compiled
     assert Engine(optimized, num_blocks=16).decode_graphs is not second.decode_graphs  # another shape: its own
+
+
+def test_a_weight_replaced_between_requests_is_picked_up():
+    """Replacing an HF parameter after optimize (as a user loading an adapter would): the next request the engine
+    admits runs on the new weight, as generate() would."""
+    reference, optimized = model_pair("tiny", compile=False)
+    engine = Engine(optimized, num_blocks=32)
+    prompt = [5, 6, 7, 8]
+    assert engine.generate([prompt], max_new_tokens=6) == [hf_tokens(reference, prompt, 6)]
+    new = torch.randn_like(reference.model.layers[0].self_attn.o_proj.weight) * 0.2
+    for model in (reference, optimized):
+        model.model.layers[0].self_attn.o_proj.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
+    changed = hf_tokens(reference, prompt, 6)
+    assert engine.generate([prompt], max_new_tokens=6) == [changed]

@@ -98,6 +98,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.preemptions = 0  # since the engine started (a sign the pool is too small for the load)
+        self.admitted = 0  # by the last schedule()
         self._ids = itertools.count()
 
     def add(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -146,6 +147,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         budget = self.max_batch_tokens
         preempted = False
+        self.admitted = 0  # sequences this step starts (or restarts after a preemption)
         victims: set[int] = set()  # ids of the sequences preempted in this step
         for seq in list(self.running):
             if id(seq) in victims or seq.computed < seq.num_tokens - 1 or budget == 0:
@@ -188,6 +190,7 @@ class Scheduler:
             seq.computed = seq.blocks.cached_tokens
             seq.status = Status.RUNNING
             self.running.append(seq)
+            self.admitted += 1
             end = min(len(tokens), seq.computed + budget)
             chunks.append(Chunk(seq, seq.computed, end))
             budget -= end - seq.computed
