@@ -170,7 +170,8 @@ def test_continuous_batching_engine_on_cuda():
 
     reference, optimized = model_pair("tiny", device="cuda")
     g = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(1, 512, (int(n),), generator=g).tolist() for n in torch.randint(1, 200, (24,), generator=g)]
+    lengths = torch.randint(1, 200, (24,), generator=g).tolist()
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in lengths]
     config = GenerationConfig(max_new_tokens=12, eos_token_id=None, do_sample=False, pad_token_id=0)
     pool = ContinuousBatchingConfig(num_blocks=2, max_batch_tokens=256, **{CB_PAGE_FIELD: 256})  # preempts
     outputs = optimized.generate_batch(prompts, generation_config=config, continuous_batching_config=pool,
