@@ -12,6 +12,8 @@ the cache's max_batch_size, so the set is bounded (at most 3 graphs per batch bu
 Who calls which step is decided in router.py; the fast loop itself is fast_generate.py.
 """
 
+import collections
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -22,6 +24,9 @@ from .custom_ops import select_kernels
 from .fast_generate import FastDecodeState, pick
 from .graphs import CompiledSteps, outside_inference_mode
 from .weights import DecoderWeights, build_weights
+
+
+PAGED_GRAPH_POOLS = 2  # KV pool shapes whose engine decode graphs are kept (each set holds its CUDA graphs)
 
 
 class ModelRunner:
@@ -45,7 +50,10 @@ class ModelRunner:
         self.decode_steps = CompiledSteps(self.decode_step, options.compile)
         self.fast_steps = CompiledSteps(self.fast_step, options.compile)
         self.fast_states: dict[tuple[int, int], FastDecodeState] = {}
-        self.paged_graphs: dict[tuple[int, ...], CompiledSteps] = {}  # by KV pool shape (serving/engine.py)
+        # The continuous-batching engine's (serving/engine.py): decode graphs by KV pool shape, the last two kept,
+        # and the size of the last pool sized by free memory (a later one reuses it when it still fits).
+        self.paged_graphs: collections.OrderedDict[tuple[int, ...], CompiledSteps] = collections.OrderedDict()
+        self.default_pool_blocks: int | None = None
 
     # ------------------------------------------------------------------------------------ cache and graphs
     def cache_for(self, batch_size: int, total_len: int) -> Qwen3StaticCache:
@@ -64,6 +72,9 @@ class ModelRunner:
         compile them again (on CUDA their graphs are re-recorded over the new pool's addresses)."""
         if pool_shape not in self.paged_graphs:
             self.paged_graphs[pool_shape] = CompiledSteps(self.paged_decode_step, self.compile)
+            while len(self.paged_graphs) > PAGED_GRAPH_POOLS:
+                self.paged_graphs.popitem(last=False)  # the oldest shape's graphs go
+        self.paged_graphs.move_to_end(pool_shape)
         return self.paged_graphs[pool_shape]
 
     def graph_count(self) -> int:

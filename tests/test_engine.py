@@ -185,3 +185,24 @@ def test_a_weight_replaced_between_requests_is_picked_up():
         model.model.layers[0].self_attn.o_proj.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
     changed = hf_tokens(reference, prompt, 6)
     assert engine.generate([prompt], max_new_tokens=6) == [changed]
+
+
+def test_pools_sized_by_free_memory_keep_one_shape_and_few_graph_sets(monkeypatch):
+    """Engines sized by free memory reuse the last such pool's size when it fits (so its graphs serve them), and
+    the model keeps the decode graphs of two pool shapes at most."""
+    from qwen3_accel.runner import PAGED_GRAPH_POOLS
+
+    from qwen3_accel.serving import engine as engine_module
+
+    _, optimized = model_pair("tiny", compile=False)
+    runner = optimized.qwen3_accel.runner
+    sizes = []
+    for free_blocks in (100, 104, 97):  # what free memory would hold at each engine's start
+        monkeypatch.setattr(engine_module, "blocks_for_memory", lambda *args, n=free_blocks: n)
+        sizes.append(len(Engine(optimized).block_manager.blocks))
+    assert sizes == [100, 100, 97]  # the last size while it fits; less when memory got short
+    first, second = Engine(optimized), Engine(optimized)
+    assert first.decode_graphs is second.decode_graphs
+    for blocks in (8, 16, 24):
+        Engine(optimized, num_blocks=blocks)
+    assert len(runner.paged_graphs) == PAGED_GRAPH_POOLS

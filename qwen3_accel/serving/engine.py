@@ -81,7 +81,13 @@ class Engine:
             raise ValueError("the continuous-batching engine runs on one device in this version")
         shape, dtype = self.runner.weights.shape, model.lm_head.weight.dtype
         bytes_per_block = 2 * shape.num_layers * block_size * shape.num_kv_heads * shape.head_dim * dtype.itemsize
-        num_blocks = num_blocks or blocks_for_memory(bytes_per_block, self.runner.device, kv_memory_fraction)
+        if num_blocks is None:
+            # A share of free memory; the last such pool's size again if it still fits, so that the graphs kept
+            # for that pool shape serve this engine too (free memory varies a little from one engine to the next).
+            fit = blocks_for_memory(bytes_per_block, self.runner.device, kv_memory_fraction)
+            previous = self.runner.default_pool_blocks
+            num_blocks = previous if previous is not None and previous <= fit else fit
+            self.runner.default_pool_blocks = num_blocks
         self.cache = PagedKVCache(shape.num_layers, num_blocks, block_size, shape.num_kv_heads, shape.head_dim, dtype,
                                   self.runner.device)
         self.block_manager = BlockManager(num_blocks, block_size)
