@@ -11,6 +11,8 @@
 #                                    ops inside the CUDA graph instead of calling our Triton ops
 #                   soak             8 minutes of mixed generate() requests on one Qwen3-0.6B model: crashes,
 #                                    graphs held, memory after warm-up and at the end (scripts/soak.py)
+#                   soak-serve       5 minutes of the continuous-batching manager on Qwen3-0.6B: requests arriving,
+#                                    streaming, cancelled, preempted; one final output each, the pool whole at the end
 #                   sizes            the other dense sizes (Qwen3-1.7B, 4B, 14B, 32B), qwen3_accel at batch 1,
 #                                    tok/s, % of roofline and GPU operations per step (one call of its own)
 #                   serve            bench-serve (issue 24): our continuous batching vs HF's vs static generate()
@@ -80,6 +82,8 @@ for stage in "${stages[@]}"; do
             --contenders qwen3_accel --kernels torch --batch-sizes 1,8 --prompt-lengths 128 2>&1 | quiet ;;
     soak)
         timeout 570 python3 scripts/soak.py --model Qwen3-0.6B --minutes 8 2>&1 | tee "$out/soak.txt" ;;
+    soak-serve)
+        timeout 420 python3 scripts/soak.py --model Qwen3-0.6B --minutes 5 --serve 2>&1 | tee "$out/soak_serve.txt" ;;
     requests)
         mkdir -p "$out/requests"
         for model in Qwen3-0.6B Qwen3-8B; do

@@ -6,8 +6,14 @@ bucket and again at the end: after warm-up it must not grow. After every call, e
 write slot, the fast loop's positions and step counter) must hold a value one call could produce: a buffer that
 kept counting across calls would, one day, leave the RoPE table.
 
+With --serve, the same model serves through its continuous-batching manager instead (our engine), requests
+arriving while others run: streaming or not, their own lengths and eos ids, some cancelled mid-stream, and a
+generate() call beside the manager now and then. Every request must end with exactly one final output, and at the
+end the pool must be whole and nothing left in the manager's books.
+
     python scripts/soak.py --model Qwen3-0.6B --minutes 10          # on a GPU (bf16)
     python scripts/soak.py --model tiny --device cpu --minutes 0.2  # anywhere
+    python scripts/soak.py --model tiny --device cpu --minutes 0.5 --serve
 """
 
 import argparse
@@ -68,6 +74,66 @@ def unbounded_buffers(acc, ids: torch.Tensor, new_tokens: int) -> list[str]:
     return problems
 
 
+def soak_serving(model, rng: random.Random, minutes: float, device: str) -> None:
+    """The manager under a stream of requests for `minutes` (see the module docstring)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from qwen3_accel.compat import CB_PAGE_FIELD
+
+    vocab = model.config.vocab_size
+    # 4096 tokens of KV for up to 32 requests of up to 364 tokens: some are preempted and recomputed.
+    pool = ContinuousBatchingConfig(num_blocks=16, **{CB_PAGE_FIELD: 256})
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0),
+                                             continuous_batching_config=pool)
+    manager.start()
+    start_mib = memory_mib(device)
+    live, finals, cancelled, tokens, beside = {}, 0, 0, 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < minutes * 60 or live:
+        while len(live) < 32 and time.perf_counter() - start < minutes * 60:
+            prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 300))]
+            request_id = manager.add_request(prompt, max_new_tokens=rng.randint(1, 64),
+                                             streaming=rng.random() < 0.5,
+                                             eos_token_id=rng.choice([-1, rng.randrange(vocab)]))
+            live[request_id] = rng.random() < 0.1  # cancel it once it streams
+        output = manager.get_result(timeout=60)
+        if output is None:
+            raise SystemExit(f"no output for 60 s with {len(live)} requests in flight")
+        if output.request_id not in live:
+            raise SystemExit(f"an output for {output.request_id}, which is not in flight (twice, or unknown)")
+        if output.is_finished():
+            del live[output.request_id]
+            finals += 1
+            tokens += len(output.generated_tokens)
+            if output.error == "cancelled":
+                cancelled += 1
+            elif output.error is not None:
+                raise SystemExit(f"request {output.request_id} failed: {output.error}")
+        elif live[output.request_id]:
+            manager.cancel_request(output.request_id)
+            live[output.request_id] = False
+        if rng.random() < 0.01:  # generate() on the same model, beside the manager
+            model.generate(torch.randint(1, vocab, (2, 12), device=device), max_new_tokens=8, pad_token_id=0)
+            beside += 1
+    engine = manager.engine
+    blocks = engine.block_manager
+    books = {"pool blocks free": blocks.num_free == len(blocks.blocks), "engine requests": not engine.requests,
+             "ids in flight": not manager._live_ids, "handlers": not manager._handlers,
+             "queued outputs": manager.output_queue.empty()}
+    manager.stop(block=True)
+    end_mib = memory_mib(device)
+    print(f"serving: {finals} requests ({cancelled} cancelled mid-stream), {tokens} tokens, {beside} generate() "
+          f"calls beside, in {time.perf_counter() - start:.0f} s, each with one final output")
+    print(f"preemptions {engine.scheduler.preemptions}, peak pool use {blocks.peak_used} of {len(blocks.blocks)} "
+          f"blocks, decode graphs {len(engine.decode_graphs.compiled)} (eager fallbacks "
+          f"{len(engine.decode_graphs.eager_keys)})")
+    print(f"memory allocated after the manager started {start_mib:.1f} MiB, after it stopped {end_mib:.1f} MiB")
+    left = [name for name, empty in books.items() if not empty]
+    if left:
+        raise SystemExit(f"left behind at the end: {', '.join(left)}")
+    print("the pool whole and the manager's books empty at the end")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Qwen3-0.6B", help="a shape from qwen3_accel.configs (random weights)")
@@ -75,12 +141,16 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on the CPU unless given")
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to serve requests after warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve", action="store_true", help="serve through the continuous-batching manager")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = qwen3_accel.optimize(build_model(args.model, device=args.device, dtype=dtype),
                                  max_batch_size=8, max_cache_len=512)
     vocab = model.config.vocab_size
     rng = random.Random(args.seed)
+    if args.serve:
+        soak_serving(model, rng, args.minutes, args.device)
+        return
     for batch in (1, 2, 4, 8):  # warm-up: every bucket, greedy and sampled, and HF's loop
         ids = torch.randint(1, vocab, (batch, 16), device=args.device)
         for extra in (dict(do_sample=False), dict(do_sample=True), dict(do_sample=False, repetition_penalty=1.1)):
