@@ -50,8 +50,8 @@ class ModelRunner:
         self.decode_steps = CompiledSteps(self.decode_step, options.compile)
         self.fast_steps = CompiledSteps(self.fast_step, options.compile)
         self.fast_states: dict[tuple[int, int], FastDecodeState] = {}
-        # The continuous-batching engine's (serving/engine.py): decode graphs by KV pool shape, the last two kept,
-        # and the size of the last pool sized by free memory (a later one reuses it when it still fits).
+        # The continuous-batching engine's (serving/engine.py): decode graphs by KV pool shape off CUDA, the last
+        # two kept, and the size of the last pool sized by free memory (a later one reuses it when it still fits).
         self.paged_graphs: collections.OrderedDict[tuple[int, ...], CompiledSteps] = collections.OrderedDict()
         self.default_pool_blocks: int | None = None
 
@@ -67,9 +67,13 @@ class ModelRunner:
         self.fast_states.clear()
 
     def paged_decode_graphs(self, pool_shape: tuple[int, ...]) -> CompiledSteps:
-        """The continuous-batching engine's decode graphs for a KV pool of this shape, kept for the engines of
-        this model one after another (each HF `generate_batch` builds one): a new pool of the same shape does not
-        compile them again (on CUDA their graphs are re-recorded over the new pool's addresses)."""
+        """The continuous-batching engine's decode graphs for a KV pool of this shape. Off CUDA they are kept for
+        the engines of this model one after another (each HF `generate_batch` builds one), which then compile
+        nothing. On CUDA each engine gets its own: a new pool's addresses make cudagraph trees record each graph
+        again as one more node, and the old ones (their outputs in the graph pool, e.g. logits of 128 rows x 152k
+        vocabulary) stay, so sharing across engines would grow memory with every engine."""
+        if self.device.type == "cuda":
+            return CompiledSteps(self.paged_decode_step, self.compile)
         if pool_shape not in self.paged_graphs:
             self.paged_graphs[pool_shape] = CompiledSteps(self.paged_decode_step, self.compile)
             while len(self.paged_graphs) > PAGED_GRAPH_POOLS:

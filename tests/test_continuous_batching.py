@@ -153,7 +153,7 @@ def test_result_handlers_deliver_on_the_callers_event_loop(pair):
         return seen
 
     async def serve_registering_late(prompt):  # transformers serve's streaming order: add, then register
-        loop, done, seen = asyncio.get_running_loop(), asyncio.Event(), []
+        done, seen = asyncio.Event(), []
         manager.add_request(prompt, request_id="late", max_new_tokens=5, streaming=True)
         await asyncio.sleep(0.5)  # outputs made before the registration must not be lost
         manager.register_result_handler("late", lambda o: (seen.append(o), o.is_finished() and done.set()))
@@ -320,3 +320,33 @@ def test_cancel_mid_decode_pause_and_ids(pair):
         manager.stop(block=True)
     assert [o.request_id for o in manager.request_id_iter(second)] == [second]  # ends, does not spin
     assert [o.request_id for o in manager.request_id_iter(first)] == [first]
+
+
+def test_stop_releases_the_pool_and_a_failed_step_recovers(pair, monkeypatch):
+    """A step that raises fails the requests in it and the loop goes on with a fresh engine of the same size; stop()
+    without keep_for_next_session lets the pool go (nothing of ours holds the engine any more)."""
+    import gc
+    import weakref
+
+    from qwen3_accel.serving.engine import Engine
+
+    reference, optimized = pair
+    manager = optimized.init_continuous_batching(generation_config=GenerationConfig(eos_token_id=None, **GREEDY),
+                                                 continuous_batching_config=SMALL_POOL)
+    manager.start()
+    first_engine = weakref.ref(manager.engine)
+    size = len(manager.engine.block_manager.blocks)
+    original = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: (_ for _ in ()).throw(RuntimeError("planted")))
+    failed = manager.add_request([1, 2, 3], max_new_tokens=3)
+    result = next(manager.request_id_iter(failed))
+    assert result.status == RequestStatus.FAILED and "planted" in result.error
+    monkeypatch.setattr(Engine, "step", original)
+    good = manager.add_request([1, 2, 3], max_new_tokens=3)
+    assert next(manager.request_id_iter(good)).generated_tokens == _alone(reference, [1, 2, 3], 3)
+    gc.collect()
+    assert first_engine() is None and len(manager.engine.block_manager.blocks) == size  # replaced, same size
+    engine = weakref.ref(manager.engine)
+    manager.stop(block=True)
+    gc.collect()
+    assert engine() is None and manager.engine is None

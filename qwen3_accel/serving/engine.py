@@ -96,8 +96,8 @@ class Engine:
         self.requests: dict[str, Sequence] = {}  # the requests not finished yet (a server's never grows)
         self.max_table_blocks = self.block_manager.blocks_for(self.max_positions)
         self.min_table_blocks = MIN_GRAPH_TABLE_BLOCKS.get(self.runner.device.type, 64)
-        # One graph per key, shared with the model's earlier engines of this pool shape (two engines alive at once
-        # would make CUDA graphs re-record at every switch: slower, never wrong); eager with compile=False.
+        # One graph per key; off CUDA shared with the model's earlier engines of this pool shape (see
+        # ModelRunner.paged_decode_graphs); eager with compile=False.
         self.decode_graphs = self.runner.paged_decode_graphs(tuple(self.cache.keys[0].shape))
 
     # ------------------------------------------------------------------------------------------ requests

@@ -17,6 +17,8 @@ import logging
 import queue
 import threading
 import time
+import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -38,6 +40,7 @@ MAX_BATCH_TOKENS = {"cpu": 256, "cuda": 2048}
 MAX_BATCH_SIZE = 128  # sequences running at once (the 64-user target with room for arrivals)
 KV_MEMORY_FRACTION = 0.8  # of the free device memory, HF's own default when logits are processed
 IDLE_WAIT_S = 0.1  # how long the loop sleeps when it has nothing to run, unless a request wakes it
+QUEUE_WAIT_S = 10.0  # how long add_request waits for room in a bounded queue (HF's put timeout)
 
 
 @dataclass
@@ -124,7 +127,7 @@ class BatchingManager:
         self.engine: Engine | None = None
         self.background_thread_status = ThreadStatus()
         self.warmed_up = False
-        self._warmed_engine: Engine | None = None  # the engine whose graphs the loop compiled
+        self._warmed_engine = lambda: None  # weakref to the engine whose graphs the loop compiled (not keeping it)
         self._on_stop = on_stop
         # Adds and cancels in the order they were made (a cancel right after its add must find it).
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.max_queue_size)
@@ -156,6 +159,7 @@ class BatchingManager:
     def _drop_engine(self) -> None:
         """Release the engine and its KV pool back to the device (HF's stop empties the cache too)."""
         self.engine = None
+        self._warmed_engine = lambda: None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -199,6 +203,8 @@ class BatchingManager:
             self._wake.set()
             if block:
                 self.join(timeout=timeout)
+            if not self.is_running() and self._release_engine and self.engine is not None:
+                self._drop_engine()  # (a loop that had died already did not)
         if self._on_stop is not None:
             self._on_stop(self, keep_for_next_session)
 
@@ -249,24 +255,32 @@ class BatchingManager:
         if max_new_tokens is None:  # HF: no limit; here, until eos or the model's positions run out
             max_new_tokens = max(1, self.model.config.max_position_embeddings - len(input_ids))
         eos = config.eos_token_id if eos_token_id is None else eos_token_id
-        with self._submit_lock:
-            if self._stop_mode is not None:
-                logger.warning("qwen3_accel: the manager is stopping; request %s is refused", request_id)
-                return None
-            if request_id is None:
-                request_id = f"req_{self._next_id}"
-                self._next_id += 1
-            elif request_id in self._live_ids:
-                raise ValueError(f"request {request_id!r} is already queued or running: ids must be unique")
-            request = _Request(request_id, [int(t) for t in input_ids], int(max_new_tokens), eos_list(eos),
-                               streaming, record_timestamps)
-            if not logit_processor_kwargs:
-                self._live_ids.add(request_id)
-                try:
-                    self._events.put(("add", request), block=True, timeout=10)
+        deadline, auto_id = time.monotonic() + QUEUE_WAIT_S, request_id is None
+        while True:
+            with self._submit_lock:
+                if self._stop_mode is not None:
+                    logger.warning("qwen3_accel: the manager is stopping; request %s is refused", request_id)
+                    return None
+                if auto_id and request_id is None:
+                    while f"req_{self._next_id}" in self._live_ids:  # an explicit id may look like ours
+                        self._next_id += 1
+                    request_id = f"req_{self._next_id}"
+                    self._next_id += 1
+                elif not auto_id and request_id in self._live_ids:
+                    raise ValueError(f"request {request_id!r} is already queued or running: ids must be unique")
+                request = _Request(request_id, [int(t) for t in input_ids], int(max_new_tokens), eos_list(eos),
+                                   streaming, record_timestamps)
+                if logit_processor_kwargs:
+                    break
+                try:  # never wait for room under the lock: the loop takes it to finish requests
+                    self._events.put_nowait(("add", request))
+                    self._live_ids.add(request_id)
+                    break
                 except queue.Full:
-                    self._live_ids.discard(request_id)
-                    raise RuntimeError(f"the request queue is full ({self.max_queue_size} requests waiting)") from None
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the request queue is full ({self.max_queue_size} requests waiting)")
+            time.sleep(0.01)
         if logit_processor_kwargs:
             self._deliver(request.output(RequestStatus.FAILED, (
                 f"per-request logits-processor settings {sorted(logit_processor_kwargs)} are not supported by "
@@ -344,8 +358,9 @@ class BatchingManager:
         def deliver_and_clean_up(output: GenerationOutput) -> None:
             callback(output)
             if output.is_finished():
-                with self._handlers_lock:
-                    self._handlers.pop(request_id, None)
+                with self._handlers_lock:  # only this registration's: the id may have been reused since
+                    if self._handlers.get(request_id, (None,))[0] is deliver_and_clean_up:
+                        del self._handlers[request_id]
 
         with self._handlers_lock:
             for output in self._take_queued(request_id):
@@ -368,10 +383,10 @@ class BatchingManager:
                 self._handlers.pop(output.request_id, None)
 
     def _finish(self, request: _Request, status: RequestStatus, error: str | None = None) -> None:
-        """A request's last output; its id may be used again."""
-        self._deliver(request.output(status, error))
+        """A request's last output; its id may be used again (from the moment the output is delivered)."""
         with self._submit_lock:
             self._live_ids.discard(request.request_id)
+        self._deliver(request.output(status, error))
 
     # --------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -380,10 +395,19 @@ class BatchingManager:
             torch.cuda.set_device(device)
         try:
             engine = self.engine
-            if self._warmed_engine is not engine:  # once per engine, before any request
-                engine.capture_decode_graphs(self.expected_tokens)
-                engine.generate([[0]], max_new_tokens=1)
-                self._warmed_engine = engine
+            if self._warmed_engine() is not engine:  # once per engine, before any request (pause() waits for it)
+                with self._pause:
+                    while self._pauses:
+                        self._pause.wait()
+                    self._stepping = True
+                try:
+                    engine.capture_decode_graphs(self.expected_tokens)
+                    engine.generate([[0]], max_new_tokens=1)
+                finally:
+                    with self._pause:
+                        self._stepping = False
+                        self._pause.notify_all()
+                self._warmed_engine = weakref.ref(engine)
             while True:
                 self._take_events()
                 with self._submit_lock:  # no request can be accepted between this check and the exit
@@ -398,22 +422,29 @@ class BatchingManager:
                     while self._pauses:
                         self._pause.wait()
                     self._stepping = True
+                failure = None
                 try:
                     stepped = engine.step()
                 except Exception as error:  # a bug of ours: fail what was in flight, keep serving
-                    logger.exception("qwen3_accel: a continuous-batching step failed")
-                    self._fail_all(f"the step failed: {error!r}", events=False)
-                    self._drop_engine()
-                    engine = self._ensure_engine()
-                    continue
+                    # The traceback as text: a log record holding the exception would hold the old pool too.
+                    logger.error("qwen3_accel: a continuous-batching step failed\n%s", traceback.format_exc())
+                    failure = repr(error)
                 finally:
                     with self._pause:
                         self._stepping = False
                         self._pause.notify_all()
+                if failure is not None:  # (outside the except clause: its traceback holds the old pool)
+                    self._fail_all(f"the step failed: {failure}", events=False)
+                    engine = None
+                    self._drop_engine()
+                    engine = self._ensure_engine()
+                    continue
                 self._publish(stepped)
             self._fail_all("the manager stopped before this request finished")
         except Exception as error:
             logger.exception("qwen3_accel: the continuous-batching loop died")
+            with self._submit_lock:
+                self._stop_mode = "hard"  # refuse what comes next: nothing would answer it
             self.background_thread_status.fatal_error = error
             self._fail_all(f"the continuous-batching loop died: {error!r}")
         finally:
