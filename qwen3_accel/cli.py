@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         _generate(args)
     else:
         _info()
-    if torch.distributed.is_initialized():  # a torchrun job (bench, generate): leave the group cleanly
+    if torch.distributed.is_initialized():  # a torchrun job (bench, generate): leave the group cleanly, every
+        torch.distributed.barrier()  # rank done before any closes its connections (gloo aborted the process once)
         torch.distributed.destroy_process_group()
 
 
