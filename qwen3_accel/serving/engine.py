@@ -34,8 +34,8 @@ def block_tables(chunks: list[Chunk], width: int | None = None, fill: int = 0) -
     rest of each row `fill`; built as one list, one tensor (a tensor per row cost ~5 us each)."""
     tables = [c.sequence.blocks.table for c in chunks]
     width = width or max(map(len, tables), default=1)
-    return torch.tensor([table + [fill] * (width - len(table)) for table in tables] or [[fill] * width],
-                        dtype=torch.int32)[: len(chunks)]
+    rows = [table + [fill] * (width - len(table)) for table in tables]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(chunks), width)
 
 
 class PagedKVCache:
@@ -99,6 +99,7 @@ class Engine:
         # One graph per key; off CUDA shared with the model's earlier engines of this pool shape (see
         # ModelRunner.paged_decode_graphs); eager with compile=False.
         self.decode_graphs = self.runner.paged_decode_graphs(tuple(self.cache.keys[0].shape))
+        self.warmed = False
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
@@ -145,9 +146,12 @@ class Engine:
         e.g. one too long for the whole pool, has status FAILED and its error). Finished requests leave
         `requests`."""
         chunks = self.scheduler.schedule()
-        self._forget_finished()
-        if not chunks:
-            return []
+        sampling = self._run(chunks) if chunks else []
+        for request_id in [rid for rid, seq in self.requests.items() if seq.finished]:
+            del self.requests[request_id]
+        return sampling
+
+    def _run(self, chunks: list[Chunk]) -> list[Sequence]:
         with self.acc._lock, torch.no_grad():
             # A weight replaced since optimize is picked up before each sequence starts, as generate() does;
             # checked at every step it cost 0.43 ms on Qwen3-0.6B's 28 layers (CPU), a tenth of a GPU step.
@@ -165,12 +169,7 @@ class Engine:
             params = seq.params
             if token in params.eos_ids or len(seq.generated) >= params.max_new_tokens:
                 self.scheduler.finish(seq)
-        self._forget_finished()
         return sampling
-
-    def _forget_finished(self) -> None:
-        for request_id in [rid for rid, seq in self.requests.items() if seq.finished]:
-            del self.requests[request_id]
 
     def _pack(self, chunks: list[Chunk]) -> PagedBatch:
         device = self.runner.device
@@ -206,6 +205,13 @@ class Engine:
         rows = min(1 << (num_sequences - 1).bit_length(), max(self.scheduler.max_batch_size, num_sequences))
         width = max(self.min_table_blocks, 1 << (table_blocks - 1).bit_length())
         return rows, min(width, max(self.max_table_blocks, table_blocks))
+
+    def warm_up(self, max_tokens: int = 1) -> None:
+        """Once per engine: its decode graphs (capture_decode_graphs) and one token through it, before requests."""
+        if not self.warmed:
+            self.capture_decode_graphs(max_tokens)
+            self.generate([[0]], max_new_tokens=1)
+            self.warmed = True
 
     def capture_decode_graphs(self, max_tokens: int = 1) -> list[tuple]:
         """Compile (on a GPU: capture) the decode graph of every row bucket up to max_batch_size, at every table

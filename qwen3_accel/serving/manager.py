@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 import traceback
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -86,6 +85,16 @@ def sampling_settings(config: GenerationConfig) -> dict[str, Any]:
     return settings
 
 
+def drain(q: queue.Queue) -> list:
+    """Everything in the queue now, in order, without waiting."""
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
 def eos_list(eos: int | list[int] | None) -> list[int]:
     """HF's convention: None or negative ids mean no stop token."""
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -127,7 +136,6 @@ class BatchingManager:
         self.engine: Engine | None = None
         self.background_thread_status = ThreadStatus()
         self.warmed_up = False
-        self._warmed_engine = lambda: None  # weakref to the engine whose graphs the loop compiled (not keeping it)
         self._on_stop = on_stop
         # Adds and cancels in the order they were made (a cancel right after its add must find it).
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.max_queue_size)
@@ -159,7 +167,6 @@ class BatchingManager:
     def _drop_engine(self) -> None:
         """Release the engine and its KV pool back to the device (HF's stop empties the cache too)."""
         self.engine = None
-        self._warmed_engine = lambda: None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -339,11 +346,7 @@ class BatchingManager:
     def _take_queued(self, request_id: str) -> list[GenerationOutput]:
         """This request's outputs waiting in the shared queue, in order; the others are put back in theirs."""
         mine, others = [], []
-        while True:
-            try:
-                output = self.output_queue.get_nowait()
-            except queue.Empty:
-                break
+        for output in drain(self.output_queue):
             (mine if output.request_id == request_id else others).append(output)
         for output in others:
             self.output_queue.put(output)
@@ -395,19 +398,8 @@ class BatchingManager:
             torch.cuda.set_device(device)
         try:
             engine = self.engine
-            if self._warmed_engine() is not engine:  # once per engine, before any request (pause() waits for it)
-                with self._pause:
-                    while self._pauses:
-                        self._pause.wait()
-                    self._stepping = True
-                try:
-                    engine.capture_decode_graphs(self.expected_tokens)
-                    engine.generate([[0]], max_new_tokens=1)
-                finally:
-                    with self._pause:
-                        self._stepping = False
-                        self._pause.notify_all()
-                self._warmed_engine = weakref.ref(engine)
+            with self._unpaused():  # before any request; pause() waits for it
+                engine.warm_up(self.expected_tokens)
             while True:
                 self._take_events()
                 with self._submit_lock:  # no request can be accepted between this check and the exit
@@ -418,21 +410,14 @@ class BatchingManager:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
                     continue
-                with self._pause:
-                    while self._pauses:
-                        self._pause.wait()
-                    self._stepping = True
                 failure = None
-                try:
-                    stepped = engine.step()
-                except Exception as error:  # a bug of ours: fail what was in flight, keep serving
-                    # The traceback as text: a log record holding the exception would hold the old pool too.
-                    logger.error("qwen3_accel: a continuous-batching step failed\n%s", traceback.format_exc())
-                    failure = repr(error)
-                finally:
-                    with self._pause:
-                        self._stepping = False
-                        self._pause.notify_all()
+                with self._unpaused():
+                    try:
+                        stepped = engine.step()
+                    except Exception as error:  # a bug of ours: fail what was in flight, keep serving
+                        # The traceback as text: a log record holding the exception would hold the old pool too.
+                        logger.error("qwen3_accel: a continuous-batching step failed\n%s", traceback.format_exc())
+                        failure = repr(error)
                 if failure is not None:  # (outside the except clause: its traceback holds the old pool)
                     self._fail_all(f"the step failed: {failure}", events=False)
                     engine = None
@@ -451,13 +436,23 @@ class BatchingManager:
             if self._release_engine:
                 self._drop_engine()
 
+    @contextlib.contextmanager
+    def _unpaused(self):
+        """Wait until no pause() is held, then hold pauses off while the loop works on the engine."""
+        with self._pause:
+            while self._pauses:
+                self._pause.wait()
+            self._stepping = True
+        try:
+            yield
+        finally:
+            with self._pause:
+                self._stepping = False
+                self._pause.notify_all()
+
     def _take_events(self) -> None:
         """The adds and cancels made since the last step, in their order."""
-        while True:
-            try:
-                kind, item = self._events.get_nowait()
-            except queue.Empty:
-                return
+        for kind, item in drain(self._events):
             if kind == "add":
                 self._admit(item)
             else:
@@ -508,10 +503,6 @@ class BatchingManager:
                 self.engine.cancel(request_id)
             self._finish(request, RequestStatus.FAILED, reason)
         self._requests.clear()
-        while events:
-            try:
-                kind, item = self._events.get_nowait()
-            except queue.Empty:
-                break
+        for kind, item in drain(self._events) if events else ():
             if kind == "add":
                 self._finish(item, RequestStatus.FAILED, reason)
