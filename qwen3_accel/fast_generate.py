@@ -52,19 +52,30 @@ def select_tokens(logits: torch.Tensor, do_sample: bool, temperature: torch.Tens
     """
     if not do_sample:
         return logits.argmax(dim=-1)
+    return draw(warped_probs(logits, temperature, top_k, top_p))
+
+
+def warped_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor) -> torch.Tensor:
+    """The distribution HF's warpers define over fp32 logits [..., V] (temperature, then top-k, then top-p)."""
     vocab = logits.shape[-1]
     logits = logits / temperature
     sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [1]
-    kth = sorted_logits.index_select(-1, vocab - k)  # [B, 1]: the k-th largest logit
+    kth = sorted_logits.index_select(-1, vocab - k)  # [..., 1]: the k-th largest logit
     logits = logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-    remove_sorted[:, -1] = False  # keep at least the most likely token
-    logits = logits.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, with no multinomial and no sync.
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+    remove_sorted[..., -1] = False  # keep at least the most likely token
+    logits = logits.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def draw(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row of non-negative weights [..., V] (not necessarily normalised), drawn in proportion.
+
+    Exponential race: argmax(w / E) with E ~ Exp(1) is a draw from w / sum(w), with no multinomial and no sync."""
+    return (weights / torch.empty_like(weights).exponential_(1)).argmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,12 @@ class FastRequest:
     attention_mask: torch.Tensor | None
     streamer: Any
     eos_ids: list[int]
+    assistant: Any = None  # speculative decoding (speculative.py): the assistant model, or
+    prompt_lookup: int | None = None  # prompt lookup's k
+
+    @property
+    def speculative(self) -> bool:
+        return self.assistant is not None or self.prompt_lookup is not None
 
 
 class FastDecodeState:

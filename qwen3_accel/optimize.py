@@ -31,6 +31,7 @@ from .patches import qwen3 as dense
 from .patches import qwen3_moe
 from .runner import ModelRunner
 from .serving.manager import BatchingManager
+from .speculative import Drafter, run_speculative
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +325,8 @@ class Qwen3Accelerator:
         if route.path == router.HF_GENERATE:
             with self._lock, self.disabled():
                 return self.hf_generate(*args, **kwargs)
+        if route.path == router.FAST_LOOP and route.request.speculative:
+            return self._speculate(route.request, args, kwargs)
         if route.path == router.FAST_LOOP:
             with self._lock:
                 self.check_weights_shared()  # HF's loop reaches our forward, which checks at its first step
@@ -340,6 +343,45 @@ class Qwen3Accelerator:
                 for key in [key for key, value in output.items() if value is cache]:
                     output[key] = cache.to_dynamic(self.model.config)
         return output
+
+    def _speculate(self, request, args: tuple, kwargs: dict[str, Any]):
+        """Speculative decoding in our loop (speculative.py). An assistant not optimized yet is optimized here, with
+        this model's options (its weights stay as they are); one we cannot optimize leaves the request to HF's
+        assisted loop, with the reason logged."""
+        assistant, helper = request.assistant, None
+        if request.prompt_lookup is not None:
+            config = request.config
+            drafter = Drafter(None, request.prompt_lookup, max_ngram=config.max_matching_ngram_size or 2)
+        else:
+            helper = getattr(assistant, "qwen3_accel", None)
+            if not isinstance(helper, Qwen3Accelerator):
+                try:
+                    optimize(assistant, replace(self.options, weights=None, max_batch_size=None,
+                                                max_cache_len=None))
+                except (TypeError, ValueError) as error:
+                    logger.info("qwen3_accel: HF's assisted decoding serves this request: the assistant model "
+                                "cannot be optimized (%s)", error)
+                    return self.hf_generate(*args, **kwargs)
+                logger.info("qwen3_accel: optimized the assistant model for speculative decoding")
+                helper = assistant.qwen3_accel
+            helper._ensure_ready()
+            if helper.tp.world_size > 1 or self.tp.world_size > 1:
+                logger.debug("qwen3_accel: %s (tensor parallelism)", router.HF_CACHE)
+                return self.hf_generate(*args, **kwargs)
+            draft_config = assistant.generation_config
+            drafter = Drafter(helper.runner, draft_config.num_assistant_tokens or 20,
+                              draft_config.num_assistant_tokens_schedule or "constant", assistant=assistant)
+        if self.tp.world_size > 1:
+            logger.debug("qwen3_accel: %s (tensor parallelism)", router.HF_CACHE)
+            return self.hf_generate(*args, **kwargs)
+        locks = [self._lock] if helper is None or helper is self else sorted([self._lock, helper._lock], key=id)
+        with contextlib.ExitStack() as held:
+            for lock in locks:
+                held.enter_context(lock)
+            self.check_weights_shared()
+            if helper is not None and helper is not self:
+                helper.check_weights_shared()
+            return run_speculative(self.runner, drafter, request)
 
     # --------------------------------------------------------------------------------------- forward
     def forward(

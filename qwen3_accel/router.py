@@ -1,7 +1,8 @@
 """Who serves a call on an optimized model, and why.
 
 generate() goes to one of four paths, in this order of preference:
-  FAST_LOOP       our device-side loop (fast_generate.py): greedy or sampled decoding it implements exactly
+  FAST_LOOP       our device-side loop (fast_generate.py): greedy or sampled decoding it implements exactly, with
+                  an assistant model or prompt lookup drafting for it (speculative.py)
   OUR_CACHE       HF's generate loop, every step on our forward and our persistent cache (other logits
                   processors, stopping criteria, ...)
   HF_CACHE        HF's generate loop on HF's own cache (beam search, assisted decoding, a cache passed in, ...);
@@ -42,7 +43,9 @@ _HANDLED = {
 }
 # generate() arguments that are not generation settings: only these may be given (and not None).
 _GENERATE_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
-                  "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
+                  "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
+# Settings of speculative decoding the fast loop implements (with an assistant_model or prompt lookup).
+_SPECULATION = frozenset({"prompt_lookup_num_tokens", "max_matching_ngram_size"})
 
 
 def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | None, FastRequest | None]:
@@ -52,6 +55,7 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | 
     if len(args) > 1:
         return "positional arguments after the inputs", None
     streamer = kwargs.pop("streamer", None)
+    assistant = kwargs.pop("assistant_model", None)
     for name in _GENERATE_ARGS:
         if kwargs.pop(name, None) is not None:
             return name, None
@@ -62,11 +66,17 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | 
     attention_mask = model_kwargs.pop("attention_mask", None)
     if model_kwargs:
         return f"model arguments {sorted(model_kwargs)}", None
-    setting = unhandled_setting(config)
+    lookup = config.prompt_lookup_num_tokens
+    speculative = assistant is not None or lookup is not None
+    setting = unhandled_setting(config, _SPECULATION if speculative else frozenset())
     if setting is not None:
         return setting, None
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2:
         return "no 2-D input_ids tensor", None
+    if speculative:
+        reason = speculation_reason(model, assistant, config, inputs, streamer)
+        if reason is not None:
+            return reason, None
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         return f"max_new_tokens={config.max_new_tokens}", None
     if config.max_new_tokens is None and (config.max_length is None or config.max_length <= inputs.shape[1]):
@@ -82,7 +92,35 @@ def fast_path_reason(model, args: tuple, kwargs: dict[str, Any]) -> tuple[str | 
         return "an attention_mask that is not [batch, prompt length]", None
     elif not bool(attention_mask[:, -1].bool().all()):
         return "a right-padded attention_mask", None
-    return None, FastRequest(config, inputs, attention_mask, streamer, eos_ids)
+    return None, FastRequest(config, inputs, attention_mask, streamer, eos_ids, assistant, lookup)
+
+
+def speculation_reason(model, assistant, config: GenerationConfig, inputs: torch.Tensor, streamer) -> str | None:
+    """Why HF's assisted loop must serve this request, or None when ours drafts and verifies it."""
+    if assistant is not None and config.prompt_lookup_num_tokens is not None:
+        return "assistant_model and prompt_lookup_num_tokens together"
+    if streamer is not None and inputs.shape[0] > 1:
+        return "a streamer with more than one sequence"
+    if config.prompt_lookup_num_tokens is not None:
+        if config.prompt_lookup_num_tokens < 1 or (config.max_matching_ngram_size or 2) < 1:
+            return "prompt_lookup_num_tokens or max_matching_ngram_size below 1"
+        return None
+    from .optimize import SUPPORTED_CLASSES  # (optimize imports this module)
+
+    if not isinstance(assistant, SUPPORTED_CLASSES):
+        return f"an assistant model of class {type(assistant).__name__} (ours drafts with Qwen3 models)"
+    if assistant.config.vocab_size != model.config.vocab_size:
+        return (f"an assistant with another vocabulary ({assistant.config.vocab_size} tokens, the model "
+                f"{model.config.vocab_size})")
+    if assistant.lm_head.weight.device != model.lm_head.weight.device:
+        return "an assistant on another device"
+    draft_config = assistant.generation_config
+    schedule = draft_config.num_assistant_tokens_schedule or "constant"
+    if schedule not in ("constant", "heuristic", "heuristic_transient"):
+        return f"num_assistant_tokens_schedule={schedule!r}"
+    if (draft_config.num_assistant_tokens or 20) < 1:
+        return f"num_assistant_tokens={draft_config.num_assistant_tokens}"
+    return None
 
 
 def unhandled_setting(config: GenerationConfig, ignored: frozenset = frozenset()) -> str | None:
@@ -169,7 +207,7 @@ def hf_cache_reason(model, args: tuple, kwargs: dict[str, Any], config: Generati
     if (config.num_beams or 1) > 1:
         return "beam search"
     if kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens is not None:
-        return "assisted decoding"
+        return "assisted decoding (HF's loop)"
     if config.cache_implementation is not None:
         return f"cache_implementation={config.cache_implementation!r}"
     if config.use_cache is False:

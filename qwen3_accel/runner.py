@@ -23,6 +23,7 @@ from .cache import CacheLayout, PersistentCache, Qwen3StaticCache
 from .custom_ops import select_kernels
 from .fast_generate import FastDecodeState, pick
 from .graphs import CompiledSteps, outside_inference_mode
+from .speculative import Speculator
 from .weights import DecoderWeights, build_weights
 
 
@@ -54,6 +55,8 @@ class ModelRunner:
         # two kept, and the size of the last pool sized by free memory (a later one reuses it when it still fits).
         self.paged_graphs: collections.OrderedDict[tuple[int, ...], CompiledSteps] = collections.OrderedDict()
         self.default_pool_blocks: int | None = None
+        # Speculative decoding (speculative.py): the last assistant's and prompt lookup's pools and graphs.
+        self.speculators: dict[str, Speculator] = {}
 
     # ------------------------------------------------------------------------------------ cache and graphs
     def cache_for(self, batch_size: int, total_len: int) -> Qwen3StaticCache:
@@ -80,6 +83,16 @@ class ModelRunner:
                 self.paged_graphs.popitem(last=False)  # the oldest shape's graphs go
         self.paged_graphs.move_to_end(pool_shape)
         return self.paged_graphs[pool_shape]
+
+    def speculator(self, draft: "ModelRunner | None") -> Speculator:
+        """Speculative decoding with this draft runner (None: prompt lookup); a new assistant replaces the last
+        one's pools and graphs."""
+        role = "lookup" if draft is None else "assistant"
+        current = self.speculators.get(role)
+        if current is None or current.draft is not draft:
+            self.speculators.pop(role, None)
+            self.speculators[role] = Speculator(self, draft)
+        return self.speculators[role]
 
     def graph_count(self) -> int:
         return len(self.decode_steps) + len(self.fast_steps)
