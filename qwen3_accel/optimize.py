@@ -320,8 +320,9 @@ class Qwen3Accelerator:
         self.check_not_moved()  # on every path, so that one state gets one answer
         route = router.route_generate(self.model, args, kwargs, fast_loop=self.options.fast_generate,
                                       implementations=self.implementations, autocast=self._under_autocast())
-        if route.reason is not None:
-            logger.debug("qwen3_accel: %s (%s)", route.path, route.reason)
+        if route.reason is not None:  # an assisted request HF's loop serves is slow: say so where users look
+            level = logging.INFO if route.reason.startswith("assisted decoding") else logging.DEBUG
+            logger.log(level, "qwen3_accel: %s (%s)", route.path, route.reason)
         if route.path == router.HF_GENERATE:
             with self._lock, self.disabled():
                 return self.hf_generate(*args, **kwargs)

@@ -187,6 +187,8 @@ def route_generate(model, args: tuple, kwargs: dict[str, Any], *, fast_loop: boo
     config = model._prepare_generation_config(kwargs.get("generation_config"), **others)[0]
     reason = hf_cache_reason(model, args, kwargs, config) or changed
     if reason is not None:
+        if fast_reason is not None and fast_reason != reason:
+            reason = f"{reason}; not the fast loop: {fast_reason}"
         return GenerateRoute(HF_CACHE, reason, config=config)
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     batch, prompt_len = inputs.shape[:2]

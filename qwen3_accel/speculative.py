@@ -160,6 +160,30 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return blocks * BLOCK_SIZE + positions % BLOCK_SIZE
 
 
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafts kept [rows], the token after them [rows]) for target logits [rows, k + 1, V] over drafts [rows, k]:
+    the longest prefix equal to the target's argmax, then the target's argmax after it."""
+    best = logits.argmax(dim=-1)  # [rows, k + 1]
+    accepted = (drafts == best[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+    return accepted, best.gather(1, accepted[:, None])[:, 0]
+
+
+def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling: target probabilities p [rows, k + 1, V], the draft's q [rows, k, V] from which drafts
+    [rows, k] were drawn. Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
+    first rejected one is replaced by a draw from max(p_i - q_i, 0), and after k kept drafts one more comes from
+    p_k. Every emitted token then follows p exactly."""
+    rows, k = drafts.shape
+    p_draft, q_draft = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
+    kept = torch.rand_like(p_draft) * q_draft < p_draft  # u < p/q, without dividing
+    accepted = kept.long().cumprod(dim=1).sum(dim=1)  # [rows]
+    residual = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)
+    at = accepted.view(rows, 1, 1).expand(rows, 1, p.shape[-1])
+    chosen, fallback = residual.gather(1, at)[:, 0], p.gather(1, at)[:, 0]
+    chosen = torch.where(chosen.sum(dim=-1, keepdim=True) > 0, chosen, fallback)  # p == q: never rejected
+    return accepted, draw(chosen)
+
+
 class Speculator:
     """Speculative decoding of one target with one kind of drafter (an assistant's runner, or prompt lookup): the
     two pools, the state buckets and the compiled draft, lookup and verify steps."""
@@ -274,18 +298,9 @@ class Speculator:
         if do_sample:
             p = warped_probs(logits, state.temperature, state.top_k, state.top_p)  # [rows, k + 1, V]
             q = torch.nn.functional.one_hot(drafts, p.shape[-1]).float() if lookup else state.draft_probs[:, :k]
-            p_draft, q_draft = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
-            kept = torch.rand_like(p_draft) * q_draft < p_draft  # u < p/q, without dividing
-            accepted = kept.long().cumprod(dim=1).sum(dim=1)  # [rows]
-            residual = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)
-            at = accepted.view(rows, 1, 1).expand(rows, 1, p.shape[-1])
-            chosen, fallback = residual.gather(1, at)[:, 0], p.gather(1, at)[:, 0]
-            chosen = torch.where(chosen.sum(dim=-1, keepdim=True) > 0, chosen, fallback)  # p == q: never rejected
-            bonus = draw(chosen)
+            accepted, bonus = accept_sampled(p, q, drafts)
         else:
-            best = logits.argmax(dim=-1)  # [rows, k + 1]
-            accepted = (drafts == best[:, :k]).long().cumprod(dim=1).sum(dim=1)
-            bonus = best.gather(1, accepted[:, None])[:, 0]
+            accepted, bonus = accept_greedy(logits, drafts)
         new = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, accepted[:, None], bonus[:, None])  # [rows, k+1]
         count = accepted + 1
         is_eos = torch.isin(new, state.eos) & (offsets[None] < count[:, None])
@@ -335,7 +350,7 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
         state.begin(prompts, first, unfinished, new_tokens, eos_ids, pad, sampling)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        k, streamed, rounds = drafter.num_tokens, 0, 0
+        k, drafted, streamed, rounds = drafter.num_tokens, 0, 0, 0
         shape = (state.rows, target_pool.blocks_per_row)
         while True:
             flags = torch.cat([state.unfinished[:batch].long(), state.accepted[:batch], state.emitted[:batch]]).cpu()
