@@ -248,13 +248,15 @@ def test_empty_prompt_is_a_clear_error(pair):
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize(
     "request_kwargs",
-    [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2), dict(prompt_lookup_num_tokens=3),
-     dict(assistant="plain"), dict(use_cache=False), dict(repetition_penalty=1.3)],
+    [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2), dict(prompt_lookup_num_tokens=3,
+     repetition_penalty=1.3), dict(assistant="plain", repetition_penalty=1.3), dict(use_cache=False),
+     dict(repetition_penalty=1.3)],
     ids=["beams", "beams-returns", "prompt-lookup", "assisted", "no-cache", "penalty"],
 )
 def test_hf_loop_requests_run_our_kernels(name, request_kwargs, monkeypatch):
     """Requests that run HF's generation loop (HF's DynamicCache, or ours) still go through our forward and
-    kernels, with HF eager's tokens."""
+    kernels, with HF eager's tokens. (Assisted requests come here with a setting our speculative loop does not
+    implement, the repetition penalty; tests/test_speculative.py has the ones it does.)"""
     from qwen3_accel import decoder
 
     reference, optimized = model_pair(name, compile=False)
