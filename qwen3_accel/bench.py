@@ -32,11 +32,15 @@ from .timing import (DecodeEstimate, Spread, Timer, decode_rounds, interleaved, 
                      paired_ratio)
 
 CONTENDERS = ("hf_eager", "hf_static_compile", "qwen3_accel")
-# Requests that run HF's generation loop (not the fast loop), measured at batch 1 for hf_eager and qwen3_accel:
-# beam search and assisted decoding over HF's DynamicCache, a logits processor over our cache. The assistant is
-# the model itself (every draft accepted: the upper bound of assisted decoding, and the only meaningful one with
-# random weights).
-REQUESTS = ("beam4", "assisted", "penalty")
+# Requests beyond plain greedy decoding, timed for hf_eager and qwen3_accel, interleaved, at each request batch
+# size: "plain" (greedy decoding itself, the yardstick), beam search (HF's loop over HF's cache), a logits
+# processor (HF's loop over our cache), and speculative decoding (our loop; HF's assisted loop for hf_eager, which
+# refuses batches of more than one): "assisted" drafts with the model itself (every draft kept: what verifying
+# costs), "assisted_draft" with the --draft-model, "lookup" with prompt lookup on a prompt that repeats a phrase.
+# Random weights make acceptance rates meaningless for real text; the report gives the ones measured.
+REQUESTS = ("plain", "beam4", "assisted", "assisted_draft", "lookup", "penalty")
+SPECULATIVE = ("assisted", "assisted_draft", "lookup")
+DRAFT_TOKENS = 4  # k of the speculative requests: a verify step over 5 tokens (issue 25's goal is stated at 5)
 
 
 @dataclass
@@ -53,7 +57,9 @@ class BenchConfig:
     kernels: str = "auto"
     weights: tuple[str, ...] = ()  # quantized formats measured after the others, each as `qwen3_accel_<format>`
     decode_linear: tuple[str, ...] = ()  # other `decode_linear` modes, each as `qwen3_accel_decode_linear_<mode>`
-    requests: tuple[str, ...] = ()  # from REQUESTS: HF-loop requests timed for hf_eager and qwen3_accel
+    requests: tuple[str, ...] = ()  # from REQUESTS, timed for hf_eager and qwen3_accel
+    request_batch_sizes: tuple[int, ...] = (1,)
+    draft_model: str | None = None  # the assistant of the "assisted_draft" request (a shape name or a checkpoint)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def max_cache_len(self) -> int:
@@ -125,15 +131,40 @@ def _generate_fn(model, ids: torch.Tensor, new_tokens: int, static_cache=None,
     return run
 
 
-def request_kwargs(name: str, model) -> dict[str, Any]:
-    """The generate() arguments of a named HF-loop request (see REQUESTS)."""
+def request_kwargs(name: str, model, draft=None) -> dict[str, Any]:
+    """The generate() arguments of a named request (see REQUESTS)."""
+    if name == "plain":
+        return {}
     if name == "beam4":
         return dict(num_beams=4)
     if name == "assisted":
         return dict(assistant_model=model)
+    if name == "assisted_draft":
+        return dict(assistant_model=draft)
+    if name == "lookup":
+        return dict(prompt_lookup_num_tokens=DRAFT_TOKENS)
     if name == "penalty":
         return dict(repetition_penalty=1.1)
     raise ValueError(f"unknown request {name!r}; choose from {REQUESTS}")
+
+
+def request_key(request: str, batch: int) -> str:
+    """A request's entry in the report: its name at batch 1, "<name>, batch <b>" otherwise."""
+    return request if batch == 1 else f"{request}, batch {batch}"
+
+
+def _request_prompts(request: str, batch: int, length: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Random prompts; for prompt lookup a random phrase of 8 tokens repeated (something to look up)."""
+    if request != "lookup":
+        return _prompts(batch, length, vocab, device)
+    phrase = _prompts(batch, 8, vocab, device, seed=1)
+    return phrase.repeat(1, -(-length // 8))[:, :length]
+
+
+def _acceptance(model, request: str) -> float | None:
+    """The share of drafts kept in qwen3_accel's last speculative call of this request."""
+    speculator = model.qwen3_accel.runner.speculators.get("lookup" if request == "lookup" else "assistant")
+    return None if speculator is None else speculator.stats.acceptance
 
 
 def _decode_figures(estimate: DecodeEstimate, batch: int, steps: int) -> dict[str, Any]:
@@ -149,28 +180,61 @@ def _decode_figures(estimate: DecodeEstimate, batch: int, steps: int) -> dict[st
     return figures
 
 
-def bench_requests(model, names: list[str], contexts: dict[str, Callable], cfg: BenchConfig,
-                   progress: tqdm) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, DecodeEstimate]]]:
-    """Decode tokens/s of each HF-loop request at batch 1, the contenders interleaved: as for plain decode,
-    `generate` with 1 + N new tokens minus `generate` with 1, over N."""
+def bench_requests(model, names: list[str], contexts: dict[str, Callable], cfg: BenchConfig, progress: tqdm,
+                   draft=None) -> tuple[dict[str, dict[str, dict]], dict[str, dict[str, DecodeEstimate]]]:
+    """Decode tokens/s of each request at each request batch size, the contenders interleaved: as for plain
+    decode, `generate` with 1 + N new tokens minus `generate` with 1, over N. Speculative requests also report the
+    share of drafts qwen3_accel kept; HF's assisted loop takes one sequence, so hf_eager sits out larger batches."""
     timer = Timer(model.device)
-    ids = _prompts(1, cfg.decode_prompt_length, model.config.vocab_size, model.device)
     results: dict[str, dict] = {name: {} for name in names}
     estimates: dict[str, dict[str, DecodeEstimate]] = {name: {} for name in names}
     for request in cfg.requests:
-        progress.set_postfix_str(f"request {request}")
-        extra = request_kwargs(request, model)
-        pairs = {name: tuple(_in(contexts[name], _generate_fn(model, ids, n, extra=extra))
-                             for n in (1, 1 + cfg.decode_tokens)) for name in names}
-        for name in names:
-            pairs[name][1]()  # warm-up
-        found, _ = decode_rounds(timer, pairs, cfg.repeats, 3 * cfg.repeats)
-        for name in names:
-            figures = _decode_figures(found[name], 1, cfg.decode_tokens)
-            results[name][request] = figures
-            estimates[name][request] = found[name]
-        progress.update(len(names))
+        extra = request_kwargs(request, model, draft)
+        for batch in cfg.request_batch_sizes:
+            key = request_key(request, batch)
+            progress.set_postfix_str(f"request {key}")
+            ids = _request_prompts(request, batch, cfg.decode_prompt_length, model.config.vocab_size, model.device)
+            takers = [n for n in names if not (request in SPECULATIVE and batch > 1 and n != "qwen3_accel")]
+            pairs = {name: tuple(_in(contexts[name], _generate_fn(model, ids, n, extra=extra))
+                                 for n in (1, 1 + cfg.decode_tokens)) for name in takers}
+            for name in takers:
+                pairs[name][1]()  # warm-up
+            found, _ = decode_rounds(timer, pairs, cfg.repeats, 3 * cfg.repeats)
+            for name in takers:
+                figures = _decode_figures(found[name], batch, cfg.decode_tokens)
+                if request in SPECULATIVE and name == "qwen3_accel":
+                    pairs[name][1]()  # one whole call, whose counts the speculator keeps
+                    figures["acceptance"] = _acceptance(model, request)
+                results[name][key] = figures
+                estimates[name][key] = found[name]
+            progress.update(len(names))
     return results, estimates
+
+
+def _draft_model(cfg: BenchConfig, model, device: torch.device, dtype: torch.dtype, contexts: dict[str, Callable]):
+    """The assisted_draft request's assistant, optimized for qwen3_accel (and HF's own inside the HF contenders'
+    contexts); every speculative request drafts DRAFT_TOKENS tokens a round, on both loops."""
+    import qwen3_accel
+
+    model.generation_config.num_assistant_tokens = DRAFT_TOKENS  # the model as its own assistant
+    if "assisted_draft" not in cfg.requests:
+        return None
+    draft = load_model(cfg.draft_model, device, dtype)
+    draft.generation_config.num_assistant_tokens = DRAFT_TOKENS
+    if hasattr(model, "qwen3_accel"):
+        qwen3_accel.optimize(draft, kernels=cfg.kernels)
+        for name, context in list(contexts.items()):
+            if name != "qwen3_accel":
+                contexts[name] = _both(context, draft.qwen3_accel.disabled)
+    return draft
+
+
+def _both(first: Callable, second: Callable) -> Callable:
+    @contextlib.contextmanager
+    def context():
+        with first(), second():
+            yield
+    return context
 
 
 def _in(context: Callable, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -344,6 +408,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Measure every contender on one model; returns the report (see `write_report`)."""
     import qwen3_accel
 
+    if "assisted_draft" in cfg.requests and cfg.draft_model is None:  # before minutes of loading
+        raise ValueError("the assisted_draft request needs --draft-model (e.g. Qwen3-0.6B for Qwen3-8B)")
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     model = load_model(cfg.model, device, dtype)
@@ -363,22 +429,25 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     contenders = sorted(cfg.contenders, key=CONTENDERS.index)
     steps = (len(contenders) + len(variants)) * (len(cfg.prompt_lengths) + len(cfg.batch_sizes))
     request_contenders = [c for c in ("hf_eager", "qwen3_accel") if c in contenders] if cfg.requests else []
-    steps += len(request_contenders) * len(cfg.requests)
+    steps += len(request_contenders) * len(cfg.requests) * len(cfg.request_batch_sizes)
     context = cfg.decode_prompt_length + cfg.decode_tokens // 2
     max_len = cfg.max_cache_len()
     step_bytes = {batch: decode_bytes_per_step(model, batch, context) for batch in cfg.batch_sizes}
     contexts = {c: contextlib.nullcontext for c in contenders}
     if "qwen3_accel" in contenders:
         # One model for all: the HF contenders run HF's own forward and generate on its weights.
-        qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(cfg.batch_sizes), max_cache_len=max_len)
+        qwen3_accel.optimize(model, kernels=cfg.kernels, max_batch_size=max(*cfg.batch_sizes, *cfg.request_batch_sizes),
+                             max_cache_len=max_len)
         contexts.update({c: model.qwen3_accel.disabled for c in contenders if c != "qwen3_accel"})
+    draft = _draft_model(cfg, model, device, dtype, contexts)
     with tqdm(total=steps, desc=f"bench {cfg.model}", unit="case", disable=not is_main_process()) as progress:
         results, estimates = measure(model, {c: c for c in contenders}, contexts, cfg, progress)
         report["contenders"].update(results)
         if request_contenders:
-            requests, request_estimates = bench_requests(model, request_contenders, contexts, cfg, progress)
+            requests, request_estimates = bench_requests(model, request_contenders, contexts, cfg, progress, draft)
             for name in request_contenders:
                 report["contenders"][name]["requests"] = requests[name]
+        del draft
         torch._dynamo.reset()
         quantized_bytes = {}
         for name, options in variants:
@@ -415,7 +484,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         for base in ("hf_eager", "hf_static_compile", "qwen3_accel") if base in estimates and base != ours
     }
     if len(request_contenders) == 2:
-        report["request_speedup"] = _ratios(request_estimates["qwen3_accel"], request_estimates["hf_eager"], True)
+        ours, theirs = request_estimates["qwen3_accel"], request_estimates["hf_eager"]
+        report["request_speedup"] = _ratios({k: v for k, v in ours.items() if k in theirs}, theirs, True)
+    if "qwen3_accel" in request_contenders and "plain" in cfg.requests:
+        ours = request_estimates["qwen3_accel"]
+        speculative = {request_key(r, b): ours[request_key(r, b)] for r in cfg.requests if r in SPECULATIVE
+                       for b in cfg.request_batch_sizes}
+        plain = {key: ours[request_key("plain", b)] for r in cfg.requests if r in SPECULATIVE
+                 for b in cfg.request_batch_sizes for key in [request_key(r, b)]}
+        report["speculative_vs_plain"] = _ratios(speculative, plain, paired=False)  # timed in separate rounds
     report["notes"] = []
     noise = {when: times for when, times in (("before", noise_before), ("after", machine_noise(device)))}
     busy = [when for when, times in noise.items() if looked_busy(times)]
@@ -498,7 +575,9 @@ def format_table(report: dict[str, Any]) -> str:
     if first["peak_memory_gib"] is not None:
         row = "".join(f"{results[c]['peak_memory_gib']:>{width - 4}.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")
-    for request in report["config"].get("requests", ()):
+    config = report["config"]
+    for request in (request_key(r, b) for r in config.get("requests", ()) for b in config.get(
+            "request_batch_sizes", (1,))):
         cells = []
         for c in contenders:
             r = results[c].get("requests", {}).get(request)
@@ -509,12 +588,17 @@ def format_table(report: dict[str, Any]) -> str:
             else:
                 text = "unreliable"
             cells.append(f"{text:>{width}}")
-        lines.append(f"{request + ' (HF loop), batch 1':28}{''.join(cells)}")
+        kept = results.get("qwen3_accel", {}).get("requests", {}).get(request, {}).get("acceptance")
+        label = request if kept is None else f"{request} ({kept * 100:.0f}% kept)"
+        lines.append(f"{label:28}{''.join(cells)}")
     for name, by_batch in report["speedup"].items():
         lines.append(f"{name}: " + "; ".join(f"batch {b}: {_ratio_text(x)}" for b, x in by_batch.items()))
     if report.get("request_speedup"):
-        lines.append("qwen3_accel_vs_hf_eager, HF-loop requests: " +
+        lines.append("qwen3_accel_vs_hf_eager, requests: " +
                      "; ".join(f"{name}: {_ratio_text(x)}" for name, x in report["request_speedup"].items()))
+    if report.get("speculative_vs_plain"):
+        lines.append("qwen3_accel speculative vs plain decoding: " +
+                     "; ".join(f"{name}: {_ratio_text(x)}" for name, x in report["speculative_vs_plain"].items()))
     lines += [f"[{i}] {text}" for i, text in enumerate(unreliable, 1)]
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)

@@ -97,9 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "how decode steps of up to 4 rows run their projections (our fused GEMV with RMSNorm, "
                             "SiLU*mul and residual folded in, or cuBLAS and separate kernels)")
     bench.add_argument("--requests", type=_comma_list("requests", REQUESTS), default=(),
-                       help="comma-separated requests that run HF's generation loop, timed at batch 1 for hf_eager and "
-                            "qwen3_accel: beam4 (num_beams=4), assisted (the model as its own assistant: every draft "
-                            "accepted, the upper bound), penalty (repetition_penalty=1.1)")
+                       help="comma-separated requests beyond the plain decode table, timed for hf_eager and "
+                            "qwen3_accel interleaved at each --request-batch-sizes: plain (greedy decoding, the "
+                            "yardstick), beam4 (num_beams=4), penalty (repetition_penalty=1.1), and speculative "
+                            "decoding with 4 drafts a round: assisted (the model as its own assistant: every draft "
+                            "kept, so it shows what verifying costs), assisted_draft (--draft-model as the "
+                            "assistant), lookup (prompt lookup on a prompt that repeats a phrase); the speculative "
+                            "ones report the share of drafts kept (meaningless for real text with random weights)")
+    bench.add_argument("--request-batch-sizes", type=_int_list, default=(1,),
+                       help="comma-separated batch sizes of the --requests (default: 1; HF's assisted loop takes "
+                            "one sequence, so hf_eager sits out larger speculative batches)")
+    bench.add_argument("--draft-model", default=None,
+                       help="the assistant of the assisted_draft request: a shape name from qwen3_accel.configs or a "
+                            "checkpoint (e.g. Qwen3-0.6B for Qwen3-8B), in the model's dtype and device")
 
     kern = sub.add_parser(
         "bench-kernels", help="each op vs torch eager and torch.compile of its reference: µs, GB/s, %% of copy bandwidth",
@@ -211,7 +221,8 @@ def _bench(args) -> None:
         model=args.model, device=args.device, dtype=args.dtype, contenders=args.contenders,
         batch_sizes=args.batch_sizes, prompt_lengths=args.prompt_lengths, decode_prompt_length=args.decode_prompt_length,
         decode_tokens=args.decode_tokens, repeats=args.repeats, kernels=args.kernels, weights=args.weights,
-        decode_linear=args.decode_linear, requests=args.requests,
+        decode_linear=args.decode_linear, requests=args.requests, request_batch_sizes=args.request_batch_sizes,
+        draft_model=args.draft_model,
     )
     report = run_bench(cfg)
     if not is_main_process():

@@ -142,22 +142,35 @@ def test_bench_measures_quantized_weights_on_a_fresh_copy():
         main(["bench", "--decode-linear", "sometimes"])
 
 
-def test_bench_times_hf_loop_requests(tmp_path):
-    """Beam search, self-assisted decoding and a repetition penalty (HF's generation loop) for HF eager and
-    qwen3_accel at batch 1, with the ratio, in the JSON and the table."""
+def test_bench_times_requests(tmp_path):
+    """Plain decoding, beam search and a repetition penalty for HF eager and qwen3_accel, and speculative decoding
+    (the model as its own assistant, a draft model, prompt lookup) at batch 1 against HF's assisted loop and at
+    batch 2 for qwen3_accel alone, with the share of drafts kept, the ratios to HF and to plain decoding, in the
+    JSON and the table."""
     main(["bench", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--contenders",
           "hf_eager,qwen3_accel", "--batch-sizes", "1", "--prompt-lengths", "8", "--decode-prompt-length", "8",
-          "--decode-tokens", "16", "--repeats", "1", "--requests", "beam4,assisted,penalty", "--out", str(tmp_path)])
+          "--decode-tokens", "16", "--repeats", "1", "--requests", "plain,beam4,assisted,assisted_draft,lookup,penalty",
+          "--request-batch-sizes", "1,2", "--draft-model", "tiny-moe", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench_tiny.json").read_text())
-    for contender in ("hf_eager", "qwen3_accel"):
-        requests = report["contenders"][contender]["requests"]
-        assert set(requests) == {"beam4", "assisted", "penalty"}
-        assert all(r["decode_tok_s"] > 0 and r["decode_step_ms"] > 0 for r in requests.values())
-    assert set(report["request_speedup"]) == {"beam4", "assisted", "penalty"}
+    names = {"plain", "beam4", "assisted", "assisted_draft", "lookup", "penalty"}
+    ours = report["contenders"]["qwen3_accel"]["requests"]
+    assert set(ours) == names | {f"{name}, batch 2" for name in names}
+    hf = report["contenders"]["hf_eager"]["requests"]
+    assert set(hf) == names | {"plain, batch 2", "beam4, batch 2", "penalty, batch 2"}  # HF's assisted loop: batch 1
+    assert all(r["decode_tok_s"] > 0 and r["decode_step_ms"] > 0 for r in [*ours.values(), *hf.values()])
+    assert ours["assisted"]["acceptance"] == 1.0  # the model drafting for itself
+    assert 0 <= ours["assisted_draft"]["acceptance"] < 1 and "acceptance" not in ours["plain"]
+    assert set(report["request_speedup"]) == set(hf)
+    assert set(report["speculative_vs_plain"]) == {"assisted", "assisted, batch 2", "assisted_draft",
+                                                   "assisted_draft, batch 2", "lookup", "lookup, batch 2"}
     table = (tmp_path / "bench_tiny.txt").read_text()
-    assert "beam4 (HF loop), batch 1" in table and "HF-loop requests: beam4" in table
+    assert "assisted (100% kept)" in table and "lookup, batch 2 (" in table and "requests: plain" in table
+    assert "speculative vs plain decoding: assisted:" in table
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--requests", "beam9"])
+    with pytest.raises(ValueError, match="--draft-model"):
+        main(["bench", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--requests", "assisted_draft",
+              "--out", str(tmp_path)])
 
 
 def test_bench_options_name_their_choices(capsys):
