@@ -17,8 +17,10 @@
 #                                    tok/s, % of roofline and GPU operations per step (one call of its own)
 #                   serve            bench-serve (issue 24): our continuous batching vs HF's vs static generate()
 #                                    batches, Qwen3-0.6B and Qwen3-8B at 1, 32 and 64 users, 128 in / 128 out
-#                   requests         HF-loop requests (beam search with 4 beams, self-assisted decoding, a
-#                                    repetition penalty) on Qwen3-0.6B and Qwen3-8B: HF eager vs qwen3_accel
+#                   requests         requests beyond plain decoding on Qwen3-0.6B and Qwen3-8B, HF eager vs
+#                                    qwen3_accel: beam search, a repetition penalty, and speculative decoding
+#                                    (issue 25: self-drafting, Qwen3-0.6B drafting for Qwen3-8B, prompt lookup)
+#                                    at batch 1 and 4, against plain decoding in the same run
 # Each stage has its own time limit; $OUT_DIR/timing.txt records how long each one took.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_suite.sh OUT_DIR [STAGE...]}
@@ -86,10 +88,12 @@ for stage in "${stages[@]}"; do
         timeout 420 python3 scripts/soak.py --model Qwen3-0.6B --minutes 5 --serve 2>&1 | tee "$out/soak_serve.txt" ;;
     requests)
         mkdir -p "$out/requests"
-        for model in Qwen3-0.6B Qwen3-8B; do
-            timeout 240 "${bench[@]}" --out "$out/requests" --model $model --contenders hf_eager,qwen3_accel \
-                --batch-sizes 1 --prompt-lengths 128 --decode-tokens 32 --requests beam4,assisted,penalty 2>&1 | quiet
-        done ;;
+        timeout 200 "${bench[@]}" --out "$out/requests" --model Qwen3-0.6B --contenders hf_eager,qwen3_accel \
+            --batch-sizes 1 --prompt-lengths 128 --decode-tokens 32 --requests plain,beam4,assisted,lookup,penalty \
+            2>&1 | quiet
+        timeout 330 "${bench[@]}" --out "$out/requests" --model Qwen3-8B --contenders hf_eager,qwen3_accel \
+            --batch-sizes 1 --prompt-lengths 128 --decode-tokens 64 --requests plain,assisted,assisted_draft,lookup \
+            --request-batch-sizes 1,4 --draft-model Qwen3-0.6B 2>&1 | quiet ;;
     serve)
         mkdir -p "$out/serve"
         for model in Qwen3-0.6B Qwen3-8B; do

@@ -5,6 +5,7 @@ import torch
 
 from conftest import left_padded_batch, model_pair
 from test_random_requests import run_stream
+from qwen3_accel.configs import build_model
 from qwen3_accel.custom_ops import activation, rms_norm, rope
 
 pytestmark = pytest.mark.gpu
@@ -111,7 +112,6 @@ def test_quantized_linear_on_gpu(fmt, rows):
 def test_quantized_model_greedy_on_gpu(fmt):
     """optimize(weights=fmt) on CUDA, compiled: fp32 greedy tokens equal HF eager's on the dequantized weights."""
     from test_quantized import dequantized_reference
-    from qwen3_accel.configs import build_model
     import qwen3_accel
 
     model = qwen3_accel.optimize(build_model("tiny", device="cuda", seed=1), weights=fmt)
@@ -202,3 +202,24 @@ def test_default_kv_pool_is_the_same_size_for_every_new_manager():
         assert manager.get_result(timeout=120).error is None
         manager.stop(block=True)
     assert sizes[1] >= 0.9 * sizes[0], sizes
+
+
+def test_speculative_decoding_on_cuda():
+    """The tiny model in fp32 on CUDA: an assistant (a noisy copy, so that some drafts are kept and some not) and
+    prompt lookup through Triton's paged kernels and CUDA graphs, batches 1 and 3; greedy decoding's tokens."""
+    reference, optimized = model_pair("tiny", device="cuda")
+    draft = build_model("tiny", device="cuda", seed=0)
+    draft.load_state_dict(optimized.state_dict())
+    with torch.no_grad():
+        draft.lm_head.weight.add_(0.5 * draft.lm_head.weight.std() * torch.randn_like(draft.lm_head.weight))
+    draft.generation_config.num_assistant_tokens = 4
+    for lengths in ([9], [5, 17, 3]):
+        ids, mask = left_padded_batch(lengths, 512, seed=len(lengths))
+        ids, mask = ids.cuda(), mask.cuda()
+        kwargs = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=None, do_sample=False, pad_token_id=0)
+        expected = reference.generate(ids, **kwargs)
+        assert torch.equal(optimized.generate(ids, assistant_model=draft, **kwargs), expected)
+        assert torch.equal(optimized.generate(ids, prompt_lookup_num_tokens=4, **kwargs), expected)
+    for speculator in optimized.qwen3_accel.runner.speculators.values():
+        steps = (speculator.draft_steps, speculator.lookup_steps, speculator.verify_steps)
+        assert any(s.compiled for s in steps) and not any(s.eager_keys for s in steps)
