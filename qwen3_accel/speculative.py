@@ -333,7 +333,7 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
     if longest + new_tokens > max_positions:
         raise ValueError(f"prompt + new tokens = {longest + new_tokens} exceeds the model's {max_positions} positions")
     speculator = target.speculator(drafter.runner)
-    vocab = target.weights.embed.shape[0]
+    vocab = target.weights.lm_head.weight.shape[0]
     lookup = drafter.runner is None
     draft_slots = drafter.max_tokens + 1 if sampling.do_sample and not lookup else 0
     with torch.no_grad():
