@@ -213,20 +213,26 @@ def bench_requests(model, names: list[str], contexts: dict[str, Callable], cfg: 
 
 def _draft_model(cfg: BenchConfig, model, device: torch.device, dtype: torch.dtype, contexts: dict[str, Callable]):
     """The assisted_draft request's assistant, optimized for qwen3_accel (and HF's own inside the HF contenders'
-    contexts); every speculative request drafts DRAFT_TOKENS tokens a round, on both loops."""
+    contexts). Every speculative request drafts DRAFT_TOKENS tokens a round on both loops: the early stop on the
+    assistant's confidence is off (random weights are never confident, so it would draft one token a round)."""
     import qwen3_accel
 
-    model.generation_config.num_assistant_tokens = DRAFT_TOKENS  # the model as its own assistant
+    _draft_settings(model)  # the model as its own assistant
     if "assisted_draft" not in cfg.requests:
         return None
-    draft = load_model(cfg.draft_model, device, dtype)
-    draft.generation_config.num_assistant_tokens = DRAFT_TOKENS
+    draft = _draft_settings(load_model(cfg.draft_model, device, dtype))
     if hasattr(model, "qwen3_accel"):
         qwen3_accel.optimize(draft, kernels=cfg.kernels)
         for name, context in list(contexts.items()):
             if name != "qwen3_accel":
                 contexts[name] = _both(context, draft.qwen3_accel.disabled)
     return draft
+
+
+def _draft_settings(assistant):
+    assistant.generation_config.num_assistant_tokens = DRAFT_TOKENS
+    assistant.generation_config.assistant_confidence_threshold = 0.0
+    return assistant
 
 
 def _both(first: Callable, second: Callable) -> Callable:

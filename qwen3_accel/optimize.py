@@ -370,8 +370,10 @@ class Qwen3Accelerator:
                 logger.debug("qwen3_accel: %s (tensor parallelism)", router.HF_CACHE)
                 return self.hf_generate(*args, **kwargs)
             draft_config = assistant.generation_config
+            threshold = draft_config.assistant_confidence_threshold
             drafter = Drafter(helper.runner, draft_config.num_assistant_tokens or 20,
-                              draft_config.num_assistant_tokens_schedule or "constant", assistant=assistant)
+                              draft_config.num_assistant_tokens_schedule or "constant",
+                              confidence=0.4 if threshold is None else threshold, assistant=assistant)
         if self.tp.world_size > 1:
             logger.debug("qwen3_accel: %s (tensor parallelism)", router.HF_CACHE)
             return self.hf_generate(*args, **kwargs)

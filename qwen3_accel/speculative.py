@@ -52,6 +52,7 @@ class Drafter:
     num_tokens: int  # k of the first round
     schedule: str = "constant"
     max_ngram: int = 2  # prompt lookup: the longest n-gram matched
+    confidence: float = 0.0  # a round's drafting stops after a draft the assistant gave less probability (0: off)
     assistant: Any = None  # the assistant model (its generation config keeps a "heuristic" k across calls)
 
     @property
@@ -78,6 +79,12 @@ def drafted_tokens(k: int, schedule: str) -> int:
     if schedule == "constant":
         return k
     return min(MAX_DRAFT_TOKENS, next_power_of_two(max(1, k)))
+
+
+def verify_width(drafted: int, k: int) -> int:
+    """The drafts one verify step takes when a round stopped after `drafted` of its `k` (the assistant was not
+    confident): k, or the next power of two below it, so that such rounds add at most log2(k) graphs."""
+    return k if drafted == k else min(k, next_power_of_two(drafted))
 
 
 class RowPool:
@@ -113,6 +120,9 @@ class SpeculativeState:
         self.accepted = torch.zeros(rows, **long)  # drafts kept in the last round
         self.totals = torch.zeros(2, **long)  # drafted, kept (unfinished rows, whole call)
         self.draft_index = torch.zeros(1, **long)  # the assistant's step within the round
+        self.drafted = torch.zeros(1, **long)  # this round's drafts (the verify step may take more positions)
+        self.confident = torch.zeros(1, dtype=torch.bool, device=device)  # a running row's last draft was
+        self.confidence = torch.zeros(1, dtype=torch.float32, device=device)  # ... given at least this probability
         self.draft_probs = torch.zeros(rows, draft_slots, vocab, dtype=torch.float32, device=device) \
             if draft_slots else None
         self.new_tokens = torch.zeros(1, **long)
@@ -126,7 +136,7 @@ class SpeculativeState:
                 torch._dynamo.mark_static_address(t)
 
     def begin(self, prompts: list[list[int]], first: torch.Tensor, unfinished: torch.Tensor, new_tokens: int,
-              eos_ids: list[int], pad: int, sampling: Sampling) -> None:
+              eos_ids: list[int], pad: int, sampling: Sampling, confidence: float) -> None:
         """A call's prompts (rows past them get a one-token prompt and stay finished) and its first tokens. Every
         buffer is set on every row, whatever earlier calls left."""
         device = self.hist.device
@@ -152,6 +162,7 @@ class SpeculativeState:
         self.temperature.fill_(sampling.temperature)
         self.top_k.fill_(sampling.top_k)
         self.top_p.fill_(sampling.top_p)
+        self.confidence.fill_(confidence)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -160,22 +171,26 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return blocks * BLOCK_SIZE + positions % BLOCK_SIZE
 
 
-def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(drafts kept [rows], the token after them [rows]) for target logits [rows, k + 1, V] over drafts [rows, k]:
-    the longest prefix equal to the target's argmax, then the target's argmax after it."""
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drafts kept [rows], the token after them [rows]) for target logits [rows, k + 1, V] over drafts [rows, k]
+    (`real` [1, k]: which are drafts): the longest prefix equal to the target's argmax, then the target's argmax
+    after it."""
     best = logits.argmax(dim=-1)  # [rows, k + 1]
-    accepted = (drafts == best[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+    accepted = ((drafts == best[:, :-1]) & real).long().cumprod(dim=1).sum(dim=1)
     return accepted, best.gather(1, accepted[:, None])[:, 0]
 
 
-def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                   real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling: target probabilities p [rows, k + 1, V], the draft's q [rows, k, V] from which drafts
-    [rows, k] were drawn. Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
+    [rows, k] were drawn (`real` [1, k]: which are drafts; default all). Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
     first rejected one is replaced by a draw from max(p_i - q_i, 0), and after k kept drafts one more comes from
     p_k. Every emitted token then follows p exactly."""
     rows, k = drafts.shape
     p_draft, q_draft = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
     kept = torch.rand_like(p_draft) * q_draft < p_draft  # u < p/q, without dividing
+    if real is not None:
+        kept = kept & real
     accepted = kept.long().cumprod(dim=1).sum(dim=1)  # [rows]
     residual = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)
     at = accepted.view(rows, 1, 1).expand(rows, 1, p.shape[-1])
@@ -257,7 +272,11 @@ class Speculator:
             rows = torch.arange(state.rows, device=logits.device)
             state.draft_probs[rows, state.draft_index.expand(state.rows)] = probs
         else:
+            probs = logits.softmax(dim=-1)
             picked = logits.argmax(dim=-1)
+        # HF's ConfidenceCriteria: the assistant stops drafting after a token it gave less than the threshold.
+        sure = probs.gather(1, picked[:, None])[:, 0] >= state.confidence
+        state.confident.copy_((sure & state.unfinished).any(dim=0, keepdim=True))
         state.hist.scatter_(1, positions[:, None] + 1, picked[:, None])
         state.draft_index.add_(1)
 
@@ -295,12 +314,13 @@ class Speculator:
                            k + 1, torch.arange(rows * (k + 1), device=device))
         logits = self.target.paged_step(keys, values, batch).float().view(rows, k + 1, -1)
         drafts = tokens[:, 1:]  # [rows, k]
+        real = offsets[None, :k] < state.drafted  # positions past this round's drafts hold none
         if do_sample:
             p = warped_probs(logits, state.temperature, state.top_k, state.top_p)  # [rows, k + 1, V]
             q = torch.nn.functional.one_hot(drafts, p.shape[-1]).float() if lookup else state.draft_probs[:, :k]
-            accepted, bonus = accept_sampled(p, q, drafts)
+            accepted, bonus = accept_sampled(p, q, drafts, real)
         else:
-            accepted, bonus = accept_greedy(logits, drafts)
+            accepted, bonus = accept_greedy(logits, drafts, real)
         new = torch.cat([drafts, drafts[:, :1]], dim=1).scatter(1, accepted[:, None], bonus[:, None])  # [rows, k+1]
         count = accepted + 1
         is_eos = torch.isin(new, state.eos) & (offsets[None] < count[:, None])
@@ -312,8 +332,25 @@ class Speculator:
         state.lengths.add_(take)
         state.emitted.add_(take)
         state.unfinished.copy_(running & ~(hit & (upto_eos <= take)) & (state.emitted < state.new_tokens))
-        state.accepted.copy_(torch.where(running, accepted, k))
-        state.totals.add_(torch.stack([running.sum() * k, (accepted * running).sum()]))
+        state.accepted.copy_(torch.where(running, accepted, state.drafted))
+        state.totals.add_(torch.cat([running.sum(dim=0, keepdim=True) * state.drafted,
+                                     (accepted * running).sum(dim=0, keepdim=True)]))
+
+
+def draft_round(speculator: Speculator, state: SpeculativeState, pool: RowPool, planned: int, stop_early: bool,
+                key: tuple, do_sample: bool) -> int:
+    """Up to `planned` assistant steps, then one that stores the last draft's keys; with `stop_early`, the round
+    ends after a draft no running row's assistant was confident in (one host sync per draft, as HF's criterion
+    reads it). Returns the number of drafts."""
+    state.draft_index.zero_()
+    drafted = 0
+    while drafted < planned:
+        speculator.draft_steps(key, state, pool.keys, pool.values, do_sample=do_sample)
+        drafted += 1
+        if stop_early and drafted < planned and not bool(state.confident):
+            break
+    speculator.draft_steps(key, state, pool.keys, pool.values, do_sample=do_sample)
+    return drafted
 
 
 def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastRequest) -> torch.Tensor:
@@ -347,7 +384,7 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
                               state.top_k.new_tensor([sampling.top_k]), state.top_p.new_tensor([sampling.top_p]))
         eos = torch.tensor(eos_ids, dtype=torch.long, device=first.device)
         unfinished = ~torch.isin(first, eos) & (new_tokens > 1)
-        state.begin(prompts, first, unfinished, new_tokens, eos_ids, pad, sampling)
+        state.begin(prompts, first, unfinished, new_tokens, eos_ids, pad, sampling, drafter.confidence)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         k, drafted, streamed, rounds = drafter.num_tokens, 0, 0, 0
@@ -361,19 +398,20 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
                 streamed = int(emitted[0])
             if not bool(running.any()):
                 break
-            if rounds and drafter.schedule != "constant":  # HF's heuristic, on the k drafted last round
+            if rounds and drafter.schedule != "constant":  # HF's heuristic, on the drafts of the last round
                 k = k + 2 if bool((accepted == drafted).all()) else max(1, k - 1)
-            drafted = drafted_tokens(k, drafter.schedule)
+            planned = drafted_tokens(k, drafter.schedule)
             if lookup:
+                drafted = planned
                 speculator.lookup_steps(("spec lookup", *shape, drafted, drafter.max_ngram), state, k=drafted,
                                         max_ngram=drafter.max_ngram)
             else:
-                state.draft_index.zero_()
-                for _ in range(drafted + 1):
-                    speculator.draft_steps(("spec draft", *shape, sampling.do_sample), state, draft_pool.keys,
-                                           draft_pool.values, do_sample=sampling.do_sample)
-            speculator.verify_steps(("spec verify", *shape, drafted, sampling.do_sample, lookup), state,
-                                    target_pool.keys, target_pool.values, k=drafted, do_sample=sampling.do_sample,
+                drafted = draft_round(speculator, state, draft_pool, planned, drafter.confidence > 0,
+                                      ("spec draft", *shape, sampling.do_sample), sampling.do_sample)
+            state.drafted.fill_(drafted)
+            width = verify_width(drafted, planned)
+            speculator.verify_steps(("spec verify", *shape, width, sampling.do_sample, lookup), state,
+                                    target_pool.keys, target_pool.values, k=width, do_sample=sampling.do_sample,
                                     lookup=lookup)
             rounds += 1
         emitted = emitted.to(state.hist.device)

@@ -29,6 +29,14 @@ def _noisy_copy(model, scale: float, seed: int = 1):
     return draft
 
 
+def _assistant(model, k: int, confidence: float = 0.0):
+    """`model` set to draft k tokens a round; confidence 0 turns off HF's early stop on the assistant's confidence
+    (on by default at 0.4, where random tiny models, never confident, would draft one token a round)."""
+    model.generation_config.num_assistant_tokens = k
+    model.generation_config.assistant_confidence_threshold = confidence
+    return model
+
+
 @pytest.fixture(scope="module")
 def dense():
     return model_pair("tiny", compile=False)
@@ -71,8 +79,7 @@ DRAFTS = {
 @pytest.mark.parametrize("lengths", [[7], [5, 12, 3], [9, 1, 4, 6]])
 def test_assistant_greedy_equals_greedy_decoding(dense, draft, lengths, monkeypatch):
     reference, optimized = dense
-    assistant = DRAFTS[draft](optimized)
-    assistant.generation_config.num_assistant_tokens = 3
+    assistant = _assistant(DRAFTS[draft](optimized), 3)
     calls = _hf_assisted_calls(monkeypatch)
     ids, mask = left_padded_batch(lengths, 512, seed=len(lengths))
     drafted = accepted = 0
@@ -95,7 +102,7 @@ def test_moe_target_greedy_equals_greedy_decoding(moe, lengths):
     reference, optimized = moe
     ids, mask = left_padded_batch(lengths, 512, seed=3)
     for assistant in (optimized, build_model("tiny", seed=2)):  # itself, and a dense draft of the same vocabulary
-        assistant.generation_config.num_assistant_tokens = 4
+        _assistant(assistant, 4)
         kwargs = dict(attention_mask=mask, max_new_tokens=15, eos_token_id=None, **GREEDY)
         assert torch.equal(optimized.generate(ids, assistant_model=assistant, **kwargs),
                            reference.generate(ids, **kwargs))
@@ -145,20 +152,43 @@ def test_heuristic_schedule_moves_k_and_keeps_it(dense):
     want = reference.generate(ids, **kwargs)
     agreeing, disagreeing = _noisy_copy(optimized, 0.0), build_model("tiny", seed=9)
     for assistant, grows in ((agreeing, True), (disagreeing, False)):
-        assistant.generation_config.num_assistant_tokens = 3
-        assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+        _assistant(assistant, 3).generation_config.num_assistant_tokens_schedule = "heuristic"
         assert torch.equal(optimized.generate(ids, assistant_model=assistant, **kwargs), want)
         k = assistant.generation_config.num_assistant_tokens  # kept for the next call, as HF keeps it
         assert (k > 3) if grows else (k < 3), k
     assert [drafted_tokens(k, "heuristic") for k in (1, 3, 5, 100)] == [1, 4, 8, MAX_DRAFT_TOKENS]
 
 
+def test_rounds_stop_where_the_assistant_is_not_confident(dense):
+    """HF's assistant_confidence_threshold (default 0.4): a round ends after a draft the assistant gave less
+    probability; a random tiny model never reaches it (one draft a round), the same one with a sharpened LM head
+    does (several); off, every round drafts k. The tokens are greedy decoding's in each case."""
+    reference, optimized = dense
+    ids, mask = left_padded_batch([7], 512, seed=12)
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=None, **GREEDY)
+    want = reference.generate(ids, **kwargs)
+    unsure, sure = _noisy_copy(optimized, 0.0), _noisy_copy(optimized, 0.0)
+    with torch.no_grad():
+        sure.lm_head.weight.mul_(300)
+    drafts_per_round = {}
+    for name, assistant, confidence in (("unsure", unsure, 0.4), ("sure", sure, 0.4), ("off", unsure, 0.0)):
+        _assistant(assistant, 6, confidence)
+        assert torch.equal(optimized.generate(ids, assistant_model=assistant, **kwargs), want), name
+        stats = optimized.qwen3_accel.runner.speculators["assistant"].stats
+        drafts_per_round[name] = stats.drafted / stats.rounds
+    assert drafts_per_round["unsure"] == 1 and drafts_per_round["off"] == 6, drafts_per_round
+    assert drafts_per_round["sure"] > 1.5, drafts_per_round
+    _assistant(unsure, 6, None)  # unset: HF's default applies
+    optimized.generate(ids, assistant_model=unsure, **kwargs)
+    stats = optimized.qwen3_accel.runner.speculators["assistant"].stats
+    assert stats.drafted == stats.rounds
+
+
 def test_streamer_receives_the_generated_tokens(dense):
     reference, optimized = dense
     ids, mask = left_padded_batch([7], 512, seed=4)
     streamer = CollectStreamer()
-    assistant = _noisy_copy(optimized, 0.5)
-    assistant.generation_config.num_assistant_tokens = 3
+    assistant = _assistant(_noisy_copy(optimized, 0.5), 3)
     kwargs = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=None, **GREEDY)
     out = optimized.generate(ids, assistant_model=assistant, streamer=streamer, **kwargs)
     assert torch.equal(out, reference.generate(ids, **kwargs))
@@ -221,7 +251,7 @@ def test_sampled_speculation_matches_the_targets_sampling(drafter):
     spec = dict(prompt_lookup_num_tokens=3) if drafter == "prompt lookup" else dict(
         assistant_model=_noisy_copy(optimized, 0.2))
     if "assistant_model" in spec:
-        spec["assistant_model"].generation_config.num_assistant_tokens = 3
+        _assistant(spec["assistant_model"], 3)
     torch.manual_seed(0)
     plain = torch.cat([optimized.generate(prompt, **kwargs)[:, 12:] for _ in range(32)])
     speculated = torch.cat([optimized.generate(prompt, **spec, **kwargs)[:, 12:] for _ in range(32)])
@@ -241,7 +271,7 @@ def test_compiled_rounds_replay_without_recompiles():
     """Compiled: varied k and batches give greedy decoding's tokens; each graph key compiles once, none runs eagerly
     after a failure, and repeating the calls compiles nothing (any recompile an error)."""
     reference, optimized = model_pair("tiny")
-    assistant = _noisy_copy(optimized, 0.5)
+    assistant = _assistant(_noisy_copy(optimized, 0.5), 3)
     # The largest batch first: the pools only grow, and a growth drops the graphs that read the old ones.
     cases = [([4, 9, 2], 3, None), ([5], 3, None), ([6, 3], 2, None), ([3, 8], None, 4), ([7], None, 4)]
 
@@ -250,7 +280,7 @@ def test_compiled_rounds_replay_without_recompiles():
             ids, mask = left_padded_batch(lengths, 512, seed=len(lengths))
             kwargs = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, **GREEDY)
             if k is not None:
-                assistant.generation_config.num_assistant_tokens = k
+                _assistant(assistant, k, confidence=0.4 if k == 3 else 0.0)  # early stops: narrower verify steps
                 got = optimized.generate(ids, assistant_model=assistant, **kwargs)
             else:
                 got = optimized.generate(ids, prompt_lookup_num_tokens=lookup, **kwargs)
