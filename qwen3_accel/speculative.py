@@ -3,8 +3,9 @@
 A round, all on the device, one host sync at its end:
 
   draft     k tokens per row: k + 1 one-token steps of the assistant (the last stores the k-th draft's keys, so
-            the assistant's cache always covers what the target may accept), or an n-gram match in the row's own
-            tokens (prompt lookup, HF's rule: the earliest earlier occurrence of the last n tokens, longest n first)
+            the assistant's cache always covers what the target may accept; HF's confidence threshold may end the
+            round after fewer), or an n-gram match in the row's own tokens (prompt lookup, HF's rule: the earliest
+            earlier occurrence of the last n tokens, longest n first)
   verify    one target step over the k + 1 tokens [last, d1 .. dk] of every row
   accept    greedy: the longest prefix of drafts equal to the target's argmax, then the target's token after it;
             sampling: draft i kept with probability min(1, p(d)/q(d)), the first rejected one replaced by a draw
@@ -20,7 +21,8 @@ attention) serve it, with per-row lengths as device tensors. Graph keys (one com
 ("spec lookup", rows, blocks per row, k, n) and ("spec verify", rows, blocks per row, k, do_sample, lookup). k is
 HF's `num_assistant_tokens` (assistant's generation config, default 20) or `prompt_lookup_num_tokens`; under HF's
 "heuristic" schedules (+2 after a round whose drafts were all kept, else -1) the drafted k is rounded up to a power
-of two up to MAX_DRAFT_TOKENS, so at most six verify graphs.
+of two up to MAX_DRAFT_TOKENS, so at most six verify graphs; a round the confidence threshold cut short verifies
+the next power of two below k (`verify_width`).
 """
 
 import logging
