@@ -2,9 +2,8 @@
 
 A round, all on the device, one host sync at its end:
 
-  draft     k tokens per row: k + 1 one-token steps of the assistant (the last stores the k-th draft's keys, so
-            the assistant's cache always covers what the target may accept; HF's confidence threshold may end the
-            round after fewer), or an n-gram match in the row's own tokens (prompt lookup, HF's rule: the earliest
+  draft     k tokens per row: k one-token steps of the assistant (HF's confidence threshold may end the round
+            after fewer), or an n-gram match in the row's own tokens (prompt lookup, HF's rule: the earliest
             earlier occurrence of the last n tokens, longest n first)
   verify    one target step over the k + 1 tokens [last, d1 .. dk] of every row
   accept    greedy: the longest prefix of drafts equal to the target's argmax, then the target's token after it;
@@ -12,12 +11,14 @@ A round, all on the device, one host sync at its end:
             from max(p - q, 0) (or from p after k kept drafts), so the output follows the target's distribution
             exactly (Leviathan et al. 2023); prompt lookup is the case q = one-hot
   advance   each row by its own count, cut at an eos and at max_new_tokens; rejected positions are forgotten by
-            moving the row's length back, nothing is copied.
+            moving the row's length back, nothing is copied. When a running row kept every draft, the assistant
+            has not seen the last one yet: one more assistant step stores its keys before the next round.
 
 Rows sit at different positions after a round, so both models keep their KV in a paged layout where row r owns a
 fixed run of blocks (`RowPool`): the continuous-batching engine's kernels (paged store, decode and prefill
 attention) serve it, with per-row lengths as device tensors. Graph keys (one compiled step each, bounded):
-("spec draft", rows, blocks per row, do_sample) for the assistant's step, replayed k + 1 times a round;
+("spec draft", rows, blocks per row, do_sample) for the assistant's step, replayed k times a round, and
+("spec draft store", rows, blocks per row) for the step after a round whose drafts were all kept;
 ("spec lookup", rows, blocks per row, k, n) and ("spec verify", rows, blocks per row, k, do_sample, lookup). k is
 HF's `num_assistant_tokens` (assistant's generation config, default 20) or `prompt_lookup_num_tokens`; under HF's
 "heuristic" schedules (+2 after a round whose drafts were all kept, else -1) the drafted k is rounded up to a power
@@ -210,6 +211,7 @@ class Speculator:
         self.pools: dict[str, RowPool] = {}
         self.states: dict[tuple, SpeculativeState] = {}
         self.draft_steps = CompiledSteps(self.draft_step, target.compile)
+        self.store_steps = CompiledSteps(self.draft_store, target.compile)
         self.lookup_steps = CompiledSteps(self.lookup_drafts, target.compile)
         self.verify_steps = CompiledSteps(self.verify, target.compile)
         self.stats = SpeculationStats()
@@ -240,7 +242,7 @@ class Speculator:
         return self.states[key], target_pool, draft_pool
 
     def _drop_graphs(self) -> None:
-        for steps in (self.draft_steps, self.lookup_steps, self.verify_steps):
+        for steps in (self.draft_steps, self.store_steps, self.lookup_steps, self.verify_steps):
             steps.clear()
         self.states.clear()
 
@@ -262,7 +264,7 @@ class Speculator:
         return runner.paged_step(pool.keys, pool.values, batch)
 
     def draft_step(self, state: SpeculativeState, keys, values, *, do_sample: bool) -> None:
-        """One assistant token per row at position lengths + draft_index (compiled; replayed k + 1 times)."""
+        """One assistant token per row at position lengths + draft_index (compiled; replayed k times a round)."""
         positions = state.lengths + state.draft_index  # [rows]
         tokens = state.hist.gather(1, positions[:, None])[:, 0]
         slots = _slots(state.tables, positions[:, None])[:, 0]
@@ -281,6 +283,16 @@ class Speculator:
         state.confident.copy_((sure & state.unfinished).any(dim=0, keepdim=True))
         state.hist.scatter_(1, positions[:, None] + 1, picked[:, None])
         state.draft_index.add_(1)
+
+    def draft_store(self, state: SpeculativeState, keys, values) -> None:
+        """The assistant over each row's token before its last (compiled): after a round whose drafts a row kept
+        all, that is the last draft, which the assistant has not seen; for the other rows it recomputes keys it
+        holds already (the same values)."""
+        positions = state.lengths - 1
+        tokens = state.hist.gather(1, positions[:, None])[:, 0]
+        slots = _slots(state.tables, positions[:, None])[:, 0]
+        self.draft.paged_step(keys, values, PagedBatch.decode(tokens, positions, slots, state.tables,
+                                                              (positions + 1).int()))
 
     @staticmethod
     def lookup_drafts(state: SpeculativeState, *, k: int, max_ngram: int) -> None:
@@ -341,9 +353,8 @@ class Speculator:
 
 def draft_round(speculator: Speculator, state: SpeculativeState, pool: RowPool, planned: int, stop_early: bool,
                 key: tuple, do_sample: bool) -> int:
-    """Up to `planned` assistant steps, then one that stores the last draft's keys; with `stop_early`, the round
-    ends after a draft no running row's assistant was confident in (one host sync per draft, as HF's criterion
-    reads it). Returns the number of drafts."""
+    """Up to `planned` assistant steps; with `stop_early`, the round ends after a draft no running row's assistant
+    was confident in (one host sync per draft, as HF's criterion reads it). Returns the number of drafts."""
     state.draft_index.zero_()
     drafted = 0
     while drafted < planned:
@@ -351,7 +362,6 @@ def draft_round(speculator: Speculator, state: SpeculativeState, pool: RowPool, 
         drafted += 1
         if stop_early and drafted < planned and not bool(state.confident):
             break
-    speculator.draft_steps(key, state, pool.keys, pool.values, do_sample=do_sample)
     return drafted
 
 
@@ -374,7 +384,7 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
     speculator = target.speculator(drafter.runner)
     vocab = target.weights.lm_head.weight.shape[0]
     lookup = drafter.runner is None
-    draft_slots = drafter.max_tokens + 1 if sampling.do_sample and not lookup else 0
+    draft_slots = drafter.max_tokens if sampling.do_sample and not lookup else 0
     with torch.no_grad():
         state, target_pool, draft_pool = speculator.buffers(batch, longest + new_tokens + drafter.max_tokens + 2,
                                                             draft_slots, vocab)
@@ -400,6 +410,8 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
                 streamed = int(emitted[0])
             if not bool(running.any()):
                 break
+            if rounds and not lookup and bool((running & (accepted == drafted)).any()):
+                speculator.store_steps(("spec draft store", *shape), state, draft_pool.keys, draft_pool.values)
             if rounds and drafter.schedule != "constant":  # HF's heuristic, on the drafts of the last round
                 k = k + 2 if bool((accepted == drafted).all()) else max(1, k - 1)
             planned = drafted_tokens(k, drafter.schedule)

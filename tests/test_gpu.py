@@ -221,5 +221,5 @@ def test_speculative_decoding_on_cuda():
         assert torch.equal(optimized.generate(ids, assistant_model=draft, **kwargs), expected)
         assert torch.equal(optimized.generate(ids, prompt_lookup_num_tokens=4, **kwargs), expected)
     for speculator in optimized.qwen3_accel.runner.speculators.values():
-        steps = (speculator.draft_steps, speculator.lookup_steps, speculator.verify_steps)
+        steps = (speculator.draft_steps, speculator.store_steps, speculator.lookup_steps, speculator.verify_steps)
         assert any(s.compiled for s in steps) and not any(s.eager_keys for s in steps)

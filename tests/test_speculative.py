@@ -288,10 +288,11 @@ def test_compiled_rounds_replay_without_recompiles():
 
     run_all()
     speculators = optimized.qwen3_accel.runner.speculators
-    steps = [s for spec in speculators.values() for s in (spec.draft_steps, spec.verify_steps, spec.lookup_steps)]
+    steps = [s for spec in speculators.values() for s in (spec.draft_steps, spec.store_steps, spec.verify_steps,
+                                                           spec.lookup_steps)]
     keys = {key for s in steps for key in s.compiled}
     assert not any(s.eager_keys for s in steps)
-    assert {key[0] for key in keys} == {"spec draft", "spec verify", "spec lookup"}
+    assert {key[0] for key in keys} == {"spec draft", "spec draft store", "spec verify", "spec lookup"}
     calls = sum(sum(s.calls.values()) for s in steps)
     with torch._dynamo.config.patch(error_on_recompile=True):
         run_all()
