@@ -611,7 +611,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
-    """JSON, table and PNG plots (tok/s by batch size; speedup bars) into `out_dir`; returns the paths."""
+    """JSON, table and PNG plots (tok/s by batch size; speedup bars; tok/s of the requests) into `out_dir`;
+    returns the paths."""
     plt = pyplot()
     import matplotlib.ticker
 
@@ -659,5 +660,29 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         fig.savefig(paths[3], dpi=120)
+        plt.close(fig)
+    requests = {name: result["requests"] for name, result in report["contenders"].items() if result.get("requests")}
+    if requests:
+        paths.append(f"{stem}_requests.png")
+        config = report["config"]
+        keys = [key for r in config["requests"] for b in config.get("request_batch_sizes", (1,))
+                for key in [request_key(r, b)] if any(key in entries for entries in requests.values())]
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) * len(requests) + 1.5))
+        height = 0.8 / len(requests)
+        for i, (name, entries) in enumerate(requests.items()):  # medians, bars from min to max; unreliable left out
+            shown = [(j, entries[key]) for j, key in enumerate(keys)
+                     if key in entries and entries[key]["decode_reliable"]]
+            if shown:
+                ys = [j + i * height for j, _ in shown]
+                xs = [r["decode_tok_s"] for _, r in shown]
+                errors = [[r["decode_tok_s"] - r["decode_tok_s_spread"]["min"] for _, r in shown],
+                          [r["decode_tok_s_spread"]["max"] - r["decode_tok_s"] for _, r in shown]]
+                ax.barh(ys, xs, height, xerr=errors, capsize=3, label=name)
+        ax.set_yticks([j + height * (len(requests) - 1) / 2 for j in range(len(keys))], keys)
+        ax.invert_yaxis()
+        ax.set(xlabel="decode tokens/s", title=f"{report['model']}: requests, {report['environment']['device']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths

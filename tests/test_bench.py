@@ -166,6 +166,7 @@ def test_bench_times_requests(tmp_path):
     table = (tmp_path / "bench_tiny.txt").read_text()
     assert "assisted (100% kept)" in table and "lookup, batch 2 (" in table and "requests: plain" in table
     assert "speculative vs plain decoding: assisted:" in table
+    assert (tmp_path / "bench_tiny_requests.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--requests", "beam9"])
     with pytest.raises(ValueError, match="--draft-model"):
