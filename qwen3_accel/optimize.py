@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 PATCHES = {Qwen3ForCausalLM: dense, Qwen3MoeForCausalLM: qwen3_moe}
 SUPPORTED_CLASSES = tuple(PATCHES)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ASSISTANTS_LOCK = threading.Lock()  # held while an assistant model is optimized for speculative decoding
 
 
 @dataclass(frozen=True)
@@ -350,33 +351,40 @@ class Qwen3Accelerator:
         this model's options (its weights stay as they are); one we cannot optimize leaves the request to HF's
         assisted loop, with the reason logged."""
         assistant, helper = request.assistant, None
+
+        def hf_assisted():
+            if request.config.do_sample:
+                self.tp.share_random_state(self.device)  # tensor parallel: HF's sampler draws the same everywhere
+            return self.hf_generate(*args, **kwargs)
+
         if request.prompt_lookup is not None:
             config = request.config
             drafter = Drafter(None, request.prompt_lookup, max_ngram=config.max_matching_ngram_size or 2)
         else:
-            helper = getattr(assistant, "qwen3_accel", None)
-            if not isinstance(helper, Qwen3Accelerator):
-                try:
-                    optimize(assistant, replace(self.options, weights=None, max_batch_size=None,
-                                                max_cache_len=None))
-                except (TypeError, ValueError) as error:
-                    logger.info("qwen3_accel: HF's assisted decoding serves this request: the assistant model "
-                                "cannot be optimized (%s)", error)
-                    return self.hf_generate(*args, **kwargs)
-                logger.info("qwen3_accel: optimized the assistant model for speculative decoding")
-                helper = assistant.qwen3_accel
+            with _ASSISTANTS_LOCK:  # two threads' first calls with one assistant optimize it once
+                helper = getattr(assistant, "qwen3_accel", None)
+                if not isinstance(helper, Qwen3Accelerator):
+                    try:
+                        optimize(assistant, replace(self.options, weights=None, max_batch_size=None,
+                                                    max_cache_len=None))
+                    except (TypeError, ValueError) as error:
+                        logger.info("qwen3_accel: HF's assisted decoding serves this request: the assistant model "
+                                    "cannot be optimized (%s)", error)
+                        return hf_assisted()
+                    logger.info("qwen3_accel: optimized the assistant model for speculative decoding")
+                    helper = assistant.qwen3_accel
             helper._ensure_ready()
             if helper.tp.world_size > 1 or self.tp.world_size > 1:
-                logger.debug("qwen3_accel: %s (tensor parallelism)", router.HF_CACHE)
-                return self.hf_generate(*args, **kwargs)
+                logger.info("qwen3_accel: %s (assisted decoding under tensor parallelism)", router.HF_CACHE)
+                return hf_assisted()
             draft_config = assistant.generation_config
             threshold = draft_config.assistant_confidence_threshold
             drafter = Drafter(helper.runner, draft_config.num_assistant_tokens or 20,
                               draft_config.num_assistant_tokens_schedule or "constant",
                               confidence=0.4 if threshold is None else threshold, assistant=assistant)
         if self.tp.world_size > 1:
-            logger.debug("qwen3_accel: %s (tensor parallelism)", router.HF_CACHE)
-            return self.hf_generate(*args, **kwargs)
+            logger.info("qwen3_accel: %s (assisted decoding under tensor parallelism)", router.HF_CACHE)
+            return hf_assisted()
         locks = [self._lock] if helper is None or helper is self else sorted([self._lock, helper._lock], key=id)
         with contextlib.ExitStack() as held:
             for lock in locks:

@@ -44,6 +44,7 @@ _HANDLED = {
 # generate() arguments that are not generation settings: only these may be given (and not None).
 _GENERATE_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                   "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
+MAX_LOOKUP_NGRAM = 8  # prompt lookup's n-gram sizes our step unrolls (its work grows as n squared); HF's default: 2
 # Settings of speculative decoding the fast loop implements (with an assistant_model or prompt lookup).
 _SPECULATION = frozenset({"prompt_lookup_num_tokens", "max_matching_ngram_size"})
 
@@ -104,6 +105,8 @@ def speculation_reason(model, assistant, config: GenerationConfig, inputs: torch
     if config.prompt_lookup_num_tokens is not None:
         if config.prompt_lookup_num_tokens < 1 or (config.max_matching_ngram_size or 2) < 1:
             return "prompt_lookup_num_tokens or max_matching_ngram_size below 1"
+        if (config.max_matching_ngram_size or 2) > MAX_LOOKUP_NGRAM:
+            return f"max_matching_ngram_size above {MAX_LOOKUP_NGRAM} (ours compares n-grams in a compiled step)"
         return None
     from .optimize import SUPPORTED_CLASSES  # (optimize imports this module)
 

@@ -17,9 +17,10 @@ A round, all on the device, one host sync at its end:
 Rows sit at different positions after a round, so both models keep their KV in a paged layout where row r owns a
 fixed run of blocks (`RowPool`): the continuous-batching engine's kernels (paged store, decode and prefill
 attention) serve it, with per-row lengths as device tensors. Graph keys (one compiled step each, bounded):
-("spec draft", rows, blocks per row, do_sample) for the assistant's step, replayed k times a round, and
+("spec draft", rows, blocks per row, draft slots, do_sample) for the assistant's step, replayed k times a round, and
 ("spec draft store", rows, blocks per row) for the step after a round whose drafts were all kept;
-("spec lookup", rows, blocks per row, k, n) and ("spec verify", rows, blocks per row, k, do_sample, lookup). k is
+("spec lookup", rows, blocks per row, k, n) and ("spec verify", rows, blocks per row, draft slots, k, do_sample,
+lookup), draft slots sizing the assistant's probabilities (sampling only). k is
 HF's `num_assistant_tokens` (assistant's generation config, default 20) or `prompt_lookup_num_tokens`; under HF's
 "heuristic" schedules (+2 after a round whose drafts were all kept, else -1) the drafted k is rounded up to a power
 of two up to MAX_DRAFT_TOKENS, so at most six verify graphs; a round the confidence threshold cut short verifies
@@ -191,6 +192,9 @@ def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     p_k. Every emitted token then follows p exactly."""
     rows, k = drafts.shape
     p_draft, q_draft = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
+    if real is not None:  # past the drafts q holds an earlier round's values: zero, so the residual there is p
+        q = q * real[..., None]
+        q_draft = q_draft * real
     kept = torch.rand_like(p_draft) * q_draft < p_draft  # u < p/q, without dividing
     if real is not None:
         kept = kept & real
@@ -219,14 +223,18 @@ class Speculator:
     # ------------------------------------------------------------------------------------- buffers
     def buffers(self, batch: int, total_len: int, draft_slots: int, vocab: int):
         """(state, target pool, draft pool or None) for `batch` rows of up to `total_len` tokens. Rows and blocks
-        per row are powers of two; the pools only grow (dropping the graphs that read the old ones), so the graph
-        keys stay few."""
+        per row are powers of two; a pool too small for a call is replaced (dropping the graphs that read it), so
+        the graph keys stay few."""
         rows = next_power_of_two(batch)
         blocks_per_row = next_power_of_two(-(-total_len // BLOCK_SIZE))
         pool = self.pools.get("target")
         if pool is None or rows > pool.rows or blocks_per_row > pool.blocks_per_row:
+            # Grown to cover both the old and this call's shape, unless that is more than twice what this call
+            # needs (many short rows, then one long one): then this call's own shape.
             if pool is not None:
-                rows, blocks_per_row = max(rows, pool.rows), max(blocks_per_row, pool.blocks_per_row)
+                both = max(rows, pool.rows), max(blocks_per_row, pool.blocks_per_row)
+                if both[0] * both[1] <= 2 * rows * blocks_per_row:
+                    rows, blocks_per_row = both
             self._drop_graphs()
             self.pools.clear()  # the old tensors go before the new ones are made
             self.pools["target"] = RowPool(self.target.cache.layout, rows, blocks_per_row)
@@ -408,12 +416,12 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
                 start = int(state.prompt_lens[0]) + streamed
                 streamer.put(state.hist[0, start : start + int(emitted[0]) - streamed][None].cpu())
                 streamed = int(emitted[0])
+            if rounds and drafter.schedule != "constant":  # HF's heuristic, after every round
+                k = k + 2 if bool((accepted == drafted).all()) else max(1, k - 1)
             if not bool(running.any()):
                 break
             if rounds and not lookup and bool((running & (accepted == drafted)).any()):
                 speculator.store_steps(("spec draft store", *shape), state, draft_pool.keys, draft_pool.values)
-            if rounds and drafter.schedule != "constant":  # HF's heuristic, on the drafts of the last round
-                k = k + 2 if bool((accepted == drafted).all()) else max(1, k - 1)
             planned = drafted_tokens(k, drafter.schedule)
             if lookup:
                 drafted = planned
@@ -421,10 +429,10 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
                                         max_ngram=drafter.max_ngram)
             else:
                 drafted = draft_round(speculator, state, draft_pool, planned, drafter.confidence > 0,
-                                      ("spec draft", *shape, sampling.do_sample), sampling.do_sample)
+                                      ("spec draft", *shape, draft_slots, sampling.do_sample), sampling.do_sample)
             state.drafted.fill_(drafted)
             width = verify_width(drafted, planned)
-            speculator.verify_steps(("spec verify", *shape, width, sampling.do_sample, lookup), state,
+            speculator.verify_steps(("spec verify", *shape, draft_slots, width, sampling.do_sample, lookup), state,
                                     target_pool.keys, target_pool.values, k=width, do_sample=sampling.do_sample,
                                     lookup=lookup)
             rounds += 1

@@ -213,6 +213,10 @@ def test_what_the_loop_does_not_implement_goes_to_hfs_assisted_loop(dense, monke
         out = optimized.generate(ids, assistant_model=assistant, repetition_penalty=1.3, **kwargs)
     assert "repetition_penalty" in caplog.text and calls == ["Qwen3ForCausalLM"]  # the spy sees HF's loop
     assert torch.equal(out, reference.generate(ids, repetition_penalty=1.3, **kwargs))
+    with caplog.at_level(logging.INFO, logger="qwen3_accel"):
+        out = optimized.generate(ids, prompt_lookup_num_tokens=3, max_matching_ngram_size=9, **kwargs)
+    assert "max_matching_ngram_size above 8" in caplog.text and len(calls) == 2
+    assert torch.equal(out, reference.generate(ids, **kwargs))
 
 
 def test_speculative_sampling_rule_keeps_the_target_distribution():
@@ -235,6 +239,22 @@ def test_speculative_sampling_rule_keeps_the_target_distribution():
         chi2 = ((counts[kept] - n * expected[kept]) ** 2 / (n * expected[kept])).sum().item()
         dof = int(kept.sum()) - 1
         assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10, (position, chi2)
+
+
+def test_a_round_cut_short_draws_its_last_token_from_the_target():
+    """A verify step wider than the round's drafts (the confidence stop): past them q holds an earlier round's
+    probabilities, which must not enter the residual; after the real drafts the token follows p (chi-square)."""
+    torch.manual_seed(1)
+    rows = 40_000
+    p = torch.tensor([[0.3, 0.7], [0.5, 0.5], [0.2, 0.8]]).expand(rows, -1, -1)
+    q = torch.tensor([[0.3, 0.7], [1.0, 0.0]]).expand(rows, -1, -1)  # position 1: stale, not a draft
+    drafts = torch.stack([torch.multinomial(q[0, 0], rows, replacement=True), torch.zeros(rows, dtype=torch.long)], 1)
+    real = torch.tensor([[True, False]])
+    accepted, bonus = accept_sampled(p, q, drafts, real)
+    assert int(accepted.max()) == 1 and bool((accepted == 1).all())  # p == q at the real draft: always kept
+    counts = torch.bincount(bonus, minlength=2).double()
+    chi2 = ((counts - rows * p[0, 1]) ** 2 / (rows * p[0, 1])).sum().item()
+    assert chi2 < 1 + 6 * 2 ** 0.5 + 10, counts
 
 
 @pytest.mark.parametrize("drafter", ["assistant", "prompt lookup"])
