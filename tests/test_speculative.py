@@ -305,6 +305,12 @@ def test_compiled_rounds_replay_without_recompiles():
             else:
                 got = optimized.generate(ids, prompt_lookup_num_tokens=lookup, **kwargs)
             assert torch.equal(got, reference.generate(ids, **kwargs)), (lengths, k, lookup)
+        ids, mask = left_padded_batch([6, 4], 512, seed=9)  # sampled: the draft slots' keys
+        sampled = dict(attention_mask=mask, max_new_tokens=10, eos_token_id=None, do_sample=True, top_k=20,
+                       pad_token_id=0)
+        for k in (2, 3):
+            assert optimized.generate(ids, assistant_model=_assistant(assistant, k), **sampled).shape == (2, 16)
+        assert optimized.generate(ids, prompt_lookup_num_tokens=3, **sampled).shape == (2, 16)
 
     run_all()
     speculators = optimized.qwen3_accel.runner.speculators
