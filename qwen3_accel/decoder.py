@@ -135,6 +135,14 @@ class PagedBatch:
         return cls(tokens, positions, slot_mapping, tables, seq_lens, no_rows, torch.zeros((1,), dtype=torch.int32,
                    device=device), none, 0, torch.arange(tokens.shape[0], device=device))
 
+    @classmethod
+    def chunks(cls, tokens, positions, slot_mapping, tables, starts, context_lens, max_len: int,
+               logit_index) -> "PagedBatch":
+        """A step of prompt chunks only (no one-token decodes): chunk c is tokens[starts[c] : starts[c + 1]]."""
+        none = torch.zeros((0,), dtype=torch.int32, device=tokens.device)
+        return cls(tokens, positions, slot_mapping, tables[:0], none, tables, starts, context_lens, max_len,
+                   logit_index)
+
 
 class PagedAttention:
     """A packed step of the continuous-batching engine over its paged cache: `tokens` [1, T] hold first one token

@@ -31,7 +31,7 @@ from .patches import qwen3 as dense
 from .patches import qwen3_moe
 from .runner import ModelRunner
 from .serving.manager import BatchingManager
-from .speculative import Drafter, run_speculative
+from .speculative import HF_LOOKUP_NGRAM, Drafter, assistant_settings, run_speculative
 
 logger = logging.getLogger(__name__)
 
@@ -357,9 +357,12 @@ class Qwen3Accelerator:
                 self.tp.share_random_state(self.device)  # tensor parallel: HF's sampler draws the same everywhere
             return self.hf_generate(*args, **kwargs)
 
+        if self.tp.world_size > 1:
+            logger.info("qwen3_accel: %s (assisted decoding under tensor parallelism)", router.HF_CACHE)
+            return hf_assisted()
         if request.prompt_lookup is not None:
-            config = request.config
-            drafter = Drafter(None, request.prompt_lookup, max_ngram=config.max_matching_ngram_size or 2)
+            drafter = Drafter(None, request.prompt_lookup,
+                              max_ngram=request.config.max_matching_ngram_size or HF_LOOKUP_NGRAM)
         else:
             with _ASSISTANTS_LOCK:  # two threads' first calls with one assistant optimize it once
                 helper = getattr(assistant, "qwen3_accel", None)
@@ -374,17 +377,11 @@ class Qwen3Accelerator:
                     logger.info("qwen3_accel: optimized the assistant model for speculative decoding")
                     helper = assistant.qwen3_accel
             helper._ensure_ready()
-            if helper.tp.world_size > 1 or self.tp.world_size > 1:
-                logger.info("qwen3_accel: %s (assisted decoding under tensor parallelism)", router.HF_CACHE)
+            if helper.tp.world_size > 1:
+                logger.info("qwen3_accel: %s (an assistant under tensor parallelism)", router.HF_CACHE)
                 return hf_assisted()
-            draft_config = assistant.generation_config
-            threshold = draft_config.assistant_confidence_threshold
-            drafter = Drafter(helper.runner, draft_config.num_assistant_tokens or 20,
-                              draft_config.num_assistant_tokens_schedule or "constant",
-                              confidence=0.4 if threshold is None else threshold, assistant=assistant)
-        if self.tp.world_size > 1:
-            logger.info("qwen3_accel: %s (assisted decoding under tensor parallelism)", router.HF_CACHE)
-            return hf_assisted()
+            k, schedule, confidence = assistant_settings(assistant.generation_config)
+            drafter = Drafter(helper.runner, k, schedule, confidence=confidence, assistant=assistant)
         locks = [self._lock] if helper is None or helper is self else sorted([self._lock, helper._lock], key=id)
         with contextlib.ExitStack() as held:
             for lock in locks:

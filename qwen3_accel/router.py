@@ -24,6 +24,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from . import compat
 from .fast_generate import EOS_SLOTS, FastRequest
+from .speculative import HF_LOOKUP_NGRAM, SCHEDULES, assistant_settings
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,10 @@ def speculation_reason(model, assistant, config: GenerationConfig, inputs: torch
     if streamer is not None and inputs.shape[0] > 1:
         return "a streamer with more than one sequence"
     if config.prompt_lookup_num_tokens is not None:
-        if config.prompt_lookup_num_tokens < 1 or (config.max_matching_ngram_size or 2) < 1:
+        ngram = config.max_matching_ngram_size or HF_LOOKUP_NGRAM
+        if config.prompt_lookup_num_tokens < 1 or ngram < 1:
             return "prompt_lookup_num_tokens or max_matching_ngram_size below 1"
-        if (config.max_matching_ngram_size or 2) > MAX_LOOKUP_NGRAM:
+        if ngram > MAX_LOOKUP_NGRAM:
             return f"max_matching_ngram_size above {MAX_LOOKUP_NGRAM} (ours compares n-grams in a compiled step)"
         return None
     from .optimize import SUPPORTED_CLASSES  # (optimize imports this module)
@@ -117,12 +119,11 @@ def speculation_reason(model, assistant, config: GenerationConfig, inputs: torch
                 f"{model.config.vocab_size})")
     if assistant.lm_head.weight.device != model.lm_head.weight.device:
         return "an assistant on another device"
-    draft_config = assistant.generation_config
-    schedule = draft_config.num_assistant_tokens_schedule or "constant"
-    if schedule not in ("constant", "heuristic", "heuristic_transient"):
+    k, schedule, _ = assistant_settings(assistant.generation_config)
+    if schedule not in SCHEDULES:
         return f"num_assistant_tokens_schedule={schedule!r}"
-    if (draft_config.num_assistant_tokens or 20) < 1:
-        return f"num_assistant_tokens={draft_config.num_assistant_tokens}"
+    if k < 1:
+        return f"num_assistant_tokens={k}"
     return None
 
 

@@ -27,7 +27,6 @@ of two up to MAX_DRAFT_TOKENS, so at most six verify graphs; a round the confide
 the next power of two below k (`verify_width`).
 """
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,11 +40,20 @@ from .graphs import CompiledSteps, outside_inference_mode
 if TYPE_CHECKING:
     from .runner import ModelRunner
 
-logger = logging.getLogger(__name__)
-
 BLOCK_SIZE = 16  # token slots per KV block (the paged kernels' tested sizes are 16 and 64)
 MAX_DRAFT_TOKENS = 32  # drafts per round under the heuristic schedules (HF's grows without bound)
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+# HF's defaults for an assistant's generation config (GenerationConfig._get_default_generation_params) and for
+# prompt lookup's n-gram (PromptLookupCandidateGenerator), where a setting is left unset.
+HF_DRAFT_TOKENS, HF_SCHEDULE, HF_CONFIDENCE, HF_LOOKUP_NGRAM = 20, "constant", 0.4, 2
+
+
+def assistant_settings(config) -> tuple[int, str, float]:
+    """(k, schedule, confidence threshold) an assistant's generation config asks for, HF's defaults filled in."""
+    k, schedule, threshold = (config.num_assistant_tokens, config.num_assistant_tokens_schedule,
+                              config.assistant_confidence_threshold)
+    return (HF_DRAFT_TOKENS if k is None else k, schedule or HF_SCHEDULE,
+            HF_CONFIDENCE if threshold is None else threshold)
 
 
 @dataclass(frozen=True)
@@ -139,8 +147,19 @@ class SpeculativeState:
             if isinstance(t, torch.Tensor):
                 torch._dynamo.mark_static_address(t)
 
-    def begin(self, prompts: list[list[int]], first: torch.Tensor, unfinished: torch.Tensor, new_tokens: int,
-              eos_ids: list[int], pad: int, sampling: Sampling, confidence: float) -> None:
+    def set_request(self, new_tokens: int, eos_ids: list[int], pad: int, sampling: Sampling,
+                    confidence: float) -> None:
+        self.new_tokens.fill_(new_tokens)
+        self.eos.fill_(-1)
+        if eos_ids:
+            self.eos[: len(eos_ids)] = torch.tensor(eos_ids, device=self.eos.device)
+        self.pad.fill_(pad)
+        self.temperature.fill_(sampling.temperature)
+        self.top_k.fill_(sampling.top_k)
+        self.top_p.fill_(sampling.top_p)
+        self.confidence.fill_(confidence)
+
+    def begin(self, prompts: list[list[int]], first: torch.Tensor, unfinished: torch.Tensor, pad: int) -> None:
         """A call's prompts (rows past them get a one-token prompt and stay finished) and its first tokens. Every
         buffer is set on every row, whatever earlier calls left."""
         device = self.hist.device
@@ -158,15 +177,6 @@ class SpeculativeState:
         self.unfinished[:rows_used] = unfinished[:rows_used]
         self.accepted.zero_()
         self.totals.zero_()
-        self.new_tokens.fill_(new_tokens)
-        self.eos.fill_(-1)
-        if eos_ids:
-            self.eos[: len(eos_ids)] = torch.tensor(eos_ids, device=device)
-        self.pad.fill_(pad)
-        self.temperature.fill_(sampling.temperature)
-        self.top_k.fill_(sampling.top_k)
-        self.top_p.fill_(sampling.top_p)
-        self.confidence.fill_(confidence)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -187,17 +197,14 @@ def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor, real: torch.Tensor
 def accept_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
                    real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling: target probabilities p [rows, k + 1, V], the draft's q [rows, k, V] from which drafts
-    [rows, k] were drawn (`real` [1, k]: which are drafts; default all). Draft i is kept with probability min(1, p_i(d)/q_i(d)) while all before it were; the
-    first rejected one is replaced by a draw from max(p_i - q_i, 0), and after k kept drafts one more comes from
-    p_k. Every emitted token then follows p exactly."""
+    [rows, k] were drawn (`real` [1, k]: which are drafts; default all). Draft i is kept with probability
+    min(1, p_i(d)/q_i(d)) while all before it were; the first rejected one is replaced by a draw from
+    max(p_i - q_i, 0), and after k kept drafts one more comes from p_k. Every emitted token then follows p exactly."""
     rows, k = drafts.shape
+    real = torch.ones_like(drafts, dtype=torch.bool) if real is None else real
+    q = q * real[..., None]  # past the drafts q holds an earlier round's values: zero, so the residual there is p
     p_draft, q_draft = p[:, :k].gather(2, drafts[..., None])[..., 0], q.gather(2, drafts[..., None])[..., 0]
-    if real is not None:  # past the drafts q holds an earlier round's values: zero, so the residual there is p
-        q = q * real[..., None]
-        q_draft = q_draft * real
-    kept = torch.rand_like(p_draft) * q_draft < p_draft  # u < p/q, without dividing
-    if real is not None:
-        kept = kept & real
+    kept = (torch.rand_like(p_draft) * q_draft < p_draft) & real  # u < p/q, without dividing
     accepted = kept.long().cumprod(dim=1).sum(dim=1)  # [rows]
     residual = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)
     at = accepted.view(rows, 1, 1).expand(rows, 1, p.shape[-1])
@@ -231,17 +238,17 @@ class Speculator:
         if pool is None or rows > pool.rows or blocks_per_row > pool.blocks_per_row:
             # Grown to cover both the old and this call's shape, unless that is more than twice what this call
             # needs (many short rows, then one long one): then this call's own shape.
+            size = rows, blocks_per_row
             if pool is not None:
                 both = max(rows, pool.rows), max(blocks_per_row, pool.blocks_per_row)
                 if both[0] * both[1] <= 2 * rows * blocks_per_row:
-                    rows, blocks_per_row = both
+                    size = both
             self._drop_graphs()
             self.pools.clear()  # the old tensors go before the new ones are made
-            self.pools["target"] = RowPool(self.target.cache.layout, rows, blocks_per_row)
+            self.pools["target"] = RowPool(self.target.cache.layout, *size)
             if self.draft is not None:
-                self.pools["draft"] = RowPool(self.draft.cache.layout, rows, blocks_per_row)
+                self.pools["draft"] = RowPool(self.draft.cache.layout, *size)
         target_pool, draft_pool = self.pools["target"], self.pools.get("draft")
-        rows = next_power_of_two(batch)
         key = (rows, draft_slots, vocab)
         if key not in self.states:
             with outside_inference_mode():
@@ -266,18 +273,22 @@ class Speculator:
         tables = state.tables[: len(prompts)]
         slots = _slots(tables[rows], positions[:, None])[:, 0]
         starts = torch.tensor([0, *lens], device=device).cumsum(0).int()
-        none = torch.zeros((0,), dtype=torch.int32, device=device)
-        batch = PagedBatch(tokens, positions, slots, tables[:0], none, tables, starts,
-                           torch.tensor(lens, dtype=torch.int32, device=device), max(lens), starts[1:].long() - 1)
+        batch = PagedBatch.chunks(tokens, positions, slots, tables, starts,
+                                  torch.tensor(lens, dtype=torch.int32, device=device), max(lens),
+                                  starts[1:].long() - 1)
         return runner.paged_step(pool.keys, pool.values, batch)
+
+    def _assistant_step(self, state: SpeculativeState, keys, values, positions: torch.Tensor) -> torch.Tensor:
+        """The assistant over each row's token at `positions` [rows] (its keys stored there): logits [rows, V]."""
+        tokens = state.hist.gather(1, positions[:, None])[:, 0]
+        slots = _slots(state.tables, positions[:, None])[:, 0]
+        return self.draft.paged_step(keys, values, PagedBatch.decode(tokens, positions, slots, state.tables,
+                                                                     (positions + 1).int()))
 
     def draft_step(self, state: SpeculativeState, keys, values, *, do_sample: bool) -> None:
         """One assistant token per row at position lengths + draft_index (compiled; replayed k times a round)."""
         positions = state.lengths + state.draft_index  # [rows]
-        tokens = state.hist.gather(1, positions[:, None])[:, 0]
-        slots = _slots(state.tables, positions[:, None])[:, 0]
-        logits = self.draft.paged_step(keys, values, PagedBatch.decode(tokens, positions, slots, state.tables,
-                                                                       (positions + 1).int())).float()
+        logits = self._assistant_step(state, keys, values, positions).float()
         if do_sample:
             probs = warped_probs(logits, state.temperature, state.top_k, state.top_p)
             picked = draw(probs)
@@ -296,11 +307,7 @@ class Speculator:
         """The assistant over each row's token before its last (compiled): after a round whose drafts a row kept
         all, that is the last draft, which the assistant has not seen; for the other rows it recomputes keys it
         holds already (the same values)."""
-        positions = state.lengths - 1
-        tokens = state.hist.gather(1, positions[:, None])[:, 0]
-        slots = _slots(state.tables, positions[:, None])[:, 0]
-        self.draft.paged_step(keys, values, PagedBatch.decode(tokens, positions, slots, state.tables,
-                                                              (positions + 1).int()))
+        self._assistant_step(state, keys, values, state.lengths - 1)
 
     @staticmethod
     def lookup_drafts(state: SpeculativeState, *, k: int, max_ngram: int) -> None:
@@ -329,11 +336,9 @@ class Speculator:
         offsets = torch.arange(k + 1, device=device)
         positions = state.lengths[:, None] + offsets  # [rows, k + 1]
         tokens = state.hist.gather(1, positions)
-        none = torch.zeros((0,), dtype=torch.int32, device=device)
-        batch = PagedBatch(tokens.flatten(), positions.flatten(), _slots(state.tables, positions).flatten(),
-                           state.tables[:0], none, state.tables,
-                           (torch.arange(rows + 1, device=device) * (k + 1)).int(), (positions[:, -1] + 1).int(),
-                           k + 1, torch.arange(rows * (k + 1), device=device))
+        batch = PagedBatch.chunks(tokens.flatten(), positions.flatten(), _slots(state.tables, positions).flatten(),
+                                  state.tables, (torch.arange(rows + 1, device=device) * (k + 1)).int(),
+                                  (positions[:, -1] + 1).int(), k + 1, torch.arange(rows * (k + 1), device=device))
         logits = self.target.paged_step(keys, values, batch).float().view(rows, k + 1, -1)
         drafts = tokens[:, 1:]  # [rows, k]
         real = offsets[None, :k] < state.drafted  # positions past this round's drafts hold none
@@ -396,15 +401,14 @@ def run_speculative(target: "ModelRunner", drafter: Drafter, request: FastReques
     with torch.no_grad():
         state, target_pool, draft_pool = speculator.buffers(batch, longest + new_tokens + drafter.max_tokens + 2,
                                                             draft_slots, vocab)
+        state.set_request(new_tokens, eos_ids, pad, sampling, drafter.confidence)
         padded = prompts + [[pad]] * (state.rows - batch)
         logits = Speculator.prefill(target, target_pool, state, padded).float()
         if draft_pool is not None:
             Speculator.prefill(drafter.runner, draft_pool, state, padded)
-        first = select_tokens(logits, sampling.do_sample, state.temperature.new_tensor([sampling.temperature]),
-                              state.top_k.new_tensor([sampling.top_k]), state.top_p.new_tensor([sampling.top_p]))
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=first.device)
-        unfinished = ~torch.isin(first, eos) & (new_tokens > 1)
-        state.begin(prompts, first, unfinished, new_tokens, eos_ids, pad, sampling, drafter.confidence)
+        first = select_tokens(logits, sampling.do_sample, state.temperature, state.top_k, state.top_p)
+        unfinished = ~torch.isin(first, state.eos) & (new_tokens > 1)
+        state.begin(prompts, first, unfinished, pad)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         k, drafted, streamed, rounds = drafter.num_tokens, 0, 0, 0
