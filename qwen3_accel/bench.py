@@ -153,6 +153,11 @@ def request_key(request: str, batch: int) -> str:
     return request if batch == 1 else f"{request}, batch {batch}"
 
 
+def request_cases(config: dict[str, Any]) -> list[tuple[str, int]]:
+    """(request, batch size) of every request case a report's config asks for, in its order."""
+    return [(r, b) for r in config.get("requests", ()) for b in config.get("request_batch_sizes", (1,))]
+
+
 def _request_prompts(request: str, batch: int, length: int, vocab: int, device: torch.device) -> torch.Tensor:
     """Random prompts; for prompt lookup a random phrase of 8 tokens repeated (something to look up)."""
     if request != "lookup":
@@ -494,11 +499,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         report["request_speedup"] = _ratios({k: v for k, v in ours.items() if k in theirs}, theirs, True)
     if "qwen3_accel" in request_contenders and "plain" in cfg.requests:
         ours = request_estimates["qwen3_accel"]
-        speculative = {request_key(r, b): ours[request_key(r, b)] for r in cfg.requests if r in SPECULATIVE
-                       for b in cfg.request_batch_sizes}
-        plain = {key: ours[request_key("plain", b)] for r in cfg.requests if r in SPECULATIVE
-                 for b in cfg.request_batch_sizes for key in [request_key(r, b)]}
-        report["speculative_vs_plain"] = _ratios(speculative, plain, paired=False)  # timed in separate rounds
+        cases = [(request_key(r, b), request_key("plain", b)) for r, b in request_cases(vars(cfg)) if r in SPECULATIVE]
+        report["speculative_vs_plain"] = _ratios({key: ours[key] for key, _ in cases},
+                                                 {key: ours[plain] for key, plain in cases},
+                                                 paired=False)  # timed in separate rounds
     report["notes"] = []
     noise = {when: times for when, times in (("before", noise_before), ("after", machine_noise(device)))}
     busy = [when for when, times in noise.items() if looked_busy(times)]
@@ -581,9 +585,7 @@ def format_table(report: dict[str, Any]) -> str:
     if first["peak_memory_gib"] is not None:
         row = "".join(f"{results[c]['peak_memory_gib']:>{width - 4}.2f} GiB" for c in contenders)
         lines.append(f"{'peak memory':28}{row}")
-    config = report["config"]
-    for request in (request_key(r, b) for r in config.get("requests", ()) for b in config.get(
-            "request_batch_sizes", (1,))):
+    for request in (request_key(r, b) for r, b in request_cases(report["config"])):
         cells = []
         for c in contenders:
             r = results[c].get("requests", {}).get(request)
@@ -664,9 +666,8 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
     requests = {name: result["requests"] for name, result in report["contenders"].items() if result.get("requests")}
     if requests:
         paths.append(f"{stem}_requests.png")
-        config = report["config"]
-        keys = [key for r in config["requests"] for b in config.get("request_batch_sizes", (1,))
-                for key in [request_key(r, b)] if any(key in entries for entries in requests.values())]
+        keys = [key for key in (request_key(r, b) for r, b in request_cases(report["config"]))
+                if any(key in entries for entries in requests.values())]
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(keys) * len(requests) + 1.5))
         height = 0.8 / len(requests)
         for i, (name, entries) in enumerate(requests.items()):  # medians, bars from min to max; unreliable left out

@@ -87,8 +87,9 @@ class FastRequest:
     attention_mask: torch.Tensor | None
     streamer: Any
     eos_ids: list[int]
-    assistant: Any = None  # speculative decoding (speculative.py): the assistant model, or
-    prompt_lookup: int | None = None  # prompt lookup's k
+    # speculative decoding (speculative.py): an assistant model, or prompt lookup's k
+    assistant: Any = None
+    prompt_lookup: int | None = None
 
     @property
     def speculative(self) -> bool:
