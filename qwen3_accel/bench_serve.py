@@ -4,6 +4,9 @@ A seeded trace (Poisson arrivals at `rate` requests/s, or all at once; prompt an
 within ±`length_spread` of their means; eos ignored, so every request makes exactly its tokens) is replayed with
 at most `concurrency` requests in flight against:
   qwen3_accel     the optimized model's continuous batching (serving/: paged KV cache, our kernels, decode graphs)
+  qwen3_accel_no_overlap  the same with each step's tokens read before the next step is scheduled (on CUDA the
+                  engine overlaps the two by default; on the CPU it never does, so this is qwen3_accel again);
+                  not run unless asked for
   hf_cb           HF's continuous batching on a plain copy of the same weights (its default attention)
   static          our generate() on left-padded batches: up to `concurrency` requests that have arrived start
                   together, and the next batch waits for the whole batch to end
@@ -29,7 +32,9 @@ from .loading import load_model
 from .reports import pyplot, write_json_and_table
 from .timing import ROUNDS_AGREE, Spread, looked_busy, machine_noise
 
-SERVE_CONTENDERS = ("qwen3_accel", "hf_cb", "static")
+SERVE_CONTENDERS = ("qwen3_accel", "qwen3_accel_no_overlap", "hf_cb", "static")
+DEFAULT_SERVE_CONTENDERS = ("qwen3_accel", "hf_cb", "static")
+OUR_ENGINES = {"qwen3_accel": {}, "qwen3_accel_no_overlap": {"overlap": False}}  # contender -> engine options
 HF_PAGE_TOKENS = 256  # HF's default page size (tokens per page of its paged cache)
 
 
@@ -39,7 +44,7 @@ class ServeBenchConfig:
     device: str = "cuda"
     dtype: str = "bfloat16"
     kernels: str = "auto"
-    contenders: tuple[str, ...] = SERVE_CONTENDERS
+    contenders: tuple[str, ...] = DEFAULT_SERVE_CONTENDERS
     concurrency: tuple[int, ...] = (1, 32, 64)
     requests: int | None = None  # per case; default 2x the concurrency (at least 8)
     rate: float = math.inf  # requests per second (Poisson); inf: all arrive at once
@@ -215,7 +220,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     contenders = [c for c in SERVE_CONTENDERS if c in cfg.contenders]
     ours = None
-    if {"qwen3_accel", "static"} & set(contenders):
+    if {*OUR_ENGINES, "static"} & set(contenders):
         ours = qwen3_accel.optimize(load_model(cfg.model, device, dtype), kernels=cfg.kernels,
                                     max_batch_size=max(cfg.concurrency))
     plain = load_model(cfg.model, device, dtype) if "hf_cb" in contenders else None
@@ -240,14 +245,15 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
                                             **{compat.CB_PAGE_FIELD: HF_PAGE_TOKENS})
             runs: dict[str, Any] = {}
             managers = []
-            if "qwen3_accel" in contenders:
-                hints = WorkloadHints(max(len(r.prompt) for r in trace), max(r.new_tokens for r in trace), count)
+            hints = WorkloadHints(max(len(r.prompt) for r in trace), max(r.new_tokens for r in trace), count)
+            for name in (c for c in contenders if c in OUR_ENGINES):
                 manager = ours.init_continuous_batching(generation_config=generation, continuous_batching_config=pool,
                                                         workload_hints=hints)
+                manager.engine_options.update(OUR_ENGINES[name])
                 manager.warmup()  # every decode graph the trace can reach, compiled before the first round
                 manager.start()
                 managers.append(manager)
-                runs["qwen3_accel"] = lambda m=manager: replay_on_manager(m, trace, concurrency)
+                runs[name] = lambda m=manager: replay_on_manager(m, trace, concurrency)
             if "hf_cb" in contenders:
                 hf_manager = plain.init_continuous_batching(generation_config=generation,
                                                             continuous_batching_config=pool)
@@ -299,13 +305,13 @@ def _case_report(rounds: dict[str, list[dict]], trace: list[TraceRequest], pool_
         if not figures["reliable"]:
             figures["unreliable_reason"] = (f"throughput varied more than {ROUNDS_AGREE:g}x over the rounds "
                                             f"({min(tok_s):.1f} to {max(tok_s):.1f} tok/s)")
-        if name in ("qwen3_accel", "hf_cb"):
+        if name in (*OUR_ENGINES, "hf_cb"):
             figures["kv_reserved_mb"] = pool_tokens * per_token / 2**20
         case["contenders"][name] = figures
     if peak_blocks is not None:
         case["contenders"]["qwen3_accel"]["kv_peak_used_mb"] = peak_blocks * block_tokens * per_token / 2**20
     ratios = {}
-    for base in ("hf_cb", "static"):
+    for base in ("qwen3_accel_no_overlap", "hf_cb", "static"):
         if "qwen3_accel" in rounds and base in rounds:
             paired = [a["tok_s"] / b["tok_s"] for a, b in zip(rounds["qwen3_accel"], rounds[base])]
             reliable = case["contenders"]["qwen3_accel"]["reliable"] and case["contenders"][base]["reliable"]
@@ -329,7 +335,7 @@ def format_serve_table(report: dict[str, Any]) -> str:
              f"trace: {cfg['prompt_len']} prompt / {cfg['output_len']} output tokens (±{cfg['length_spread']:.0%}), "
              f"arrivals {cfg['rate']} req/s, {cfg['repeats']} rounds; median (min-max) over the rounds",
              ""]
-    header = (f"{'users':>5}  {'contender':<12} {'output tok/s':>24} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} "
+    header = (f"{'users':>5}  {'contender':<22} {'output tok/s':>24} {'TTFT p50 ms':>22} {'TTFT p99 ms':>22} "
               f"{'TPOT p50 ms':>20} {'ITL p99 ms':>20} {'KV MB':>12}")
     lines += [header, "-" * len(header)]
     for users, case in report["cases"].items():
@@ -338,13 +344,13 @@ def format_serve_table(report: dict[str, Any]) -> str:
             kv_text = f"{f['kv_reserved_mb']:.3g}" if "kv_reserved_mb" in f else "-"
             if kv is not None:
                 kv_text = f"{kv:.3g}/{kv_text}"
-            lines.append(f"{users:>5}  {name:<12} {_fmt(f['tok_s']):>24} {_fmt(f['ttft_p50_ms']):>22} "
+            lines.append(f"{users:>5}  {name:<22} {_fmt(f['tok_s']):>24} {_fmt(f['ttft_p50_ms']):>22} "
                          f"{_fmt(f['ttft_p99_ms']):>22} {_fmt(f['tpot_p50_ms'], 2):>20} {_fmt(f['itl_p99_ms'], 2):>20} "
                          f"{kv_text:>12}")
             if not f["reliable"]:
-                lines.append(f"{'':>5}  {'':<12} unreliable: {f['unreliable_reason']}")
+                lines.append(f"{'':>5}  {'':<22} unreliable: {f['unreliable_reason']}")
             if f["partly_timed"]:
-                lines.append(f"{'':>5}  {'':<12} latencies from the other requests: {f['partly_timed']} were "
+                lines.append(f"{'':>5}  {'':<22} latencies from the other requests: {f['partly_timed']} were "
                              "preempted and restarted, their early token times lost")
         for name, ratio in case["throughput_ratio"].items():
             text = ratio["unreliable"] if "unreliable" in ratio else (

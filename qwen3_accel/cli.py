@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .bench import CONTENDERS, REQUESTS, BenchConfig
-from .bench_serve import SERVE_CONTENDERS
+from .bench_serve import DEFAULT_SERVE_CONTENDERS, SERVE_CONTENDERS
 from .custom_ops import KERNEL_MODES
 from .eval import Thresholds
 from .quantize import WEIGHT_FORMATS
@@ -132,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(serve_bench, default_device)
     serve_bench.add_argument("--contenders", type=_comma_list("contenders", SERVE_CONTENDERS),
-                             default=SERVE_CONTENDERS,
-                             help=f"comma-separated subset of {','.join(SERVE_CONTENDERS)} (default: all)")
+                             default=DEFAULT_SERVE_CONTENDERS,
+                             help=f"comma-separated subset of {','.join(SERVE_CONTENDERS)} (default: "
+                                  f"{','.join(DEFAULT_SERVE_CONTENDERS)}; qwen3_accel_no_overlap: our engine "
+                                  "reading each step's tokens before scheduling the next, the CPU's way, to "
+                                  "measure what overlap gains on CUDA)")
     serve_bench.add_argument("--concurrency", type=_int_list, default=(1, 32, 64),
                              help="requests in flight at most, one case each, comma-separated (default: 1,32,64)")
     serve_bench.add_argument("--requests", type=int, default=None,

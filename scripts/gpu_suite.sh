@@ -17,6 +17,8 @@
 #                                    tok/s, % of roofline and GPU operations per step (one call of its own)
 #                   serve            bench-serve (issue 24): our continuous batching vs HF's vs static generate()
 #                                    batches, Qwen3-0.6B and Qwen3-8B at 1, 32 and 64 users, 128 in / 128 out
+#                   serve-overlap    our engine with and without overlap (the host's work for the next step hidden
+#                                    behind this one), Qwen3-0.6B and Qwen3-8B at 64 users (about 4 minutes)
 #                   requests         requests beyond plain decoding on Qwen3-0.6B and Qwen3-8B, HF eager vs
 #                                    qwen3_accel: beam search, a repetition penalty, and speculative decoding
 #                                    (issue 25: self-drafting, Qwen3-0.6B drafting for Qwen3-8B, prompt lookup)
@@ -99,6 +101,12 @@ for stage in "${stages[@]}"; do
         for model in Qwen3-0.6B Qwen3-8B; do
             timeout 270 python3 -m qwen3_accel.cli bench-serve --out "$out/serve" --model $model \
                 --concurrency 1,32,64 --repeats 2 2>&1 | quiet
+        done ;;
+    serve-overlap)
+        mkdir -p "$out/serve-overlap"
+        for model in Qwen3-0.6B Qwen3-8B; do
+            timeout 150 python3 -m qwen3_accel.cli bench-serve --out "$out/serve-overlap" --model $model \
+                --concurrency 64 --repeats 3 --contenders qwen3_accel,qwen3_accel_no_overlap 2>&1 | quiet
         done ;;
     sizes)
         mkdir -p "$out/sizes"

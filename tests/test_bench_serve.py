@@ -56,3 +56,23 @@ def test_a_whole_run_reports_every_contender_with_spreads(tmp_path, capsys):
         assert 0 < ours["kv_peak_used_mb"] <= ours["kv_reserved_mb"]
         assert set(case["throughput_ratio"]) == {"qwen3_accel_vs_hf_cb", "qwen3_accel_vs_static"}
     assert "qwen3_accel_vs_hf_cb" in table and "TTFT p50 ms" in table
+
+
+def test_the_no_overlap_contender_runs_our_engine_reading_tokens_in_order(tmp_path, capsys, monkeypatch):
+    """qwen3_accel_no_overlap is our engine with overlap off, paired against qwen3_accel (overlapping here: the
+    CPU made to overlap as CUDA does), so a GPU run says what overlap gains."""
+    from qwen3_accel.serving import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "OVERLAP_DEVICES", ("cuda", "cpu"))
+    modes = set()
+    step = engine_module.Engine.step
+    monkeypatch.setattr(engine_module.Engine, "step", lambda self: modes.add(self.overlap) or step(self))
+    main(["bench-serve", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--concurrency", "4",
+          "--requests", "6", "--prompt-len", "24", "--output-len", "6", "--repeats", "1", "--out", str(tmp_path),
+          "--contenders", "qwen3_accel,qwen3_accel_no_overlap"])
+    report = json.loads((tmp_path / "bench_serve_tiny.json").read_text())
+    case = report["cases"]["4"]
+    assert modes == {True, False}
+    assert set(case["contenders"]) == {"qwen3_accel", "qwen3_accel_no_overlap"}
+    assert set(case["throughput_ratio"]) == {"qwen3_accel_vs_qwen3_accel_no_overlap"}
+    assert "qwen3_accel_vs_qwen3_accel_no_overlap" in capsys.readouterr().out

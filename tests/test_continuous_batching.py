@@ -16,6 +16,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from conftest import model_pair
 from qwen3_accel.compat import CB_PAGE_FIELD
 from qwen3_accel.custom_ops import paged_attention
+from qwen3_accel.serving import engine as engine_module
 from qwen3_accel.serving.manager import BatchingManager
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -39,13 +40,21 @@ def pair(request):
     return model_pair(request.param, compile=False)
 
 
+@pytest.fixture(params=[False, True], ids=["in-order", "overlap"])
+def overlap(request, monkeypatch):
+    """The manager's engines read each step's tokens at once (the CPU default) or after launching the next step
+    (the CUDA default)."""
+    monkeypatch.setattr(engine_module, "OVERLAP_DEVICES", ("cuda", "cpu") if request.param else ())
+    return request.param
+
+
 def _count_calls(monkeypatch, module, name: str) -> list:
     calls, original = [], getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
-def test_generate_batch_runs_our_engine_and_gives_hfs_tokens(pair, monkeypatch):
+def test_generate_batch_runs_our_engine_and_gives_hfs_tokens(pair, overlap, monkeypatch):
     """36 prompts of 1-300 tokens, a pool that forces preemption: HF's tokens for each, on our paged ops, and
     none of HF's attention."""
     from transformers.models.qwen3 import modeling_qwen3
@@ -63,6 +72,7 @@ def test_generate_batch_runs_our_engine_and_gives_hfs_tokens(pair, monkeypatch):
     manager = optimized.qwen3_accel.kept_manager
     assert isinstance(manager, BatchingManager)
     preemptions = manager.engine.scheduler.preemptions
+    assert manager.engine.overlap is overlap
     optimized.destroy_cached_continuous_batching_manager()
     assert list(outputs) == [f"req_{i}" for i in range(len(prompts))]
     assert decode_calls and prefill_calls and not hf_attention
@@ -76,7 +86,7 @@ def test_generate_batch_runs_our_engine_and_gives_hfs_tokens(pair, monkeypatch):
                        reference.generate(ids, max_new_tokens=4, **GREEDY))
 
 
-def test_a_randomized_stream_of_adds_cancels_streams_and_restarts(pair):
+def test_a_randomized_stream_of_adds_cancels_streams_and_restarts(pair, overlap):
     """Requests with their own lengths and eos ids, streaming or not, some cancelled, through two sessions of
     one manager: every request not cancelled ends once with HF's tokens, every stream grows one token at a time
     and is a prefix of its answer, no output carries another request's prompt, and every block comes back."""
@@ -276,7 +286,7 @@ def test_generate_batch_on_a_compiled_model_replays_decode_graphs():
     assert max(graphs.calls.values()) > 1, "the warm-up compiled the graphs, but no request step replayed one"
 
 
-def test_cancel_mid_decode_pause_and_ids(pair):
+def test_cancel_mid_decode_pause_and_ids(pair, overlap):
     """A request cancelled while it decodes ends FAILED "cancelled" with a prefix of HF's tokens and frees its
     blocks; ids in flight are unique; pause() holds the loop (from two threads) and stop() inside it is refused;
     after stop, request_id_iter hands over what is left of that request and ends."""

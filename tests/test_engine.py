@@ -23,7 +23,13 @@ def pair(request):
     return model_pair(request.param, compile=False)
 
 
-def test_many_prompts_with_preemption_equal_hf(pair):
+@pytest.fixture(params=[False, True], ids=["in-order", "overlap"])
+def overlap(request):
+    """Each step's tokens read at once, or (the CUDA default) after the next step is launched."""
+    return request.param
+
+
+def test_many_prompts_with_preemption_equal_hf(pair, overlap):
     """36 prompts of 1-300 tokens (a shared system prompt in some) through a pool too small for all of them:
     prompts are chunked, blocks shared, sequences preempted and recomputed; every output is HF's."""
     reference, optimized = pair
@@ -32,7 +38,7 @@ def test_many_prompts_with_preemption_equal_hf(pair):
     prompts = [([] if i % 3 else system) + [rng.randrange(3, 500) for _ in range(rng.randint(1, 260))]
                for i in range(36)]
     prompts[0] = [7]  # one token
-    engine = Engine(optimized, num_blocks=32, block_size=16, max_batch_tokens=128, max_batch_size=16)
+    engine = Engine(optimized, num_blocks=32, block_size=16, max_batch_tokens=128, max_batch_size=16, overlap=overlap)
     seqs = [engine.add_request(p, 16) for p in prompts]
     while engine.has_work():
         engine.step()
@@ -42,15 +48,58 @@ def test_many_prompts_with_preemption_equal_hf(pair):
     assert engine.block_manager.num_free == 32  # every block back
 
 
-def test_eos_stops_a_request_where_hf_stops(pair):
+def test_eos_stops_a_request_where_hf_stops(pair, overlap):
     reference, optimized = pair
     prompt = [5, 9, 13, 2, 77]
     free_run = hf_tokens(reference, prompt, 12)
     eos = free_run[4]
     expected = hf_tokens(reference, prompt, 12, eos_token_id=eos)
-    engine = Engine(optimized, num_blocks=16, block_size=16)
+    engine = Engine(optimized, num_blocks=16, block_size=16, overlap=overlap)
     (out,) = engine.generate([prompt], max_new_tokens=12, eos_token_id=eos)
     assert out == expected and out[-1] == eos
+
+
+def test_overlap_reads_each_token_a_step_late_and_drops_the_one_after_eos(pair):
+    """With overlap a step's token reaches the host after the next step is launched (that step read it on the
+    device); a request that stops at eos computed one token too many, which nobody sees; a request cancelled with a
+    token in flight gets no more tokens; the pool ends whole."""
+    reference, optimized = pair
+    prompt = [5, 9, 13, 2, 77]
+    eos = hf_tokens(reference, prompt, 12)[3]
+    expected = hf_tokens(reference, prompt, 12, eos_token_id=eos)
+    engine = Engine(optimized, num_blocks=16, block_size=16, overlap=True)
+    seq = engine.add_request(prompt, 12, eos_token_id=eos)
+    cancelled = engine.add_request([7, 8, 9], 12)
+    assert engine.step() == [] and seq.pending == 1 and seq.generated == []  # the prompts; their tokens in flight
+    assert engine.step() == [seq, cancelled] and seq.pending == 1 and len(seq.generated) == 1
+    engine.cancel(cancelled.request_id)
+    seen = list(cancelled.generated)
+    steps = 2
+    while engine.has_work():
+        stepped = engine.step()
+        steps += 1
+        assert cancelled not in stepped
+    assert seq.generated == expected and seq.generated[-1] == eos and cancelled.generated == seen
+    assert steps == len(expected) + 2  # the prompt's, one per token, and the last: it read the dropped token
+    assert engine.in_flight is None and seq.pending == 0
+    assert engine.block_manager.num_free == 16 and not engine.requests
+
+
+def test_overlap_preempts_a_sequence_whose_last_token_is_in_flight(pair):
+    """Two blocks for two requests: the first needs a block for its next token while the second's last token is
+    still in flight; the second is preempted, then finishes in the queue once its token is read (no restart), and
+    the first runs on with HF's tokens."""
+    reference, optimized = pair
+    first, second = list(range(20, 36)), [5, 9, 13, 2, 77]  # 16 tokens: its next token needs a second block
+    engine = Engine(optimized, num_blocks=2, block_size=16, overlap=True)
+    a, b = engine.add_request(first, 3), engine.add_request(second, 1)
+    engine.step()  # both prompts; their tokens in flight
+    engine.step()  # a's decode takes b's block: b preempted; b's token is read and finishes it
+    assert b.preemptions == 1 and b.status is Status.FINISHED and b not in engine.scheduler.waiting
+    while engine.has_work():
+        engine.step()
+    assert a.generated == hf_tokens(reference, first, 3) and b.generated == hf_tokens(reference, second, 1)
+    assert engine.block_manager.num_free == 2
 
 
 def test_a_request_too_long_for_the_pool_fails_alone(pair):
@@ -66,12 +115,12 @@ def test_a_request_too_long_for_the_pool_fails_alone(pair):
         engine.generate([[3, 4], list(range(3, 83))], max_new_tokens=2)
 
 
-def test_random_stream_of_adds_cancels_and_steps(pair):
+def test_random_stream_of_adds_cancels_and_steps(pair, overlap):
     """Requests join and leave (cancelled mid-prompt or mid-decode) between steps; the ones that finish have HF's
     tokens, cancelled ones free their blocks, and the pool ends empty."""
     reference, optimized = pair
     rng = random.Random(1)
-    engine = Engine(optimized, num_blocks=20, block_size=16, max_batch_tokens=48, max_batch_size=6)
+    engine = Engine(optimized, num_blocks=20, block_size=16, max_batch_tokens=48, max_batch_size=6, overlap=overlap)
     live, done = [], []
     for step in range(120):
         if rng.random() < 0.3:
@@ -121,11 +170,11 @@ def test_the_triton_paged_kernels_serve_the_engine():
     assert sum(s.preemptions for s in seqs) > 0
 
 
-def test_decode_steps_replay_one_graph_per_bucket():
+def test_decode_steps_replay_one_graph_per_bucket(overlap):
     """optimize(compile=True): decode-only steps run compiled, one graph per (row bucket, table width) key and
     no recompile, while sequences finish (4 -> 3 -> 1 rows) and one grows past 64 blocks; HF's tokens."""
     reference, optimized = model_pair("tiny")
-    engine = Engine(optimized, num_blocks=128, block_size=16, max_batch_tokens=2048, max_batch_size=8)
+    engine = Engine(optimized, num_blocks=128, block_size=16, max_batch_tokens=2048, max_batch_size=8, overlap=overlap)
     rng = random.Random(4)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 17, 1020)]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -163,7 +163,8 @@ def test_hf_forward_decodes_through_our_kernel_on_gpu(request_kwargs):
 
 def test_continuous_batching_engine_on_cuda():
     """The tiny model in fp32 on CUDA through HF's generate_batch on our engine: paged Triton kernels, chunked
-    prompts, preemption, decode steps replayed as CUDA graphs; each request HF's greedy tokens."""
+    prompts, preemption, decode steps replayed as CUDA graphs, each step launched before the last one's tokens are
+    read (overlap); each request HF's greedy tokens."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from qwen3_accel.compat import CB_PAGE_FIELD
@@ -177,13 +178,13 @@ def test_continuous_batching_engine_on_cuda():
     outputs = optimized.generate_batch(prompts, generation_config=config, continuous_batching_config=pool,
                                        persistent_manager=True)
     engine = optimized.qwen3_accel.kept_manager.engine
-    graphs, preemptions = engine.decode_graphs, engine.scheduler.preemptions
+    graphs, preemptions, overlap = engine.decode_graphs, engine.scheduler.preemptions, engine.overlap
     optimized.destroy_cached_continuous_batching_manager()
     for prompt, output in zip(prompts, outputs.values()):
         ids = torch.tensor([prompt], device="cuda")
         expected = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
         assert output.error is None and output.generated_tokens == expected.tolist()
-    assert graphs.compiled and not graphs.eager_keys and preemptions > 0
+    assert graphs.compiled and not graphs.eager_keys and preemptions > 0 and overlap
 
 
 def test_default_kv_pool_is_the_same_size_for_every_new_manager():

@@ -7,9 +7,17 @@ Each `step()` asks the scheduler for its chunks (a token per decoding sequence, 
 into one token row with their positions, cache slots and block tables, runs the model once over it
 (`ModelRunner.paged_step`: our kernels, `decoder.PagedAttention`), and picks a token for every sequence whose chunk
 ended at its last token. Requests join and leave between any two steps.
+
+Overlap (on CUDA by default): a step is launched before the host reads the tokens of the step before it, so that
+the host's work for the next step (reading tokens, finishing requests, scheduling, packing) runs while the device
+computes this one. The tokens still in flight are `Sequence.pending`; the step that decodes after them takes them
+from the device (`InFlight.tokens`). A sequence whose in-flight token turns out to be an eos has computed one step
+too many: that token is dropped. On the CPU the ops run as they are called, so there is nothing to hide and each
+step's tokens are read at once.
 """
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +35,40 @@ DEFAULT_CPU_BLOCKS = 1024  # without a device to measure, a pool of 1024 blocks 
 # (it gathers every block), so tables stay as narrow as the longest sequence: at 32 rows of ~100 tokens a width
 # of 64 made each step 2.3x slower than the fast loop's (tiny model, 2026-12-02).
 MIN_GRAPH_TABLE_BLOCKS = {"cuda": 64, "cpu": 4}
+# Devices whose engines overlap steps by default (see the module docstring). The host's work per decode step is
+# 0.11 / 0.24 / 1.04 ms at 1 / 16 / 64 rows (tiny model, CPU, docs/BENCHMARKS.md), against a bandwidth-bound step
+# of ~3.5 ms for Qwen3-8B at 64 rows on an H200 (16 GB of weights at 4.8 TB/s): up to a quarter of it, hidden.
+# Not on the CPU: its ops run as they are called, so overlap would only hand out every token a step later.
+OVERLAP_DEVICES = ("cuda",)
+
+
+@dataclass
+class InFlight:
+    """A launched step whose tokens the host has not read: `tokens[i]` is the token picked for `sequences[i]`.
+
+    On CUDA the tokens' copy to the host is queued right behind the step: a plain `.tolist()` later would queue
+    behind the next step too, and wait for it."""
+
+    sequences: list[Sequence]
+    tokens: torch.Tensor
+    rows: dict[int, int] = field(init=False)  # id(sequence) -> its row in `tokens`
+    host: torch.Tensor = field(init=False)
+    copied: torch.cuda.Event | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        self.rows = {id(seq): row for row, seq in enumerate(self.sequences)}
+        if self.tokens.is_cuda:
+            self.host = self.tokens.to("cpu", non_blocking=True)  # (into pinned memory)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = self.tokens
+
+    def values(self) -> list[int]:
+        """The tokens, once the step has picked them."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
 
 def block_tables(chunks: list[Chunk], width: int | None = None, fill: int = 0) -> torch.Tensor:
@@ -67,11 +109,13 @@ class Engine:
 
     num_blocks: KV blocks in the pool (default: `kv_memory_fraction` of the free device memory; on the CPU 1024);
     block_size: token slots per block; max_batch_tokens: tokens one step computes at most (decodes + prompt
-    chunks); max_batch_size: sequences running at once.
+    chunks); max_batch_size: sequences running at once; overlap: launch each step before reading the previous
+    one's tokens (see the module docstring; default: on CUDA).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
-                 max_batch_tokens: int = 256, max_batch_size: int = 64, kv_memory_fraction: float = 0.5):
+                 max_batch_tokens: int = 256, max_batch_size: int = 64, kv_memory_fraction: float = 0.5,
+                 overlap: bool | None = None):
         acc = getattr(model, "qwen3_accel", None)
         if acc is None:
             raise TypeError("Engine serves a model optimized by qwen3_accel.optimize(model) first")
@@ -100,6 +144,8 @@ class Engine:
         # ModelRunner.paged_decode_graphs); eager with compile=False.
         self.decode_graphs = self.runner.paged_decode_graphs(tuple(self.cache.keys[0].shape))
         self.warmed = False
+        self.overlap = self.runner.device.type in OVERLAP_DEVICES if overlap is None else overlap
+        self.in_flight: InFlight | None = None
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt: list[int], max_new_tokens: int, *, eos_token_id: int | list[int] | None = None,
@@ -127,7 +173,7 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **settings) -> list[list[int]]:
         """Every prompt's generated tokens (eos included, as HF returns them), in order; a request that failed
@@ -142,16 +188,35 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- step
     def step(self) -> list[Sequence]:
-        """Run one scheduled step; returns the sequences that got a token in it (a request the scheduler failed,
-        e.g. one too long for the whole pool, has status FAILED and its error). Finished requests leave
-        `requests`."""
+        """Run one scheduled step; returns the sequences whose new token the host read in it: this step's, or with
+        overlap the step before's (a request the scheduler failed, e.g. one too long for the whole pool, has status
+        FAILED and its error). Finished requests leave `requests`."""
         chunks = self.scheduler.schedule()
-        sampling = self._run(chunks) if chunks else []
+        launched = self._launch(chunks) if chunks else None
+        previous, self.in_flight = self.in_flight, launched
+        stepped = self._read_tokens(previous) if previous is not None else []
+        if not self.overlap and launched is not None:
+            stepped, self.in_flight = self._read_tokens(launched), None
         for request_id in [rid for rid, seq in self.requests.items() if seq.finished]:
             del self.requests[request_id]
-        return sampling
+        return stepped
 
-    def _run(self, chunks: list[Chunk]) -> list[Sequence]:
+    def _read_tokens(self, step: InFlight) -> list[Sequence]:
+        """Wait for a launched step's tokens; append each to its sequence and finish the ones done (a sequence
+        finished or cancelled meanwhile drops its token)."""
+        stepped = []
+        for seq, token in zip(step.sequences, step.values()):
+            if seq.finished:
+                continue
+            seq.pending -= 1
+            seq.generated.append(token)
+            stepped.append(seq)
+            if token in seq.params.eos_ids or len(seq.generated) >= seq.params.max_new_tokens:
+                self.scheduler.finish(seq)
+        return stepped
+
+    def _launch(self, chunks: list[Chunk]) -> InFlight | None:
+        """Run the step's model call and pick its tokens on the device; the host does not wait for them."""
         with self.acc._lock, torch.no_grad():
             # A weight replaced since optimize is picked up before each sequence starts, as generate() does;
             # checked at every step it cost 0.43 ms on Qwen3-0.6B's 28 layers (CPU), a tenth of a GPU step.
@@ -161,15 +226,30 @@ class Engine:
                 logits = self._decode(chunks)
             else:  # prompt chunks in the step: eager (their shapes vary every step)
                 logits = self.runner.paged_step(self.cache.keys, self.cache.values, self._pack(chunks))
-        self.scheduler.completed(chunks)
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]
-        next_tokens = self._pick(logits.float(), sampling)
-        for seq, token in zip(sampling, next_tokens):
-            seq.generated.append(token)
-            params = seq.params
-            if token in params.eos_ids or len(seq.generated) >= params.max_new_tokens:
-                self.scheduler.finish(seq)
-        return sampling
+        self.scheduler.completed(chunks)
+        if not sampling:
+            return None
+        for seq in sampling:
+            seq.pending += 1
+        return InFlight(sampling, self._pick(logits.float(), sampling))
+
+    def _input_tokens(self, chunks: list[Chunk], device: torch.device, pad: int = 0) -> torch.Tensor:
+        """The chunks' tokens in one row (then `pad` zeros); a decode after a token still in flight reads it from
+        the device."""
+        tokens, in_flight = [], []
+        for chunk in chunks:
+            seq = chunk.sequence
+            if seq.pending:  # only a decode's one token can be in flight (the scheduler's invariant)
+                in_flight.append((len(tokens), self.in_flight.rows[id(seq)]))
+                tokens.append(0)
+            else:
+                tokens += seq.tokens_between(chunk.start, chunk.end)
+        row = torch.tensor(tokens + [0] * pad, dtype=torch.long, device=device)
+        if in_flight:
+            at, source = torch.tensor(in_flight, dtype=torch.long, device=device).unbind(1)
+            row[at] = self.in_flight.tokens[source]
+        return row
 
     def _pack(self, chunks: list[Chunk]) -> PagedBatch:
         device = self.runner.device
@@ -178,14 +258,13 @@ class Engine:
         # decode kernel over their sequence's first `end` tokens; longer chunks as prompts.
         decodes = [c for c in chunks if c.end - c.start == 1]
         prefills = [c for c in chunks if c.end - c.start > 1]
-        tokens, positions, slots, last = [], [], [], {}
+        positions, slots, last = [], [], {}
         for chunk in decodes + prefills:
             seq = chunk.sequence
-            tokens += seq.tokens_between(chunk.start, chunk.end)
             for position in range(chunk.start, chunk.end):
                 positions.append(position)
                 slots.append(blocks.slot(seq.blocks, position))
-            last[id(chunk)] = len(tokens) - 1
+            last[id(chunk)] = len(positions) - 1
         logit_index = [last[id(c)] for c in chunks if c.samples]  # in the scheduler's order, as `step` reads them
         starts = [0]
         for chunk in prefills:
@@ -193,7 +272,8 @@ class Engine:
         as_long = dict(dtype=torch.long, device=device)
         as_int = dict(dtype=torch.int32, device=device)
         return PagedBatch(
-            torch.tensor(tokens, **as_long), torch.tensor(positions, **as_long), torch.tensor(slots, **as_long),
+            self._input_tokens(decodes + prefills, device), torch.tensor(positions, **as_long),
+            torch.tensor(slots, **as_long),
             block_tables(decodes).to(device), torch.tensor([c.end for c in decodes], **as_int),
             block_tables(prefills).to(device), torch.tensor(starts, **as_int),
             torch.tensor([c.end for c in prefills], **as_int),
@@ -246,7 +326,6 @@ class Engine:
         blocks, scratch = self.block_manager, self.cache.scratch
         rows, width = self.graph_key(len(chunks), max(len(c.sequence.blocks.table) for c in chunks))
         pad = rows - len(chunks)
-        tokens = [c.sequence.tokens_between(c.start, c.end)[0] for c in chunks] + [0] * pad
         positions = [c.start for c in chunks] + [0] * pad
         slots = [blocks.slot(c.sequence.blocks, c.start) for c in chunks] + [scratch * blocks.block_size] * pad
         tables = torch.cat([block_tables(chunks, width, scratch),
@@ -255,19 +334,17 @@ class Engine:
         device = self.runner.device
         as_long = dict(dtype=torch.long, device=device)
         logits = self.decode_graphs(
-            ("paged decode", rows, width), torch.tensor(tokens, **as_long), torch.tensor(positions, **as_long),
+            ("paged decode", rows, width), self._input_tokens(chunks, device, pad), torch.tensor(positions, **as_long),
             torch.tensor(slots, **as_long), tables.to(device), torch.tensor(seq_lens, dtype=torch.int32,
                                                                            device=device),
             self.cache.keys, self.cache.values)
         sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]  # (a prompt's 1-token chunk may not)
         return logits[sampling]  # a copy: a graph's output is overwritten by its next replay
 
-    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The next token of each sampling sequence: greedy rows by one argmax, sampled rows with their own
         temperature / top-k / top-p (HF's warpers, as the fast loop applies them), one call per distinct setting
         (a manager's requests share one)."""
-        if not seqs:
-            return []
         tokens = logits.argmax(dim=-1)
         groups: dict[tuple[float, int, float], list[int]] = {}
         for row, seq in enumerate(seqs):
@@ -280,4 +357,4 @@ class Engine:
             settings = (torch.tensor([temperature], device=device), torch.tensor([top_k], device=device),
                         torch.tensor([top_p], device=device))
             tokens[index] = select_tokens(logits[index], True, *settings)
-        return tokens.tolist()
+        return tokens

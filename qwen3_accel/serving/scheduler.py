@@ -42,7 +42,9 @@ class SamplingParams:
 class Sequence:       # their token lists made every `in` / `remove` on the running list slow, ~1 ms a step at 64)
     """One request's tokens and where it stands. `computed`: how many of its tokens have keys and values in the
     cache; the next step computes from there (the last token is always computed by the step that samples after
-    it)."""
+    it). `pending`: tokens picked by a step still in flight, whose values the host has not read yet (the engine's
+    overlap: the next step is scheduled before they are known, and reads them on the device); they count in
+    `num_tokens`, not in `generated` or `tokens`."""
 
     request_id: str
     prompt: list[int]
@@ -54,6 +56,7 @@ class Sequence:       # their token lists made every `in` / `remove` on the runn
     preemptions: int = 0
     published: bool = False  # its prompt blocks may be shared (their keys are in the cache)
     error: str | None = None
+    pending: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -61,11 +64,16 @@ class Sequence:       # their token lists made every `in` / `remove` on the runn
 
     @property
     def num_tokens(self) -> int:
-        """len(tokens), without building the list (the scheduler asks every step, for every sequence)."""
-        return len(self.prompt) + len(self.generated)
+        """len(tokens) + pending, without building the list (the scheduler asks every step, for every sequence)."""
+        return len(self.prompt) + len(self.generated) + self.pending
+
+    @property
+    def has_all_tokens(self) -> bool:
+        """Its last token is picked (maybe still in flight): no step computes for it any more."""
+        return len(self.generated) + self.pending >= self.params.max_new_tokens
 
     def tokens_between(self, start: int, end: int) -> list[int]:
-        """tokens[start:end], without building the whole list."""
+        """tokens[start:end], without building the whole list (pending tokens are not in it)."""
         prompt_len = len(self.prompt)
         return self.prompt[start:end] + self.generated[max(0, start - prompt_len) : max(0, end - prompt_len)]
 
@@ -117,14 +125,14 @@ class Scheduler:
         """Stop a request now (a client that went away): its blocks go back to the pool."""
         if seq.finished:
             return
-        self._release(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        seq.status, seq.error = Status.FAILED, "cancelled"
+        self.finish(seq, Status.FAILED, "cancelled")
 
     def finish(self, seq: Sequence, status: Status = Status.FINISHED, error: str | None = None) -> None:
+        """It leaves the engine: running, or waiting after a preemption (its last token was still in flight)."""
         self._release(seq)
-        seq.status, seq.error = status, error
+        if seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.error, seq.pending = status, error, 0
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -150,8 +158,8 @@ class Scheduler:
         self.admitted = 0  # sequences this step starts (or restarts after a preemption)
         victims: set[int] = set()  # ids of the sequences preempted in this step
         for seq in list(self.running):
-            if id(seq) in victims or seq.computed < seq.num_tokens - 1 or budget == 0:
-                continue  # preempted by an earlier one this step, or still in its prompt
+            if id(seq) in victims or seq.computed < seq.num_tokens - 1 or seq.has_all_tokens or budget == 0:
+                continue  # preempted by an earlier one this step, still in its prompt, or done
             while seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks):
                 victim = next((s for s in reversed(self.running) if s is not seq), None)
                 if victim is None:
@@ -178,6 +186,8 @@ class Scheduler:
         # No admission right after a preemption: the freed blocks would be taken again at once.
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and not preempted:
             seq = self.waiting[0]
+            if seq.pending:
+                break  # preempted with its last token in flight: it restarts once that token is known
             tokens = seq.tokens
             if self.blocks.blocks_for(len(tokens)) > len(self.blocks.blocks):
                 self.waiting.popleft()
