@@ -187,6 +187,31 @@ def test_continuous_batching_engine_on_cuda():
     assert graphs.compiled and not graphs.eager_keys and preemptions > 0 and overlap
 
 
+def test_engine_decode_steps_never_wait_for_the_device():
+    """With overlap, a decode step's host work runs while the device computes the step before: under
+    torch.cuda.set_sync_debug_mode("error") every blocking copy or stream sync raises, so the steps after the
+    prompts must queue their inputs through pinned memory and read tokens only through their event."""
+    from qwen3_accel.serving.engine import Engine
+
+    reference, optimized = model_pair("tiny", device="cuda")
+    engine = Engine(optimized, num_blocks=64, max_batch_size=8)
+    engine.warm_up(64)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 9, 14, 20)]
+    seqs = [engine.add_request(p, 16) for p in prompts]
+    engine.step()  # the prompts: an eager step
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while engine.has_work():
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for prompt, seq in zip(prompts, seqs):
+        ids = torch.tensor([prompt], device="cuda")
+        expected = reference.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        assert seq.generated == expected.tolist()
+
+
 def test_default_kv_pool_is_the_same_size_for_every_new_manager():
     """Default sizing (a share of free memory): a manager built after another one stopped finds the memory the
     first released (stop empties the allocator's cache), not a fifth of it."""

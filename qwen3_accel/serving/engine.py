@@ -71,13 +71,24 @@ class InFlight:
         return self.host.tolist()
 
 
-def block_tables(chunks: list[Chunk], width: int | None = None, fill: int = 0) -> torch.Tensor:
-    """The chunks' sequences' block tables as one [len(chunks), width] int32 tensor (default: the longest), the
-    rest of each row `fill`; built as one list, one tensor (a tensor per row cost ~5 us each)."""
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (of lists) as a tensor on `device`, without waiting for the device: on CUDA through pinned
+    memory and a copy queued on the stream (`torch.tensor(values, device="cuda")` copies from pageable memory and
+    waits for every kernel queued before it, which would undo the overlap)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def block_tables(chunks: list[Chunk], device: torch.device, width: int | None = None, fill: int = 0,
+                 rows: int | None = None) -> torch.Tensor:
+    """The chunks' sequences' block tables as one [rows, width] int32 tensor (default: one row per chunk, the
+    longest table's width), the rest `fill`; built as one list, one tensor (a tensor per row cost ~5 us each)."""
     tables = [c.sequence.blocks.table for c in chunks]
     width = width or max(map(len, tables), default=1)
-    rows = [table + [fill] * (width - len(table)) for table in tables]
-    return torch.tensor(rows, dtype=torch.int32).reshape(len(chunks), width)
+    rows = len(chunks) if rows is None else rows
+    padded = [table + [fill] * (width - len(table)) for table in tables] + [[fill] * width] * (rows - len(chunks))
+    return to_device(padded, torch.int32, device).reshape(rows, width)
 
 
 class PagedKVCache:
@@ -245,9 +256,9 @@ class Engine:
                 tokens.append(0)
             else:
                 tokens += seq.tokens_between(chunk.start, chunk.end)
-        row = torch.tensor(tokens + [0] * pad, dtype=torch.long, device=device)
+        row = to_device(tokens + [0] * pad, torch.long, device)
         if in_flight:
-            at, source = torch.tensor(in_flight, dtype=torch.long, device=device).unbind(1)
+            at, source = to_device(in_flight, torch.long, device).unbind(1)
             row[at] = self.in_flight.tokens[source]
         return row
 
@@ -269,15 +280,14 @@ class Engine:
         starts = [0]
         for chunk in prefills:
             starts.append(starts[-1] + chunk.end - chunk.start)
-        as_long = dict(dtype=torch.long, device=device)
-        as_int = dict(dtype=torch.int32, device=device)
+        long, int32 = torch.long, torch.int32
         return PagedBatch(
-            self._input_tokens(decodes + prefills, device), torch.tensor(positions, **as_long),
-            torch.tensor(slots, **as_long),
-            block_tables(decodes).to(device), torch.tensor([c.end for c in decodes], **as_int),
-            block_tables(prefills).to(device), torch.tensor(starts, **as_int),
-            torch.tensor([c.end for c in prefills], **as_int),
-            max((c.end - c.start for c in prefills), default=0), torch.tensor(logit_index, **as_long),
+            self._input_tokens(decodes + prefills, device), to_device(positions, long, device),
+            to_device(slots, long, device),
+            block_tables(decodes, device), to_device([c.end for c in decodes], int32, device),
+            block_tables(prefills, device), to_device(starts, int32, device),
+            to_device([c.end for c in prefills], int32, device),
+            max((c.end - c.start for c in prefills), default=0), to_device(logit_index, long, device),
         )
 
     def graph_key(self, num_sequences: int, table_blocks: int) -> tuple[int, int]:
@@ -328,18 +338,18 @@ class Engine:
         pad = rows - len(chunks)
         positions = [c.start for c in chunks] + [0] * pad
         slots = [blocks.slot(c.sequence.blocks, c.start) for c in chunks] + [scratch * blocks.block_size] * pad
-        tables = torch.cat([block_tables(chunks, width, scratch),
-                            torch.full((pad, width), scratch, dtype=torch.int32)])
         seq_lens = [c.end for c in chunks] + [1] * pad
         device = self.runner.device
-        as_long = dict(dtype=torch.long, device=device)
         logits = self.decode_graphs(
-            ("paged decode", rows, width), self._input_tokens(chunks, device, pad), torch.tensor(positions, **as_long),
-            torch.tensor(slots, **as_long), tables.to(device), torch.tensor(seq_lens, dtype=torch.int32,
-                                                                           device=device),
+            ("paged decode", rows, width), self._input_tokens(chunks, device, pad),
+            to_device(positions, torch.long, device), to_device(slots, torch.long, device),
+            block_tables(chunks, device, width, scratch, rows), to_device(seq_lens, torch.int32, device),
             self.cache.keys, self.cache.values)
-        sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]  # (a prompt's 1-token chunk may not)
-        return logits[sampling]  # a copy: a graph's output is overwritten by its next replay
+        # Copies: a graph's output is overwritten by its next replay. (A prompt's 1-token chunk may not sample.)
+        sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
+        if len(sampling) == len(chunks):
+            return logits[: len(chunks)].clone()
+        return logits.index_select(0, to_device(sampling, torch.long, device))
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The next token of each sampling sequence: greedy rows by one argmax, sampled rows with their own
@@ -353,8 +363,8 @@ class Engine:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
         device = logits.device
         for (temperature, top_k, top_p), rows in groups.items():
-            index = torch.tensor(rows, device=device)
-            settings = (torch.tensor([temperature], device=device), torch.tensor([top_k], device=device),
-                        torch.tensor([top_p], device=device))
+            index = to_device(rows, torch.long, device)
+            settings = (to_device([temperature], torch.float32, device), to_device([top_k], torch.long, device),
+                        to_device([top_p], torch.float32, device))
             tokens[index] = select_tokens(logits[index], True, *settings)
         return tokens
