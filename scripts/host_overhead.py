@@ -1,8 +1,9 @@
-"""Host time per decode step: HF's generate loop vs qwen3_accel's device-side loop vs the bare compiled step.
+"""Host time per decode step: HF's generate loop vs qwen3_accel's device-side loop vs the bare compiled step; and
+the continuous-batching engine's own host work per decode step (schedule, pack, pick, read the tokens) at a few
+batch sizes, with the model's step left out (what the engine's overlap hides behind the device's step).
 
 On a CPU with a 1-layer toy model the forward is tiny, so the differences are the loops' own overhead.
-On a GPU it also reports wall time per token minus GPU time per token (CUDA events around the same work).
-Usage: python scripts/host_overhead.py [--device cpu|cuda] [--model tiny] [--tokens 64]
+Usage: python scripts/host_overhead.py [--device cpu|cuda] [--model tiny] [--tokens 64] [--engine-rows 1,16,64]
 """
 
 import argparse
@@ -33,11 +34,32 @@ def per_step_seconds(fn_short, fn_long, extra_steps: int, repeats: int = 5) -> f
     return (timed(fn_long) - timed(fn_short)) / extra_steps
 
 
+def engine_host_work(model, rows: int, overlap: bool, steps: int = 100) -> list[float]:
+    """Seconds per engine decode step with `rows` sequences decoding, the model's step replaced by zero logits."""
+    from qwen3_accel.serving.engine import Engine
+
+    vocab, device = model.config.vocab_size, model.lm_head.weight.device
+    engine = Engine(model, num_blocks=rows * 16, block_size=16, max_batch_tokens=rows * 32, max_batch_size=rows,
+                    overlap=overlap)
+    engine.decode_graphs = lambda key, *inputs: torch.zeros(key[1], vocab, device=device)
+    for i in range(rows):
+        engine.add_request([3 + i % 50] * 20, steps + 8)
+    engine.step(), engine.step()  # the prompts, then the first decode
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--model", default="tiny", help="a shape from qwen3_accel.configs (default: tiny, 1 layer)")
     parser.add_argument("--tokens", type=int, default=64, help="decode steps timed (default: %(default)s)")
+    parser.add_argument("--engine-rows", default="1,16,64",
+                        help="batch sizes of the engine's host-work figure, comma-separated (default: %(default)s)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = get_config(args.model, num_hidden_layers=1) if args.model == "tiny" else get_config(args.model)
@@ -78,6 +100,12 @@ def main() -> None:
     hf = results["HF generate loop"] - base
     fast = results["qwen3_accel fast loop"] - base
     print(f"fast-loop overhead / HF-loop overhead: {fast / hf:.3f}")
+    print("continuous-batching engine, host work per decode step (the model's step left out), median (min-max):")
+    for rows in (int(r) for r in args.engine_rows.split(",")):
+        for overlap in (False, True):
+            times = [t * 1e3 for t in engine_host_work(model, rows, overlap)]
+            print(f"  {rows:3} rows, {'overlap' if overlap else 'in order':8} {statistics.median(times):7.3f} ms "
+                  f"({min(times):.3f}-{max(times):.3f})")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ DEFAULT_CPU_BLOCKS = 1024  # without a device to measure, a pool of 1024 blocks 
 # of 64 made each step 2.3x slower than the fast loop's (tiny model, 2026-12-02).
 MIN_GRAPH_TABLE_BLOCKS = {"cuda": 64, "cpu": 4}
 # Devices whose engines overlap steps by default (see the module docstring). The host's work per decode step is
-# 0.11 / 0.24 / 1.04 ms at 1 / 16 / 64 rows (tiny model, CPU, docs/BENCHMARKS.md), against a bandwidth-bound step
-# of ~3.5 ms for Qwen3-8B at 64 rows on an H200 (16 GB of weights at 4.8 TB/s): up to a quarter of it, hidden.
-# Not on the CPU: its ops run as they are called, so overlap would only hand out every token a step later.
+# 0.03 / 0.10 / 0.30 ms at 1 / 16 / 64 rows (scripts/host_overhead.py, the model's step left out, CPU, 2026-12-02),
+# against bandwidth-bound steps at 64 rows on an H200 of ~3.5 ms for Qwen3-8B (16 GB of weights at 4.8 TB/s) and
+# well under 1 ms for Qwen3-0.6B: from a tenth of the step to a third or more, hidden. Not on the CPU: its ops run
+# as they are called, so overlap would only hand out every token a step later.
 OVERLAP_DEVICES = ("cuda",)
 
 
