@@ -6,6 +6,7 @@ restarts did; what the engine does not implement goes to HF's continuous batchin
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_result_handlers_deliver_on_the_callers_event_loop(pair):
     assert [o.generated_tokens for o in late] == [expected[: n + 1] for n in range(5)]
 
 
-def test_bad_requests_fail_alone_with_clear_errors(pair):
+def test_bad_requests_fail_alone_with_clear_errors(pair, overlap):
     reference, optimized = pair
     positions = reference.config.max_position_embeddings
     manager = optimized.init_continuous_batching(generation_config=GenerationConfig(eos_token_id=None, **GREEDY),
@@ -330,6 +331,37 @@ def test_cancel_mid_decode_pause_and_ids(pair, overlap):
         manager.stop(block=True)
     assert [o.request_id for o in manager.request_id_iter(second)] == [second]  # ends, does not spin
     assert [o.request_id for o in manager.request_id_iter(first)] == [first]
+
+
+def test_a_pause_gets_an_idle_device_and_every_token_delivered(pair, overlap):
+    """Inside pause() no step of ours is in flight (with overlap the loop reads it before granting the pause), so
+    the model can be changed in place; the request waits and goes on after, with HF's tokens."""
+    reference, optimized = pair
+    manager = optimized.init_continuous_batching(generation_config=GenerationConfig(eos_token_id=None, **GREEDY),
+                                                 continuous_batching_config=SMALL_POOL)
+    manager.start()
+    try:
+        prompt = [4, 8, 15, 16, 23, 42]
+        request_id = manager.add_request(prompt, max_new_tokens=400, streaming=True)  # (cancelled below)
+        stream = manager.request_id_iter(request_id)
+        for _ in range(3):
+            next(stream)
+        for _ in range(3):
+            with manager.pause():
+                engine = manager.engine
+                seq = engine.requests[request_id]
+                assert engine.in_flight is None and seq.pending == 0
+                held = len(seq.generated)
+                time.sleep(0.05)
+                assert len(seq.generated) == held  # the loop waits
+        while len(next(stream).generated_tokens) <= held:  # it goes on
+            pass
+        manager.cancel_request(request_id)
+        final = [o for o in stream][-1]
+        assert final.error == "cancelled" and len(final.generated_tokens) > held
+        assert final.generated_tokens == _alone(reference, prompt, len(final.generated_tokens))
+    finally:
+        manager.stop(block=True)
 
 
 def test_stop_releases_the_pool_and_a_failed_step_recovers(pair, monkeypatch):

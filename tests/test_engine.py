@@ -86,20 +86,47 @@ def test_overlap_reads_each_token_a_step_late_and_drops_the_one_after_eos(pair):
 
 
 def test_overlap_preempts_a_sequence_whose_last_token_is_in_flight(pair):
-    """Two blocks for two requests: the first needs a block for its next token while the second's last token is
-    still in flight; the second is preempted, then finishes in the queue once its token is read (no restart), and
-    the first runs on with HF's tokens."""
+    """Two blocks for two requests. The first's first decode needs a second block: it waits one step while its
+    token is in flight (it might be an eos), then preempts the second, whose last token is in flight by then; that
+    token is read and finishes the second in the queue (no restart), and the first runs on with HF's tokens."""
     reference, optimized = pair
     first, second = list(range(20, 36)), [5, 9, 13, 2, 77]  # 16 tokens: its next token needs a second block
     engine = Engine(optimized, num_blocks=2, block_size=16, overlap=True)
-    a, b = engine.add_request(first, 3), engine.add_request(second, 1)
+    a, b = engine.add_request(first, 3), engine.add_request(second, 2)
     engine.step()  # both prompts; their tokens in flight
-    engine.step()  # a's decode takes b's block: b preempted; b's token is read and finishes it
+    engine.step()  # a waits for its token; b decodes its last token
+    assert a.pending == 0 and b.pending == 1 and b.preemptions == 0
+    engine.step()  # a's decode takes b's block: b preempted; b's last token is read and finishes it
     assert b.preemptions == 1 and b.status is Status.FINISHED and b not in engine.scheduler.waiting
     while engine.has_work():
         engine.step()
-    assert a.generated == hf_tokens(reference, first, 3) and b.generated == hf_tokens(reference, second, 1)
+    assert a.generated == hf_tokens(reference, first, 3) and b.generated == hf_tokens(reference, second, 2)
     assert engine.block_manager.num_free == 2
+
+
+def test_an_eos_at_a_block_boundary_fails_and_preempts_nothing(pair, overlap):
+    """A request whose eos is its 17th token (the first of a second block): with that eos still in flight its next
+    decode would need a block. Alone on a one-block pool it finishes at the eos (not "too long for the pool"); beside
+    another request on two blocks, neither is preempted: as in order, where the eos is read first."""
+    reference, optimized = pair
+    rng = random.Random(5)
+    for _ in range(50):  # a prompt whose 7th greedy token appears there first: an eos that stops it there
+        prompt = [rng.randrange(3, 500) for _ in range(10)]
+        free_run = hf_tokens(reference, prompt, 7)
+        if free_run[6] not in free_run[:6]:
+            break
+    eos = free_run[6]
+    alone = Engine(optimized, num_blocks=1, block_size=16, overlap=overlap)
+    seq = alone.add_request(prompt, 10, eos_token_id=eos)
+    while alone.has_work():
+        alone.step()
+    assert seq.status is Status.FINISHED and seq.generated == free_run
+    engine = Engine(optimized, num_blocks=2, block_size=16, overlap=overlap)
+    seq, other = engine.add_request(prompt, 10, eos_token_id=eos), engine.add_request([3, 4, 5], 10)
+    while engine.has_work():
+        engine.step()
+    assert seq.generated == free_run and other.generated == hf_tokens(reference, [3, 4, 5], 10)
+    assert seq.preemptions == other.preemptions == 0
 
 
 def test_a_request_too_long_for_the_pool_fails_alone(pair):

@@ -209,9 +209,20 @@ class Engine:
         stepped = self._read_tokens(previous) if previous is not None else []
         if not self.overlap and launched is not None:
             stepped, self.in_flight = self._read_tokens(launched), None
+        self._forget_finished()
+        return stepped
+
+    def drain(self) -> list[Sequence]:
+        """Read the step in flight and launch nothing: after it the device runs nothing of this engine's and every
+        token picked is in its sequence (a pause, a stop). Returns the sequences that got a token."""
+        step, self.in_flight = self.in_flight, None
+        stepped = self._read_tokens(step) if step is not None else []
+        self._forget_finished()
+        return stepped
+
+    def _forget_finished(self) -> None:
         for request_id in [rid for rid, seq in self.requests.items() if seq.finished]:
             del self.requests[request_id]
-        return stepped
 
     def _read_tokens(self, step: InFlight) -> list[Sequence]:
         """Wait for a launched step's tokens; append each to its sequence and finish the ones done (a sequence

@@ -66,6 +66,14 @@ class _Request:
                                 timestamps=list(self.timestamps) if self.record_timestamps else None)
 
 
+@dataclass
+class _Hold:
+    """What the loop holds pauses off for (see BatchingManager._unpaused)."""
+
+    engine: Engine | None
+    drained: list[Sequence] = field(default_factory=list)
+
+
 class ThreadStatus:
     """What `transformers serve` reads to know whether the worker lives (`fatal_error`, HF's attribute name)."""
 
@@ -411,21 +419,26 @@ class BatchingManager:
                     self._wake.clear()
                     continue
                 failure = None
-                with self._unpaused():
+                with self._unpaused(engine) as hold:
                     try:
                         stepped = engine.step()
                     except Exception as error:  # a bug of ours: fail what was in flight, keep serving
                         # The traceback as text: a log record holding the exception would hold the old pool too.
                         logger.error("qwen3_accel: a continuous-batching step failed\n%s", traceback.format_exc())
                         failure = repr(error)
+                        hold.engine = None  # a failed step's engine is not read again (dropped below)
+                    else:
+                        self._publish(stepped)  # (before a pause's drain adds the next tokens: one at a time)
                 if failure is not None:  # (outside the except clause: its traceback holds the old pool)
                     self._fail_all(f"the step failed: {failure}", events=False)
                     engine = None
                     self._drop_engine()
                     engine = self._ensure_engine()
                     continue
-                self._publish(stepped)
+                if hold.drained:
+                    self._publish(hold.drained)
             self._fail_all("the manager stopped before this request finished")
+            engine.drain()  # nothing left on the device for a kept engine's next session
         except Exception as error:
             logger.exception("qwen3_accel: the continuous-batching loop died")
             with self._submit_lock:
@@ -437,16 +450,22 @@ class BatchingManager:
                 self._drop_engine()
 
     @contextlib.contextmanager
-    def _unpaused(self):
-        """Wait until no pause() is held, then hold pauses off while the loop works on the engine."""
+    def _unpaused(self, engine: Engine | None = None):
+        """Wait until no pause() is held, then hold pauses off while the loop works on the engine. With `engine`
+        (kept on the yielded hold unless the work failed), a pause asked for meanwhile gets the device idle: the
+        engine's step in flight (overlap) is read first, in the same lock as the pause is granted, and the
+        sequences that got a token are in `hold.drained`."""
         with self._pause:
             while self._pauses:
                 self._pause.wait()
             self._stepping = True
+        hold = _Hold(engine)
         try:
-            yield
+            yield hold
         finally:
             with self._pause:
+                if self._pauses and hold.engine is not None:
+                    hold.drained = hold.engine.drain()
                 self._stepping = False
                 self._pause.notify_all()
 

@@ -160,6 +160,8 @@ class Scheduler:
         for seq in list(self.running):
             if id(seq) in victims or seq.computed < seq.num_tokens - 1 or seq.has_all_tokens or budget == 0:
                 continue  # preempted by an earlier one this step, still in its prompt, or done
+            if seq.pending and seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks):
+                continue  # its token in flight may be its eos: read it before preempting or failing for a block
             while seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks):
                 victim = next((s for s in reversed(self.running) if s is not seq), None)
                 if victim is None:
