@@ -190,7 +190,8 @@ def test_continuous_batching_engine_on_cuda():
 def test_engine_decode_steps_never_wait_for_the_device():
     """With overlap, a decode step's host work runs while the device computes the step before: under
     torch.cuda.set_sync_debug_mode("error") every blocking copy or stream sync raises, so the steps after the
-    prompts must queue their inputs through pinned memory and read tokens only through their event."""
+    prompts (greedy and sampled rows) must queue their inputs through pinned memory and read tokens only through
+    their event."""
     from qwen3_accel.serving.engine import Engine
 
     reference, optimized = model_pair("tiny", device="cuda")
@@ -199,6 +200,7 @@ def test_engine_decode_steps_never_wait_for_the_device():
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 9, 14, 20)]
     seqs = [engine.add_request(p, 16) for p in prompts]
+    sampled = engine.add_request(prompts[0], 16, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
     engine.step()  # the prompts: an eager step
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -210,6 +212,7 @@ def test_engine_decode_steps_never_wait_for_the_device():
         ids = torch.tensor([prompt], device="cuda")
         expected = reference.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(prompt):]
         assert seq.generated == expected.tolist()
+    assert len(sampled.generated) == 16 and all(0 <= t < optimized.config.vocab_size for t in sampled.generated)
 
 
 def test_default_kv_pool_is_the_same_size_for_every_new_manager():
