@@ -15,7 +15,11 @@ from packaging.version import Version
 
 MIN_TORCH = Version("2.11")
 MIN_TRANSFORMERS = Version("5.17")
-NEWEST_TESTED_TRANSFORMERS = Version("5.24")  # the newest minor release CI has run
+# The newest minor release CI has run. 5.25.0 (out by 2026-12-02) requires kernels >= 0.19.1, which the package
+# index CI installs from does not have yet (0.17.2 at most), so pip resolves 5.24 there. Installed without its
+# dependencies, 5.25 passed our suite except what loads through from_pretrained (HF's set_use_kernels raises for
+# the missing kernels package) and the untested-version warning.
+NEWEST_TESTED_TRANSFORMERS = Version("5.24")
 NEXT_MAJOR_TRANSFORMERS = Version("6.0")
 
 
