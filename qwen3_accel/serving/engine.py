@@ -204,13 +204,10 @@ class Engine:
         overlap the step before's (a request the scheduler failed, e.g. one too long for the whole pool, has status
         FAILED and its error). Finished requests leave `requests`."""
         chunks = self.scheduler.schedule()
-        launched = self._launch(chunks) if chunks else None
-        previous, self.in_flight = self.in_flight, launched
-        stepped = self._read_tokens(previous) if previous is not None else []
-        if not self.overlap and launched is not None:
-            stepped, self.in_flight = self._read_tokens(launched), None
-        self._forget_finished()
-        return stepped
+        launched = self._launch(chunks) if chunks else None  # (reads the step before's tokens on the device)
+        stepped = self.drain()  # the step before's, on the host
+        self.in_flight = launched
+        return stepped if self.overlap else self.drain()
 
     def drain(self) -> list[Sequence]:
         """Read the step in flight and launch nothing: after it the device runs nothing of this engine's and every
