@@ -104,7 +104,7 @@ def test_overlap_preempts_a_sequence_whose_last_token_is_in_flight(pair):
     assert engine.block_manager.num_free == 2
 
 
-def test_an_eos_at_a_block_boundary_fails_and_preempts_nothing(pair, overlap):
+def test_an_eos_at_a_block_boundary_neither_fails_nor_preempts(pair, overlap):
     """A request whose eos is its 17th token (the first of a second block): with that eos still in flight its next
     decode would need a block. Alone on a one-block pool it finishes at the eos (not "too long for the pool"); beside
     another request on two blocks, neither is preempted: as in order, where the eos is read first."""

@@ -160,9 +160,9 @@ class Scheduler:
         for seq in list(self.running):
             if id(seq) in victims or seq.computed < seq.num_tokens - 1 or seq.has_all_tokens or budget == 0:
                 continue  # preempted by an earlier one this step, still in its prompt, or done
-            if seq.pending and seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks):
+            if seq.pending and self._short_of_a_block(seq):
                 continue  # its token in flight may be its eos: read it before preempting or failing for a block
-            while seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks):
+            while self._short_of_a_block(seq):
                 victim = next((s for s in reversed(self.running) if s is not seq), None)
                 if victim is None:
                     self.finish(seq, Status.FAILED, self._too_long(seq.num_tokens))
@@ -207,6 +207,10 @@ class Scheduler:
             chunks.append(Chunk(seq, seq.computed, end))
             budget -= end - seq.computed
         return chunks
+
+    def _short_of_a_block(self, seq: Sequence) -> bool:
+        """Its next token needs a fresh block and none is free."""
+        return seq.blocks.num_tokens < seq.num_tokens and not self.blocks.can_append(seq.blocks)
 
     def _too_long(self, num_tokens: int) -> str:
         pool = len(self.blocks.blocks) * self.blocks.block_size
