@@ -7,6 +7,9 @@ at most `concurrency` requests in flight against:
   qwen3_accel_no_overlap  the same with each step's tokens read before the next step is scheduled (on CUDA the
                   engine overlaps the two by default; on the CPU it never does, so this is qwen3_accel again);
                   not run unless asked for
+  qwen3_accel_eager_chunks  the same with steps that carry prompt chunks run eagerly instead of through their
+                  graphs (on CUDA they replay one by default; on the CPU never, so this is qwen3_accel again);
+                  not run unless asked for
   hf_cb           HF's continuous batching on a plain copy of the same weights (its default attention)
   static          our generate() on left-padded batches: up to `concurrency` requests that have arrived start
                   together, and the next batch waits for the whole batch to end
@@ -32,9 +35,10 @@ from .loading import load_model
 from .reports import pyplot, write_json_and_table
 from .timing import ROUNDS_AGREE, Spread, looked_busy, machine_noise
 
-SERVE_CONTENDERS = ("qwen3_accel", "qwen3_accel_no_overlap", "hf_cb", "static")
+SERVE_CONTENDERS = ("qwen3_accel", "qwen3_accel_no_overlap", "qwen3_accel_eager_chunks", "hf_cb", "static")
 DEFAULT_SERVE_CONTENDERS = ("qwen3_accel", "hf_cb", "static")
-OUR_ENGINES = {"qwen3_accel": {}, "qwen3_accel_no_overlap": {"overlap": False}}  # contender -> engine options
+OUR_ENGINES = {"qwen3_accel": {}, "qwen3_accel_no_overlap": {"overlap": False},  # contender -> engine options
+               "qwen3_accel_eager_chunks": {"chunk_graphs": False}}
 HF_PAGE_TOKENS = 256  # HF's default page size (tokens per page of its paged cache)
 
 
@@ -311,7 +315,7 @@ def _case_report(rounds: dict[str, list[dict]], trace: list[TraceRequest], pool_
     if peak_blocks is not None:
         case["contenders"]["qwen3_accel"]["kv_peak_used_mb"] = peak_blocks * block_tokens * per_token / 2**20
     ratios = {}
-    for base in ("qwen3_accel_no_overlap", "hf_cb", "static"):
+    for base in ("qwen3_accel_no_overlap", "qwen3_accel_eager_chunks", "hf_cb", "static"):
         if "qwen3_accel" in rounds and base in rounds:
             paired = [a["tok_s"] / b["tok_s"] for a, b in zip(rounds["qwen3_accel"], rounds[base])]
             reliable = case["contenders"]["qwen3_accel"]["reliable"] and case["contenders"][base]["reliable"]

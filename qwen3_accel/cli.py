@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"comma-separated subset of {','.join(SERVE_CONTENDERS)} (default: "
                                   f"{','.join(DEFAULT_SERVE_CONTENDERS)}; qwen3_accel_no_overlap: our engine "
                                   "reading each step's tokens before scheduling the next, the CPU's way, to "
-                                  "measure what overlap gains on CUDA)")
+                                  "measure what overlap gains on CUDA; qwen3_accel_eager_chunks: our engine "
+                                  "running steps with prompt chunks eagerly, to measure what their graphs gain)")
     serve_bench.add_argument("--concurrency", type=_int_list, default=(1, 32, 64),
                              help="requests in flight at most, one case each, comma-separated (default: 1,32,64)")
     serve_bench.add_argument("--requests", type=int, default=None,

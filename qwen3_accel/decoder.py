@@ -123,7 +123,6 @@ class PagedBatch:
     prefill_tables: torch.Tensor  # [P, max_blocks] int32, the prompt chunks' block tables
     prefill_starts: torch.Tensor  # [P + 1] int32: chunk c is tokens[D + starts[c] : D + starts[c + 1]]
     prefill_context_lens: torch.Tensor  # [P] int32: its sequence's tokens up to the chunk's end
-    max_prefill_len: int  # the longest chunk (sizes the prefill kernel's grid)
     logit_index: torch.Tensor  # [N] int64: where in `tokens` each sampling sequence's last token is
 
     @classmethod
@@ -133,15 +132,14 @@ class PagedBatch:
         no_rows = torch.zeros((0, tables.shape[1]), dtype=torch.int32, device=device)
         none = torch.zeros((0,), dtype=torch.int32, device=device)
         return cls(tokens, positions, slot_mapping, tables, seq_lens, no_rows, torch.zeros((1,), dtype=torch.int32,
-                   device=device), none, 0, torch.arange(tokens.shape[0], device=device))
+                   device=device), none, torch.arange(tokens.shape[0], device=device))
 
     @classmethod
-    def chunks(cls, tokens, positions, slot_mapping, tables, starts, context_lens, max_len: int,
-               logit_index) -> "PagedBatch":
-        """A step of prompt chunks only (no one-token decodes): chunk c is tokens[starts[c] : starts[c + 1]]."""
+    def chunks(cls, tokens, positions, slot_mapping, tables, starts, context_lens, logit_index) -> "PagedBatch":
+        """Every token through the chunk kernel: chunk c is tokens[starts[c] : starts[c + 1]] (one-token chunks
+        included; empty chunks and tokens after the last chunk, a graph bucket's padding, compute nothing)."""
         none = torch.zeros((0,), dtype=torch.int32, device=tokens.device)
-        return cls(tokens, positions, slot_mapping, tables[:0], none, tables, starts, context_lens, max_len,
-                   logit_index)
+        return cls(tokens, positions, slot_mapping, tables[:0], none, tables, starts, context_lens, logit_index)
 
 
 class PagedAttention:
@@ -165,8 +163,7 @@ class PagedAttention:
                                                     batch.decode_seq_lens, self.scale))
         if batch.prefill_context_lens.shape[0]:
             parts.append(ops.paged_prefill_attention(q[0, n_decode:], keys, values, batch.prefill_tables,
-                                                     batch.prefill_starts, batch.prefill_context_lens,
-                                                     batch.max_prefill_len, self.scale))
+                                                     batch.prefill_starts, batch.prefill_context_lens, self.scale))
         return torch.cat(parts).flatten(1)[None]
 
 

@@ -53,7 +53,7 @@ class ModelRunner:
         self.fast_states: dict[tuple[int, int], FastDecodeState] = {}
         # The continuous-batching engine's (serving/engine.py): decode graphs by KV pool shape off CUDA, the last
         # two kept, and the size of the last pool sized by free memory (a later one reuses it when it still fits).
-        self.paged_graphs: collections.OrderedDict[tuple[int, ...], CompiledSteps] = collections.OrderedDict()
+        self.paged_graphs: collections.OrderedDict[tuple[int, ...], "PagedGraphs"] = collections.OrderedDict()
         self.default_pool_blocks: int | None = None
         # Speculative decoding (speculative.py): the last assistant's and prompt lookup's pools and graphs.
         self.speculators: dict[str, Speculator] = {}
@@ -69,16 +69,16 @@ class ModelRunner:
         self.fast_steps.clear()
         self.fast_states.clear()
 
-    def paged_decode_graphs(self, pool_shape: tuple[int, ...]) -> CompiledSteps:
-        """The continuous-batching engine's decode graphs for a KV pool of this shape. Off CUDA they are kept for
-        the engines of this model one after another (each HF `generate_batch` builds one), which then compile
-        nothing. On CUDA each engine gets its own: a new pool's addresses make cudagraph trees record each graph
-        again as one more node, and the old ones (their outputs in the graph pool, e.g. logits of 128 rows x 152k
-        vocabulary) stay, so sharing across engines would grow memory with every engine."""
+    def paged_graphs_for(self, pool_shape: tuple[int, ...]) -> "PagedGraphs":
+        """The continuous-batching engine's graphs for a KV pool of this shape. Off CUDA they are kept for the
+        engines of this model one after another (each HF `generate_batch` builds one), which then compile nothing.
+        On CUDA each engine gets its own: a new pool's addresses make cudagraph trees record each graph again as one
+        more node, and the old ones (their outputs in the graph pool, e.g. logits of 128 rows x 152k vocabulary)
+        stay, so sharing across engines would grow memory with every engine."""
         if self.device.type == "cuda":
-            return CompiledSteps(self.paged_decode_step, self.compile)
+            return PagedGraphs(self)
         if pool_shape not in self.paged_graphs:
-            self.paged_graphs[pool_shape] = CompiledSteps(self.paged_decode_step, self.compile)
+            self.paged_graphs[pool_shape] = PagedGraphs(self)
             while len(self.paged_graphs) > PAGED_GRAPH_POOLS:
                 self.paged_graphs.popitem(last=False)  # the oldest shape's graphs go
         self.paged_graphs.move_to_end(pool_shape)
@@ -208,6 +208,13 @@ class ModelRunner:
         return self.paged_step(keys, values, decoder.PagedBatch.decode(tokens, positions, slot_mapping, tables,
                                                                        seq_lens))
 
+    def paged_chunks_step(self, tokens, positions, slot_mapping, tables, starts, context_lens, logit_index, keys,
+                          values) -> torch.Tensor:
+        """The engine's step with prompt chunks (compiled per token bucket, serving/engine.py): every sequence's
+        chunk, a decode's one token too, through the chunk kernel -> [C, V] logits at `logit_index` [C]."""
+        return self.paged_step(keys, values, decoder.PagedBatch.chunks(tokens, positions, slot_mapping, tables,
+                                                                       starts, context_lens, logit_index))
+
     def paged_step(self, keys: list[torch.Tensor], values: list[torch.Tensor],
                    batch: decoder.PagedBatch) -> torch.Tensor:
         """One packed step of the continuous-batching engine (serving/engine.py) over its paged cache: the logits
@@ -220,3 +227,12 @@ class ModelRunner:
                                         attention, self.tp, fused)
         return self.logits(hidden[0, batch.logit_index])
 
+
+
+class PagedGraphs:
+    """The continuous-batching engine's compiled steps over one KV pool, one graph per key: `decode`
+    (ModelRunner.paged_decode_step) and `chunks` (ModelRunner.paged_chunks_step)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.decode = CompiledSteps(runner.paged_decode_step, runner.compile)
+        self.chunks = CompiledSteps(runner.paged_chunks_step, runner.compile)

@@ -274,8 +274,7 @@ class Speculator:
         slots = _slots(tables[rows], positions[:, None])[:, 0]
         starts = torch.tensor([0, *lens], device=device).cumsum(0).int()
         batch = PagedBatch.chunks(tokens, positions, slots, tables, starts,
-                                  torch.tensor(lens, dtype=torch.int32, device=device), max(lens),
-                                  starts[1:].long() - 1)
+                                  torch.tensor(lens, dtype=torch.int32, device=device), starts[1:].long() - 1)
         return runner.paged_step(pool.keys, pool.values, batch)
 
     def _assistant_step(self, state: SpeculativeState, keys, values, positions: torch.Tensor) -> torch.Tensor:
@@ -338,7 +337,7 @@ class Speculator:
         tokens = state.hist.gather(1, positions)
         batch = PagedBatch.chunks(tokens.flatten(), positions.flatten(), _slots(state.tables, positions).flatten(),
                                   state.tables, (torch.arange(rows + 1, device=device) * (k + 1)).int(),
-                                  (positions[:, -1] + 1).int(), k + 1, torch.arange(rows * (k + 1), device=device))
+                                  (positions[:, -1] + 1).int(), torch.arange(rows * (k + 1), device=device))
         logits = self.target.paged_step(keys, values, batch).float().view(rows, k + 1, -1)
         drafts = tokens[:, 1:]  # [rows, k]
         real = offsets[None, :k] < state.drafted  # positions past this round's drafts hold none

@@ -155,7 +155,7 @@ def cases():
             yield (f"paged_prefill_attention {tag} d{head_dim} g{group} block {block_size}",
                    lambda q=q, c=paged, t=tables: paged_attention.paged_prefill_attention_triton(
                        q, c, c.clone(), t, torch.tensor([0, 3, 23], dtype=torch.int32),
-                       torch.tensor([3, 50], dtype=torch.int32), 20, 0.1))
+                       torch.tensor([3, 50], dtype=torch.int32), 0.1))
         k, pool = randn(5, 2, 128, dtype=dtype), randn(8, 16, 2, 128, dtype=dtype)
         yield f"paged_store_kv {tag}", lambda k=k, c=pool: paged_attention.paged_store_kv_triton(
             k, k.clone(), c, c.clone(), torch.tensor([0, -1, 17, 40, 127]))

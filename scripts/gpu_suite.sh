@@ -18,7 +18,8 @@
 #                   serve            bench-serve (issue 24): our continuous batching vs HF's vs static generate()
 #                                    batches, Qwen3-0.6B and Qwen3-8B at 1, 32 and 64 users, 128 in / 128 out
 #                   serve-overlap    our engine with and without overlap (the host's work for the next step hidden
-#                                    behind this one), Qwen3-0.6B and Qwen3-8B at 64 users (about 4 minutes)
+#                                    behind this one) and with steps of prompt chunks eager instead of graphed,
+#                                    Qwen3-0.6B and Qwen3-8B at 64 users (about 6 minutes)
 #                   requests         requests beyond plain decoding on Qwen3-0.6B and Qwen3-8B, HF eager vs
 #                                    qwen3_accel: beam search, a repetition penalty, and speculative decoding
 #                                    (issue 25: self-drafting, Qwen3-0.6B drafting for Qwen3-8B, prompt lookup)
@@ -105,8 +106,9 @@ for stage in "${stages[@]}"; do
     serve-overlap)
         mkdir -p "$out/serve-overlap"
         for model in Qwen3-0.6B Qwen3-8B; do
-            timeout 150 python3 -m qwen3_accel.cli bench-serve --out "$out/serve-overlap" --model $model \
-                --concurrency 64 --repeats 3 --contenders qwen3_accel,qwen3_accel_no_overlap 2>&1 | quiet
+            timeout 220 python3 -m qwen3_accel.cli bench-serve --out "$out/serve-overlap" --model $model \
+                --concurrency 64 --repeats 3 \
+                --contenders qwen3_accel,qwen3_accel_no_overlap,qwen3_accel_eager_chunks 2>&1 | quiet
         done ;;
     sizes)
         mkdir -p "$out/sizes"

@@ -1,9 +1,12 @@
-"""Host time per decode step: HF's generate loop vs qwen3_accel's device-side loop vs the bare compiled step; and
-the continuous-batching engine's own host work per decode step (schedule, pack, pick, read the tokens) at a few
-batch sizes, with the model's step left out (what the engine's overlap hides behind the device's step).
+"""Host time per decode step: HF's generate loop vs qwen3_accel's device-side loop vs the bare compiled step; the
+continuous-batching engine's own host work per decode step (schedule, pack, pick, read the tokens) at a few batch
+sizes, with the model's step left out (what the engine's overlap hides behind the device's step); and an engine
+step with a prompt chunk beside decodes, eager against its chunk graph, on a deep model of tiny layers (36, as
+Qwen3-8B), where the time is the launches'.
 
 On a CPU with a 1-layer toy model the forward is tiny, so the differences are the loops' own overhead.
 Usage: python scripts/host_overhead.py [--device cpu|cuda] [--model tiny] [--tokens 64] [--engine-rows 1,16,64]
+                                       [--chunk-step-layers 36]
 """
 
 import argparse
@@ -53,6 +56,40 @@ def engine_host_work(model, rows: int, overlap: bool, steps: int = 100) -> list[
     return times
 
 
+def chunk_step_seconds(layers: int, device: str, dtype: torch.dtype, decodes: int = 8, prompt: int = 8,
+                       repeats: int = 30) -> dict[str, list[float]]:
+    """Seconds of one engine step of `decodes` one-token chunks and a `prompt`-token chunk (packing included), run
+    eagerly and through its chunk graph, on a tiny model of `layers` layers."""
+    from qwen3_accel.serving import engine as engine_module
+
+    model = build_model(get_config("tiny", num_hidden_layers=layers), device=device, dtype=dtype)
+    qwen3_accel.optimize(model)
+    engine = engine_module.Engine(model, num_blocks=64, max_batch_tokens=64, max_batch_size=16, overlap=False,
+                                  chunk_graphs=True)
+    for i in range(decodes):
+        engine.add_request([3 + i] * 20, 1000)
+    engine.step(), engine.step()  # the prompts, then a decode: every sequence decoding
+    engine.add_request([5] * prompt, 1000)
+    chunks = engine.scheduler.schedule()  # the decodes and the new prompt (run again and again: same slots)
+    key = engine.chunk_graph_key(decodes + prompt, max(len(c.sequence.blocks.table) for c in chunks))
+    runs = {"eager": lambda: engine.runner.paged_step(engine.cache.keys, engine.cache.values, engine._pack(chunks)),
+            "chunk graph": lambda: engine._chunks(chunks, key)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for run in runs.values():
+            run(), run()  # compile; on CUDA record
+        for _ in range(repeats):  # interleaved, so that load falls on both alike
+            for name, run in runs.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                run()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -60,6 +97,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decode steps timed (default: %(default)s)")
     parser.add_argument("--engine-rows", default="1,16,64",
                         help="batch sizes of the engine's host-work figure, comma-separated (default: %(default)s)")
+    parser.add_argument("--chunk-step-layers", type=int, default=36,
+                        help="layers of the tiny model the chunk-step figure runs on; 0 skips it "
+                             "(default: %(default)s)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = get_config(args.model, num_hidden_layers=1) if args.model == "tiny" else get_config(args.model)
@@ -106,6 +146,12 @@ def main() -> None:
             times = [t * 1e3 for t in engine_host_work(model, rows, overlap)]
             print(f"  {rows:3} rows, {'overlap' if overlap else 'in order':8} {statistics.median(times):7.3f} ms "
                   f"({min(times):.3f}-{max(times):.3f})")
+    if args.chunk_step_layers:
+        print(f"engine step of 8 decodes and an 8-token prompt chunk, tiny model of {args.chunk_step_layers} layers, "
+              "median (min-max):")
+        for name, times in chunk_step_seconds(args.chunk_step_layers, args.device, dtype).items():
+            ms = [t * 1e3 for t in times]
+            print(f"  {name:12} {statistics.median(ms):7.3f} ms ({min(ms):.3f}-{max(ms):.3f})")
 
 
 if __name__ == "__main__":

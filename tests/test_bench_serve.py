@@ -58,21 +58,26 @@ def test_a_whole_run_reports_every_contender_with_spreads(tmp_path, capsys):
     assert "qwen3_accel_vs_hf_cb" in table and "TTFT p50 ms" in table
 
 
-def test_the_no_overlap_contender_runs_our_engine_reading_tokens_in_order(tmp_path, capsys, monkeypatch):
-    """qwen3_accel_no_overlap is our engine with overlap off, paired against qwen3_accel (overlapping here: the
-    CPU made to overlap as CUDA does), so a GPU run says what overlap gains."""
+@pytest.mark.parametrize("contender,devices,setting", [
+    ("qwen3_accel_no_overlap", "OVERLAP_DEVICES", "overlap"),
+    ("qwen3_accel_eager_chunks", "CHUNK_GRAPH_DEVICES", "graph_chunks"),
+])
+def test_our_engine_contenders_turn_off_one_cuda_default(tmp_path, capsys, monkeypatch, contender, devices, setting):
+    """qwen3_accel_no_overlap (overlap off) and qwen3_accel_eager_chunks (steps with prompt chunks eager) are our
+    engine with one CUDA default off, paired against qwen3_accel (here the CPU made to do as CUDA does), so a GPU
+    run says what each gains."""
     from qwen3_accel.serving import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "OVERLAP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(engine_module, devices, ("cuda", "cpu"))
     modes = set()
     step = engine_module.Engine.step
-    monkeypatch.setattr(engine_module.Engine, "step", lambda self: modes.add(self.overlap) or step(self))
+    monkeypatch.setattr(engine_module.Engine, "step", lambda self: modes.add(getattr(self, setting)) or step(self))
     main(["bench-serve", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--concurrency", "4",
           "--requests", "6", "--prompt-len", "24", "--output-len", "6", "--repeats", "1", "--out", str(tmp_path),
-          "--contenders", "qwen3_accel,qwen3_accel_no_overlap"])
+          "--contenders", f"qwen3_accel,{contender}"])
     report = json.loads((tmp_path / "bench_serve_tiny.json").read_text())
     case = report["cases"]["4"]
     assert modes == {True, False}
-    assert set(case["contenders"]) == {"qwen3_accel", "qwen3_accel_no_overlap"}
-    assert set(case["throughput_ratio"]) == {"qwen3_accel_vs_qwen3_accel_no_overlap"}
-    assert "qwen3_accel_vs_qwen3_accel_no_overlap" in capsys.readouterr().out
+    assert set(case["contenders"]) == {"qwen3_accel", contender}
+    assert set(case["throughput_ratio"]) == {f"qwen3_accel_vs_{contender}"}
+    assert f"qwen3_accel_vs_{contender}" in capsys.readouterr().out

@@ -217,13 +217,48 @@ def test_decode_steps_replay_one_graph_per_bucket(overlap):
     assert set(graphs.compiled) == {("paged decode", 4, 64), ("paged decode", 4, 128), ("paged decode", 1, 128)}
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_steps_with_prompt_chunks_replay_one_graph_per_token_bucket(monkeypatch, name, overlap):
+    """Chunk graphs on (the CUDA default; on the CPU when asked): requests arriving while others decode make steps of
+    prompt chunks beside decodes, some sharing a system prompt (a one-token chunk after the shared blocks); each
+    runs the graph of its token bucket (every chunk through the chunk kernel, padded to the bucket) with no
+    recompile, steps over the largest graphed bucket run eagerly, and every output is HF's; dense and MoE (padding
+    tokens go through the experts too)."""
+    from qwen3_accel.serving import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CHUNK_GRAPH_MAX_TOKENS", 32)
+    reference, optimized = model_pair(name)
+    engine = Engine(optimized, num_blocks=64, block_size=16, max_batch_tokens=48, max_batch_size=8, overlap=overlap,
+                    chunk_graphs=True)
+    eager = []
+    pack = engine._pack
+    monkeypatch.setattr(engine, "_pack", lambda chunks: eager.append(len(chunks)) or pack(chunks))
+    rng = random.Random(5)
+    system = [rng.randrange(3, 500) for _ in range(32)]
+    prompts = [system + [rng.randrange(3, 500) for _ in range(n)] if n % 2 else [rng.randrange(3, 500)
+               for _ in range(n)] for n in (3, 40, 7, 1, 20, 9, 33, 2)]
+    arrivals = {0: prompts[:2], 3: prompts[2:5], 6: prompts[5:7], 9: prompts[7:]}  # at these steps
+    seqs, step = [], 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        while step in arrivals or engine.has_work():
+            seqs += [engine.add_request(p, 6) for p in arrivals.get(step, [])]
+            engine.step()
+            step += 1
+    assert [s.generated for s in seqs] == [hf_tokens(reference, p, 6) for p in prompts]
+    graphs = engine.chunk_graphs
+    assert not graphs.eager_keys and graphs.calls and eager, "both graphed and eager (over 32 tokens) chunk steps"
+    assert set(graphs.compiled) <= {("paged chunks", tokens, width) for tokens in (16, 32) for width in (4, 8)}
+    assert engine.block_manager.num_free == 64
+
+
 def test_captured_graphs_serve_later_steps_without_compiling():
-    """capture_decode_graphs (the manager's warmup) compiles every row bucket at every width a sequence of the
+    """capture_graphs (the manager's warmup) compiles every row bucket at every width a sequence of the
     given length reaches, on the scratch block only: later steps replay them, the pool untouched by it."""
     reference, optimized = model_pair("tiny")
     engine = Engine(optimized, num_blocks=64, block_size=16, max_batch_tokens=256, max_batch_size=8)
-    keys = engine.capture_decode_graphs(max_tokens=100)  # 7 blocks: widths 4 and 8 on the CPU
+    keys = engine.capture_graphs(max_tokens=100)  # 7 blocks: widths 4 and 8 on the CPU
     assert set(keys) == {("paged decode", rows, width) for rows in (1, 2, 4, 8) for width in (4, 8)}
+    assert engine.graph_chunks is False  # off on the CPU (see the test above with them on)
     assert engine.block_manager.num_free == 64 and not engine.requests
     prompts = [[3 + i, 7, 11] * 10 for i in range(5)]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -1,5 +1,7 @@
 """GPU-only checks (bf16 on CUDA, compiled decode with CUDA graphs). Skipped without a GPU."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -163,8 +165,8 @@ def test_hf_forward_decodes_through_our_kernel_on_gpu(request_kwargs):
 
 def test_continuous_batching_engine_on_cuda():
     """The tiny model in fp32 on CUDA through HF's generate_batch on our engine: paged Triton kernels, chunked
-    prompts, preemption, decode steps replayed as CUDA graphs, each step launched before the last one's tokens are
-    read (overlap); each request HF's greedy tokens."""
+    prompts, preemption, decode steps and steps with prompt chunks replayed as CUDA graphs, each step launched
+    before the last one's tokens are read (overlap); each request HF's greedy tokens."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from qwen3_accel.compat import CB_PAGE_FIELD
@@ -178,20 +180,23 @@ def test_continuous_batching_engine_on_cuda():
     outputs = optimized.generate_batch(prompts, generation_config=config, continuous_batching_config=pool,
                                        persistent_manager=True)
     engine = optimized.qwen3_accel.kept_manager.engine
-    graphs, preemptions, overlap = engine.decode_graphs, engine.scheduler.preemptions, engine.overlap
+    graphs, chunk_graphs = engine.decode_graphs, engine.chunk_graphs
+    preemptions, overlap = engine.scheduler.preemptions, engine.overlap
     optimized.destroy_cached_continuous_batching_manager()
     for prompt, output in zip(prompts, outputs.values()):
         ids = torch.tensor([prompt], device="cuda")
         expected = reference.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
         assert output.error is None and output.generated_tokens == expected.tolist()
     assert graphs.compiled and not graphs.eager_keys and preemptions > 0 and overlap
+    # Steps with prompt chunks replayed their graphs: calls beyond the warm-up's two per key (record, then replay).
+    assert sum(chunk_graphs.calls.values()) > 2 * len(chunk_graphs.compiled) and not chunk_graphs.eager_keys
 
 
 def test_engine_decode_steps_never_wait_for_the_device():
-    """With overlap, a decode step's host work runs while the device computes the step before: under
+    """With overlap, a step's host work runs while the device computes the step before: under
     torch.cuda.set_sync_debug_mode("error") every blocking copy or stream sync raises, so the steps after the
-    prompts (greedy and sampled rows) must queue their inputs through pinned memory and read tokens only through
-    their event."""
+    prompts (greedy and sampled rows, and a chunk graph's step when a request joins) must queue their inputs
+    through pinned memory and read tokens only through their event."""
     from qwen3_accel.serving.engine import Engine
 
     reference, optimized = model_pair("tiny", device="cuda")
@@ -201,14 +206,20 @@ def test_engine_decode_steps_never_wait_for_the_device():
     prompts = [torch.randint(1, 512, (n,), generator=g).tolist() for n in (5, 9, 14, 20)]
     seqs = [engine.add_request(p, 16) for p in prompts]
     sampled = engine.add_request(prompts[0], 16, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
-    engine.step()  # the prompts: an eager step
+    engine.step()  # the prompts
+    chunk_replays = sum(engine.chunk_graphs.calls.values())
     torch.cuda.set_sync_debug_mode("error")
     try:
-        while engine.has_work():
+        for step in itertools.count():
+            if step == 3:  # joins while the others decode: a step of its prompt chunk and their decodes
+                seqs.append(engine.add_request(prompts[3], 16))
+            if not engine.has_work():
+                break
             engine.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for prompt, seq in zip(prompts, seqs):
+    assert sum(engine.chunk_graphs.calls.values()) > chunk_replays
+    for prompt, seq in zip(prompts + prompts[3:], seqs):
         ids = torch.tensor([prompt], device="cuda")
         expected = reference.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(prompt):]
         assert seq.generated == expected.tolist()

@@ -87,30 +87,47 @@ def test_registered_ops():
                           (k, v, key_cache.clone(), value_cache.clone(), torch.tensor([0, -1, 33])))
 
 
-@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (16, 2)], ids=["gqa1", "gqa2", "gqa8"])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (16, 2), (10, 2)], ids=["gqa1", "gqa2", "gqa8", "gqa5"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_paged_prefill_attention_matches_reference(q_heads, kv_heads, head_dim, block_size):
-    """Packed prompt chunks: a one-token prompt, a fresh prompt, a continuation after cached tokens (crossing a
-    block), and one longer than a query block."""
-    chunks = [(1, 1), (5, 5), (20, 37), (33, 40)]  # (chunk tokens, tokens of the sequence so far)
-    contexts = [context for _, context in chunks]
+    """Packed chunks: a one-token prompt, a fresh prompt, a continuation after cached tokens (crossing a block), one
+    longer than a query block, decodes (one token after many), empty chunks among them, and padding tokens after
+    the last chunk (a graph bucket's), which get zeros."""
+    chunks = [(1, 1), (5, 5), (0, 0), (20, 37), (1, 70), (33, 40), (0, 0), (1, 2)]  # (tokens, sequence so far)
+    contexts = [max(context, 1) for _, context in chunks]
     key_cache, value_cache, tables, context_lens = paged_setup(contexts, block_size, kv_heads, head_dim,
                                                                torch.float32, seed=6)
+    context_lens = torch.tensor([context for _, context in chunks], dtype=torch.int32)
     starts = torch.tensor([0] + list(itertools.accumulate(n for n, _ in chunks)), dtype=torch.int32)
-    q = torch.randn(int(starts[-1]), q_heads, head_dim, generator=torch.Generator().manual_seed(7))
-    args = (q, key_cache, value_cache, tables, starts, context_lens, max(n for n, _ in chunks), head_dim**-0.5)
+    padding = 6
+    q = torch.randn(int(starts[-1]) + padding, q_heads, head_dim, generator=torch.Generator().manual_seed(7))
+    args = (q, key_cache, value_cache, tables, starts, context_lens, head_dim**-0.5)
     expected = paged_attention.paged_prefill_attention_reference(*args)
     torch.testing.assert_close(paged_attention.paged_prefill_attention_triton(*args), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(expected[-padding:], torch.zeros_like(expected[-padding:]))
     # The reference is HF's causal attention: the continuation chunk's last query over its whole sequence.
-    keys = paged_attention.gather_paged(key_cache, tables)[2, :37]
-    values = paged_attention.gather_paged(value_cache, tables)[2, :37]
-    last = q[int(starts[3]) - 1]  # [Hq, D]
+    keys = paged_attention.gather_paged(key_cache, tables)[3, :37]
+    values = paged_attention.gather_paged(value_cache, tables)[3, :37]
+    last = q[int(starts[4]) - 1]  # [Hq, D]
     group = q_heads // kv_heads
     weights = torch.softmax(torch.einsum("hd,shd->hs", last, keys.repeat_interleave(group, 1)) * head_dim**-0.5, -1)
-    torch.testing.assert_close(expected[int(starts[3]) - 1],
+    torch.testing.assert_close(expected[int(starts[4]) - 1],
                                torch.einsum("hs,shd->hd", weights, values.repeat_interleave(group, 1)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_paged_prefill_attention_one_token_chunks_equal_paged_decode_attention():
+    """A step of decodes packed as one-token chunks (how a graphed step with prompt chunks carries its decodes)
+    gives what the decode kernel gives them, across more chunks than one power of two."""
+    lengths = [1, 16, 17, 45, 3, 64, 30, 9, 100, 2, 5, 33, 8, 70, 12, 50, 7, 20]
+    key_cache, value_cache, tables, seq_lens = paged_setup(lengths, 16, 2, 64, torch.float32, seed=8)
+    q = torch.randn(len(lengths), 8, 64, generator=torch.Generator().manual_seed(9))
+    decoded = paged_attention.paged_decode_attention_triton(q, key_cache, value_cache, tables, seq_lens, 0.125)
+    starts = torch.arange(len(lengths) + 1, dtype=torch.int32)
+    chunked = paged_attention.paged_prefill_attention_triton(q, key_cache, value_cache, tables, starts, seq_lens,
+                                                             0.125)
+    torch.testing.assert_close(chunked, decoded, rtol=1e-5, atol=1e-5)
 
 
 def test_paged_prefill_op_registration():
@@ -118,4 +135,4 @@ def test_paged_prefill_op_registration():
     q = torch.randn(9, 4, 64)
     starts = torch.tensor([0, 3, 9], dtype=torch.int32)
     torch.library.opcheck(torch.ops.qwen3_accel.paged_prefill_attention,
-                          (q, key_cache, value_cache, tables, starts, context_lens, 6, 0.125))
+                          (q, key_cache, value_cache, tables, starts, context_lens, 0.125))

@@ -181,42 +181,62 @@ def _(q, key_cache, value_cache, block_tables, seq_lens, scale):
 
 @triton.jit
 def _paged_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, chunk_starts_ptr, context_lens_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, chunk_starts_ptr, context_lens_ptr, num_chunks,
     q_token_stride, q_head_stride, out_token_stride, out_head_stride, table_stride,
     cache_block_stride, cache_slot_stride, cache_head_stride, scale,
-    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CHUNKS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     # q, out: [T, Hq, D] packed chunks; chunk c is rows [chunk_starts[c], chunk_starts[c + 1]), the last tokens of
-    # its sequence's context_lens[c] (whose keys are in the cache). Grid: (chunks, Hq, query blocks of BLOCK_M).
-    # Query i of a chunk sits at position context - chunk_len + i and sees the keys at positions <= its own.
-    chunk = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    q_lo = tl.load(chunk_starts_ptr + chunk)
-    chunk_len = tl.load(chunk_starts_ptr + chunk + 1) - q_lo
-    context = tl.load(context_lens_ptr + chunk)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < chunk_len
-    positions = context - chunk_len + rows
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q_lo + rows)[:, None].to(tl.int64) * q_token_stride + head * q_head_stride + d[None, :],
-                mask=row_valid[:, None], other=0.0)
-    kv_head = head // GROUP
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    hi = tl.minimum(context, context - chunk_len + (tl.program_id(2) + 1) * BLOCK_M)  # past the block's last query
-    for block_lo in range(0, hi, BLOCK_N):
-        n = block_lo + tl.arange(0, BLOCK_N)
-        in_range = n < hi
-        block = tl.load(block_table_ptr + chunk * table_stride + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-        row = block * cache_block_stride + (n % BLOCK_SIZE).to(tl.int64) * cache_slot_stride
-        offs = row[:, None] + kv_head * cache_head_stride + d[None, :]
-        visible = in_range[None, :] & (n[None, :] <= positions[:, None])
-        m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, in_range, visible, m, l, acc, scale, FP32_DOT)
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + (q_lo + rows)[:, None].to(tl.int64) * out_token_stride + head * out_head_stride + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+    # its sequence's context_lens[c] (whose keys are in the cache). Grid: (cdiv(T, BLOCK_Q) + chunks, Hkv), a bound
+    # on the chunks' blocks of BLOCK_Q queries: program p takes the p-th such block, counting every chunk's blocks
+    # in order (found from chunk_starts on the device, so the grid needs no host-known lengths and one launch shape
+    # serves any mix of chunks: a CUDA graph can hold it), for the GROUP query heads of its kv head together
+    # (BLOCK_Q * GROUP_PAD rows, so each K/V tile is read once for the group). Query i of a chunk sits at position
+    # context - chunk_len + i and sees the keys at positions <= its own. Programs past the last block do nothing.
+    program = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    c = tl.arange(0, CHUNKS_PAD)
+    c_valid = c < num_chunks
+    c_lo = tl.load(chunk_starts_ptr + c, mask=c_valid, other=0)
+    c_len = tl.load(chunk_starts_ptr + c + 1, mask=c_valid, other=0) - c_lo
+    c_blocks = (c_len + BLOCK_Q - 1) // BLOCK_Q
+    c_blocks_end = tl.cumsum(c_blocks, 0)
+    chunk = tl.sum((c_blocks_end <= program).to(tl.int32), 0)  # the first chunk whose blocks reach past `program`
+    if chunk < num_chunks:
+        this = c == chunk
+        q_lo = tl.sum(tl.where(this, c_lo, 0), 0)
+        chunk_len = tl.sum(tl.where(this, c_len, 0), 0)
+        q_block = program - tl.sum(tl.where(this, c_blocks_end - c_blocks, 0), 0)
+        context = tl.load(context_lens_ptr + chunk)
+        r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        query = q_block * BLOCK_Q + r // GROUP_PAD
+        g = r % GROUP_PAD
+        row_valid = (query < chunk_len) & (g < GROUP)
+        head = kv_head * GROUP + g
+        positions = context - chunk_len + query
+        d = tl.arange(0, HEAD_DIM)
+        token = (q_lo + query).to(tl.int64)
+        q = tl.load(q_ptr + token[:, None] * q_token_stride + head[:, None] * q_head_stride + d[None, :],
+                    mask=row_valid[:, None], other=0.0)
+        m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
+        # Keys up to the block's last query's position.
+        hi = tl.minimum(context, context - chunk_len + (q_block + 1) * BLOCK_Q)
+        chunk64 = chunk.to(tl.int64)
+        for block_lo in range(0, hi, BLOCK_N):
+            n = block_lo + tl.arange(0, BLOCK_N)
+            in_range = n < hi
+            block = tl.load(block_table_ptr + chunk64 * table_stride + n // BLOCK_SIZE, mask=in_range,
+                            other=0).to(tl.int64)
+            row = block * cache_block_stride + (n % BLOCK_SIZE).to(tl.int64) * cache_slot_stride
+            offs = row[:, None] + kv_head * cache_head_stride + d[None, :]
+            visible = in_range[None, :] & (n[None, :] <= positions[:, None])
+            m, l, acc = attend_block(q, k_ptr + offs, v_ptr + offs, in_range, visible, m, l, acc, scale, FP32_DOT)
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + token[:, None] * out_token_stride + head[:, None] * out_head_stride + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, context_lens) -> None:
@@ -231,31 +251,37 @@ def _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, contex
 
 
 def paged_prefill_attention_triton(q, key_cache, value_cache, block_tables, chunk_starts, context_lens,
-                                   max_chunk_len: int, scale: float):
+                                   scale: float):
     _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, context_lens)
     tokens, n_q_heads, head_dim = q.shape
     block_size, n_kv_heads = key_cache.shape[1], key_cache.shape[2]
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
-    out = q.new_empty(q.shape)
+    out = q.new_zeros(q.shape)  # rows no chunk covers (a graph bucket's padding tokens) stay zero
     chunks = block_tables.shape[0]
-    if chunks == 0 or max_chunk_len == 0:
+    if chunks == 0 or tokens == 0:
         return out
-    block_m = 16  # the smallest tl.dot tile; first guess, like the decode kernels' blocks, until a GPU run
-    _paged_prefill_kernel[(chunks, n_q_heads, triton.cdiv(max_chunk_len, block_m))](
-        q, key_cache, value_cache, out, block_tables, chunk_starts, context_lens,
+    group = n_q_heads // n_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # 16 rows (BLOCK_Q queries x the padded group), the smallest tl.dot tile; a first guess, like the decode
+    # kernels' blocks, until a GPU run. A one-token chunk (a decode in a graphed step) fills group_pad of them.
+    block_q = max(1, 16 // group_pad)
+    _paged_prefill_kernel[(triton.cdiv(tokens, block_q) + chunks, n_kv_heads)](
+        q, key_cache, value_cache, out, block_tables, chunk_starts, context_lens, chunks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), float(scale),
-        BLOCK_SIZE=block_size, GROUP=n_q_heads // n_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=32,
-        FP32_DOT=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_Q=block_q,
+        CHUNKS_PAD=triton.next_power_of_2(chunks), BLOCK_N=32, FP32_DOT=q.dtype == torch.float32, num_warps=4,
+        num_stages=2,
     )
     return out
 
 
 def paged_prefill_attention_reference(q, key_cache, value_cache, block_tables, chunk_starts, context_lens,
-                                      max_chunk_len: int, scale: float):
-    """Each chunk through SDPA over its sequence's first context_lens[c] keys, gathered from its blocks, causal."""
+                                      scale: float):
+    """Each chunk through SDPA over its sequence's first context_lens[c] keys, gathered from its blocks, causal;
+    rows no chunk covers are zeros."""
     _check_prefill(q, key_cache, value_cache, block_tables, chunk_starts, context_lens)
-    out = q.new_empty(q.shape)
+    out = q.new_zeros(q.shape)
     starts, contexts = chunk_starts.tolist(), context_lens.tolist()
     keys, values = gather_paged(key_cache, block_tables), gather_paged(value_cache, block_tables)
     for c, context in enumerate(contexts):
@@ -274,15 +300,16 @@ def paged_prefill_attention_reference(q, key_cache, value_cache, block_tables, c
 @torch.library.custom_op("qwen3_accel::paged_prefill_attention", mutates_args=())
 def paged_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_tables: torch.Tensor, chunk_starts: torch.Tensor, context_lens: torch.Tensor,
-                            max_chunk_len: int, scale: float) -> torch.Tensor:
+                            scale: float) -> torch.Tensor:
     """Prompt chunks packed in q [T, Hq, D] (chunk c: rows chunk_starts[c]..chunk_starts[c + 1], the last tokens of
     a sequence of context_lens[c] cached tokens, block table row c), each attending causally over its sequence's
-    keys -> [T, Hq, D]. `max_chunk_len` bounds the chunks (host-known, sizes the grid). Triton on CUDA."""
-    args = (q, key_cache, value_cache, block_tables, chunk_starts, context_lens, max_chunk_len, scale)
+    keys -> [T, Hq, D]; rows past the last chunk are zeros. Chunks may be empty, and nothing about them need be
+    known on the host (a CUDA graph holds any mix of the same T and chunk count). Triton on CUDA."""
+    args = (q, key_cache, value_cache, block_tables, chunk_starts, context_lens, scale)
     return paged_prefill_attention_triton(*args) if q.is_cuda else paged_prefill_attention_reference(*args)
 
 
 @paged_prefill_attention.register_fake
-def _(q, key_cache, value_cache, block_tables, chunk_starts, context_lens, max_chunk_len, scale):
+def _(q, key_cache, value_cache, block_tables, chunk_starts, context_lens, scale):
     return q.new_empty(q.shape)
 

@@ -35,6 +35,19 @@ DEFAULT_CPU_BLOCKS = 1024  # without a device to measure, a pool of 1024 blocks 
 # (it gathers every block), so tables stay as narrow as the longest sequence: at 32 rows of ~100 tokens a width
 # of 64 made each step 2.3x slower than the fast loop's (tiny model, 2026-12-02).
 MIN_GRAPH_TABLE_BLOCKS = {"cuda": 64, "cpu": 4}
+# Steps with prompt chunks replay a graph per (token bucket, table width) key on these devices when their tokens,
+# padded to a power of two from CHUNK_GRAPH_MIN_TOKENS, are at most CHUNK_GRAPH_MAX_TOKENS: every sequence's chunk,
+# a decode's one token too, goes through the chunk kernel (paged_prefill_attention, whose grid needs nothing known
+# on the host), chunks padded to max_batch_size. Eagerly such a step launches ~12 ops per layer from Python, ~430
+# for Qwen3-8B's 36 layers; under serving load most steps carry a prompt chunk (at 64 users each finishing within
+# ~128 steps, a new prompt every other step). 512 is vLLM's default largest captured size; a bigger step's device
+# time covers its launches. Both bounds wait for a GPU run (docs/BENCHMARKS.md; bench-serve's
+# qwen3_accel_eager_chunks contender measures it). Not on the CPU: there the chunk attention's torch reference loops
+# over the chunks, a decode's too, and an engine step of 8 decodes and an 8-token prompt on a tiny 36-layer model
+# took 24.6 ms through its graph against 21.5 ms eagerly (scripts/host_overhead.py, 2026-12-02).
+CHUNK_GRAPH_DEVICES = ("cuda",)
+CHUNK_GRAPH_MIN_TOKENS = 16
+CHUNK_GRAPH_MAX_TOKENS = 512
 # Devices whose engines overlap steps by default (see the module docstring). The host's work per decode step is
 # 0.03 / 0.10 / 0.30 ms at 1 / 16 / 64 rows (scripts/host_overhead.py, the model's step left out, CPU, 2026-12-02),
 # against bandwidth-bound steps at 64 rows on an H200 of ~3.5 ms for Qwen3-8B (16 GB of weights at 4.8 TB/s) and
@@ -84,12 +97,16 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
 def block_tables(chunks: list[Chunk], device: torch.device, width: int | None = None, fill: int = 0,
                  rows: int | None = None) -> torch.Tensor:
     """The chunks' sequences' block tables as one [rows, width] int32 tensor (default: one row per chunk, the
-    longest table's width), the rest `fill`; built as one list, one tensor (a tensor per row cost ~5 us each)."""
+    longest table's width), the rest `fill`. Filled through a mask from one flat list: padding each row as a list
+    cost 0.37 ms at 128 x 64 against 0.02-0.08 ms (CPU, 2026-12-02)."""
     tables = [c.sequence.blocks.table for c in chunks]
     width = width or max(map(len, tables), default=1)
     rows = len(chunks) if rows is None else rows
-    padded = [table + [fill] * (width - len(table)) for table in tables] + [[fill] * width] * (rows - len(chunks))
-    return to_device(padded, torch.int32, device).reshape(rows, width)
+    host = torch.full((rows, width), fill, dtype=torch.int32, pin_memory=device.type == "cuda")
+    lengths = torch.tensor([len(table) for table in tables], dtype=torch.long)
+    filled = torch.arange(width)[None] < lengths[:, None]
+    host[: len(tables)][filled] = torch.tensor(list(itertools.chain.from_iterable(tables)), dtype=torch.int32)
+    return host.to(device, non_blocking=True)
 
 
 class PagedKVCache:
@@ -122,12 +139,14 @@ class Engine:
     num_blocks: KV blocks in the pool (default: `kv_memory_fraction` of the free device memory; on the CPU 1024);
     block_size: token slots per block; max_batch_tokens: tokens one step computes at most (decodes + prompt
     chunks); max_batch_size: sequences running at once; overlap: launch each step before reading the previous
-    one's tokens (see the module docstring; default: on CUDA).
+    one's tokens (see the module docstring; default: on CUDA); chunk_graphs: steps with prompt chunks of up to
+    CHUNK_GRAPH_MAX_TOKENS tokens replay a graph per token bucket (default: on CUDA; needs optimize(compile=True)
+    and the registered ops, not kernels="torch", whose chunk attention loops over the chunks on the host).
     """
 
     def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
                  max_batch_tokens: int = 256, max_batch_size: int = 64, kv_memory_fraction: float = 0.5,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, chunk_graphs: bool | None = None):
         acc = getattr(model, "qwen3_accel", None)
         if acc is None:
             raise TypeError("Engine serves a model optimized by qwen3_accel.optimize(model) first")
@@ -154,7 +173,11 @@ class Engine:
         self.min_table_blocks = MIN_GRAPH_TABLE_BLOCKS.get(self.runner.device.type, 64)
         # One graph per key; off CUDA shared with the model's earlier engines of this pool shape (see
         # ModelRunner.paged_decode_graphs); eager with compile=False.
-        self.decode_graphs = self.runner.paged_decode_graphs(tuple(self.cache.keys[0].shape))
+        graphs = self.runner.paged_graphs_for(tuple(self.cache.keys[0].shape))
+        self.decode_graphs, self.chunk_graphs = graphs.decode, graphs.chunks
+        if chunk_graphs is None:
+            chunk_graphs = self.runner.device.type in CHUNK_GRAPH_DEVICES
+        self.graph_chunks = chunk_graphs and self.runner.compile and self.runner.kernels.mode != "torch"
         self.warmed = False
         self.overlap = self.runner.device.type in OVERLAP_DEVICES if overlap is None else overlap
         self.in_flight: InFlight | None = None
@@ -242,9 +265,12 @@ class Engine:
             # checked at every step it cost 0.43 ms on Qwen3-0.6B's 28 layers (CPU), a tenth of a GPU step.
             if self.scheduler.admitted:
                 self.acc.check_weights_shared()
-            if all(chunk.end - chunk.start == 1 for chunk in chunks):
+            tokens = sum(chunk.end - chunk.start for chunk in chunks)
+            if tokens == len(chunks):
                 logits = self._decode(chunks)
-            else:  # prompt chunks in the step: eager (their shapes vary every step)
+            elif (key := self.chunk_graph_key(tokens, max(len(c.sequence.blocks.table) for c in chunks))) is not None:
+                logits = self._chunks(chunks, key)
+            else:  # a step too big for the chunk graphs (or without them): eager
                 logits = self.runner.paged_step(self.cache.keys, self.cache.values, self._pack(chunks))
         sampling = [chunk.sequence for chunk in chunks if chunk.samples]
         self.scheduler.completed(chunks)
@@ -271,72 +297,98 @@ class Engine:
             row[at] = self.in_flight.tokens[source]
         return row
 
-    def _pack(self, chunks: list[Chunk]) -> PagedBatch:
-        device = self.runner.device
-        blocks = self.block_manager
-        # One-token chunks (decodes, and a prompt's last token after a shared prefix) attend through the paged
-        # decode kernel over their sequence's first `end` tokens; longer chunks as prompts.
-        decodes = [c for c in chunks if c.end - c.start == 1]
-        prefills = [c for c in chunks if c.end - c.start > 1]
-        positions, slots, last = [], [], {}
-        for chunk in decodes + prefills:
-            seq = chunk.sequence
+    def _positions_and_slots(self, chunks: list[Chunk]) -> tuple[list[int], list[int]]:
+        """Each token's position and flat cache slot, the chunks' tokens in order."""
+        positions, slots = [], []
+        for chunk in chunks:
+            table = chunk.sequence.blocks
             for position in range(chunk.start, chunk.end):
                 positions.append(position)
-                slots.append(blocks.slot(seq.blocks, position))
-            last[id(chunk)] = len(positions) - 1
+                slots.append(self.block_manager.slot(table, position))
+        return positions, slots
+
+    def _pack(self, chunks: list[Chunk]) -> PagedBatch:
+        """An eager step's inputs: one-token chunks (decodes, and a prompt's last token after a shared prefix)
+        attend through the paged decode kernel over their sequence's first `end` tokens; longer chunks as prompts."""
+        device = self.runner.device
+        decodes = [c for c in chunks if c.end - c.start == 1]
+        prefills = [c for c in chunks if c.end - c.start > 1]
+        positions, slots = self._positions_and_slots(decodes + prefills)
+        ends = list(itertools.accumulate((c.end - c.start for c in decodes + prefills)))
+        last = {id(chunk): end - 1 for chunk, end in zip(decodes + prefills, ends)}
         logit_index = [last[id(c)] for c in chunks if c.samples]  # in the scheduler's order, as `step` reads them
-        starts = [0]
-        for chunk in prefills:
-            starts.append(starts[-1] + chunk.end - chunk.start)
+        starts = list(itertools.accumulate((c.end - c.start for c in prefills), initial=0))
         long, int32 = torch.long, torch.int32
         return PagedBatch(
             self._input_tokens(decodes + prefills, device), to_device(positions, long, device),
             to_device(slots, long, device),
             block_tables(decodes, device), to_device([c.end for c in decodes], int32, device),
             block_tables(prefills, device), to_device(starts, int32, device),
-            to_device([c.end for c in prefills], int32, device),
-            max((c.end - c.start for c in prefills), default=0), to_device(logit_index, long, device),
+            to_device([c.end for c in prefills], int32, device), to_device(logit_index, long, device),
         )
 
     def graph_key(self, num_sequences: int, table_blocks: int) -> tuple[int, int]:
         """(rows, table width) of the graph a decode-only step of these sizes replays."""
         rows = min(1 << (num_sequences - 1).bit_length(), max(self.scheduler.max_batch_size, num_sequences))
+        return rows, self._table_width(table_blocks)
+
+    def _table_width(self, table_blocks: int) -> int:
         width = max(self.min_table_blocks, 1 << (table_blocks - 1).bit_length())
-        return rows, min(width, max(self.max_table_blocks, table_blocks))
+        return min(width, max(self.max_table_blocks, table_blocks))
+
+    def chunk_graph_key(self, num_tokens: int, table_blocks: int) -> tuple[str, int, int] | None:
+        """The key of the graph a step of `num_tokens` tokens with prompt chunks replays, or None when it runs
+        eagerly (chunk graphs off, or more tokens than CHUNK_GRAPH_MAX_TOKENS)."""
+        tokens = max(CHUNK_GRAPH_MIN_TOKENS, 1 << (num_tokens - 1).bit_length())
+        if not self.graph_chunks or tokens > CHUNK_GRAPH_MAX_TOKENS:
+            return None
+        return "paged chunks", tokens, self._table_width(table_blocks)
 
     def warm_up(self, max_tokens: int = 1) -> None:
-        """Once per engine: its decode graphs (capture_decode_graphs) and one token through it, before requests."""
+        """Once per engine: its graphs (capture_graphs) and one token through it, before requests."""
         if not self.warmed:
-            self.capture_decode_graphs(max_tokens)
+            self.capture_graphs(max_tokens)
             self.generate([[0]], max_new_tokens=1)
             self.warmed = True
 
-    def capture_decode_graphs(self, max_tokens: int = 1) -> list[tuple]:
-        """Compile (on a GPU: capture) the decode graph of every row bucket up to max_batch_size, at every table
-        width a sequence of up to `max_tokens` tokens reaches, on the scratch block only (no sequence is
-        touched); returns the keys. What serving engines do at start, so no request waits for a compilation."""
+    def capture_graphs(self, max_tokens: int = 1) -> list[tuple]:
+        """Compile (on a GPU: capture) the graph of every decode row bucket up to max_batch_size and of every chunk
+        token bucket up to max_batch_tokens, at every table width a sequence of up to `max_tokens` tokens reaches,
+        on the scratch block only (no sequence is touched); returns the keys. What serving engines do at start, so
+        no request waits for a compilation."""
         if not self.runner.compile:
             return []
-        scratch, block_size = self.cache.scratch, self.block_manager.block_size
-        widths = sorted({self.graph_key(1, blocks)[1] for blocks in range(1, self.block_manager.blocks_for(
+        widths = sorted({self._table_width(blocks) for blocks in range(1, self.block_manager.blocks_for(
             max(1, max_tokens)) + 1)})
         rows_buckets = sorted({self.graph_key(n, 1)[0] for n in range(1, self.scheduler.max_batch_size + 1)})
-        device = self.runner.device
+        token_buckets = sorted({key[1] for n in range(2, self.scheduler.max_batch_tokens + 1)
+                                if (key := self.chunk_graph_key(n, 1)) is not None})
+        scratch_slot = self.cache.scratch * self.block_manager.block_size
+        device, max_rows = self.runner.device, self.scheduler.max_batch_size
         # On CUDA, a reduce-overhead key's first call warms up and the second records its graph.
         calls = 2 if device.type == "cuda" else 1
+
+        def scratch_tables(rows: int, width: int) -> torch.Tensor:
+            return torch.full((rows, width), self.cache.scratch, dtype=torch.int32, device=device)
+
+        def fresh(n: int, dtype=torch.long, value=0):  # distinct tensors: aliased inputs are a guard of their own
+            return torch.full((n,), value, dtype=dtype, device=device)
+
         keys = []
         with self.acc._lock, torch.no_grad():
-            for width, rows, _ in itertools.product(widths, rows_buckets, range(calls)):
-                # Distinct tensors for tokens and positions: aliased inputs would be a guard of their own.
-                tokens, positions = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(2))
-                self.decode_graphs(("paged decode", rows, width), tokens, positions,
-                                   torch.full((rows,), scratch * block_size, dtype=torch.long, device=device),
-                                   torch.full((rows, width), scratch, dtype=torch.int32, device=device),
-                                   torch.ones(rows, dtype=torch.int32, device=device), self.cache.keys,
-                                   self.cache.values)
-                if ("paged decode", rows, width) not in keys:
-                    keys.append(("paged decode", rows, width))
+            for width in widths:
+                for rows, _ in itertools.product(rows_buckets, range(calls)):
+                    self.decode_graphs(("paged decode", rows, width), fresh(rows), fresh(rows),
+                                       fresh(rows, value=scratch_slot), scratch_tables(rows, width),
+                                       fresh(rows, torch.int32, 1), self.cache.keys, self.cache.values)
+                for tokens, _ in itertools.product(token_buckets, range(calls)):
+                    # Every chunk empty: the step computes nothing but its shapes.
+                    self.chunk_graphs(("paged chunks", tokens, width), fresh(tokens), fresh(tokens),
+                                      fresh(tokens, value=-1), scratch_tables(max_rows, width),
+                                      fresh(max_rows + 1, torch.int32), fresh(max_rows, torch.int32), fresh(max_rows),
+                                      self.cache.keys, self.cache.values)
+                keys += [("paged decode", rows, width) for rows in rows_buckets]
+                keys += [("paged chunks", tokens, width) for tokens in token_buckets]
         return keys
 
     def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -359,6 +411,26 @@ class Engine:
         if len(sampling) == len(chunks):
             return logits[: len(chunks)].clone()
         return logits.index_select(0, to_device(sampling, torch.long, device))
+
+    def _chunks(self, chunks: list[Chunk], key: tuple[str, int, int]) -> torch.Tensor:
+        """A step with prompt chunks through the graph of its token bucket: every chunk through the chunk kernel,
+        the chunks padded to max_batch_size with empty ones (over the scratch block), the tokens with padding that
+        no chunk covers and that writes nothing. Logits of the sampling rows, in the chunks' order."""
+        _, num_tokens, width = key
+        rows, scratch, device = self.scheduler.max_batch_size, self.cache.scratch, self.runner.device
+        positions, slots = self._positions_and_slots(chunks)
+        pad = num_tokens - len(positions)
+        starts = list(itertools.accumulate((c.end - c.start for c in chunks), initial=0))
+        empty = rows - len(chunks)
+        long, int32 = torch.long, torch.int32
+        logits = self.chunk_graphs(
+            key, self._input_tokens(chunks, device, pad), to_device(positions + [0] * pad, long, device),
+            to_device(slots + [-1] * pad, long, device), block_tables(chunks, device, width, scratch, rows),
+            to_device(starts + [starts[-1]] * empty, int32, device),
+            to_device([c.end for c in chunks] + [0] * empty, int32, device),
+            to_device([end - 1 for end in starts[1:]] + [0] * empty, long, device), self.cache.keys, self.cache.values)
+        sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
+        return logits.index_select(0, to_device(sampling, long, device))
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The next token of each sampling sequence: greedy rows by one argmax, sampled rows with their own
