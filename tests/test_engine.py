@@ -317,3 +317,20 @@ def test_pools_sized_by_free_memory_keep_one_shape_and_few_graph_sets(monkeypatc
     for blocks in (8, 16, 24):
         Engine(optimized, num_blocks=blocks)
     assert len(runner.paged_graphs) == PAGED_GRAPH_POOLS
+
+
+@pytest.mark.parametrize("rows,width", [(3, 4), (3, 64), (128, 64)], ids=["list", "mask-wide", "mask-many-rows"])
+def test_block_tables_pad_every_row_with_fill(rows, width):
+    """The engine's block tables, built as a padded list (small) or through a mask (large): each chunk's table,
+    then `fill` to the width, and rows past the chunks all `fill`."""
+    from types import SimpleNamespace
+
+    from qwen3_accel.serving.engine import block_tables
+
+    tables = [[5], [1, 2, 3], []]
+    chunks = [SimpleNamespace(sequence=SimpleNamespace(blocks=SimpleNamespace(table=t))) for t in tables]
+    out = block_tables(chunks, torch.device("cpu"), width, fill=7, rows=rows)
+    expected = torch.full((rows, width), 7, dtype=torch.int32)
+    for row, table in enumerate(tables):
+        expected[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    assert out.dtype == torch.int32 and torch.equal(out, expected)
