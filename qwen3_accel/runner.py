@@ -51,7 +51,7 @@ class ModelRunner:
         self.decode_steps = CompiledSteps(self.decode_step, options.compile)
         self.fast_steps = CompiledSteps(self.fast_step, options.compile)
         self.fast_states: dict[tuple[int, int], FastDecodeState] = {}
-        # The continuous-batching engine's (serving/engine.py): decode graphs by KV pool shape off CUDA, the last
+        # The continuous-batching engine's (serving/engine.py): graphs by KV pool shape off CUDA, the last
         # two kept, and the size of the last pool sized by free memory (a later one reuses it when it still fits).
         self.paged_graphs: collections.OrderedDict[tuple[int, ...], "PagedGraphs"] = collections.OrderedDict()
         self.default_pool_blocks: int | None = None

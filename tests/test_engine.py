@@ -222,11 +222,12 @@ def test_steps_with_prompt_chunks_replay_one_graph_per_token_bucket(monkeypatch,
     """Chunk graphs on (the CUDA default; on the CPU when asked): requests arriving while others decode make steps of
     prompt chunks beside decodes, some sharing a system prompt (a one-token chunk after the shared blocks); each
     runs the graph of its token bucket (every chunk through the chunk kernel, padded to the bucket) with no
-    recompile, steps over the largest graphed bucket run eagerly, and every output is HF's; dense and MoE (padding
-    tokens go through the experts too)."""
+    recompile, steps over the largest graphed bucket or with a sequence over the context bound run eagerly, and
+    every output is HF's; dense and MoE (padding tokens go through the experts too)."""
     from qwen3_accel.serving import engine as engine_module
 
     monkeypatch.setattr(engine_module, "CHUNK_GRAPH_MAX_TOKENS", 32)
+    monkeypatch.setattr(engine_module, "CHUNK_GRAPH_MAX_CONTEXT", 64)  # 4 blocks: width 8 runs eagerly
     reference, optimized = model_pair(name)
     engine = Engine(optimized, num_blocks=64, block_size=16, max_batch_tokens=48, max_batch_size=8, overlap=overlap,
                     chunk_graphs=True)
@@ -246,8 +247,8 @@ def test_steps_with_prompt_chunks_replay_one_graph_per_token_bucket(monkeypatch,
             step += 1
     assert [s.generated for s in seqs] == [hf_tokens(reference, p, 6) for p in prompts]
     graphs = engine.chunk_graphs
-    assert not graphs.eager_keys and graphs.calls and eager, "both graphed and eager (over 32 tokens) chunk steps"
-    assert set(graphs.compiled) <= {("paged chunks", tokens, width) for tokens in (16, 32) for width in (4, 8)}
+    assert not graphs.eager_keys and graphs.calls and eager, "both graphed and eager chunk steps"
+    assert set(graphs.compiled) <= {("paged chunks", tokens, 8, 4) for tokens in (16, 32)}
     assert engine.block_manager.num_free == 64
 
 
@@ -265,6 +266,14 @@ def test_captured_graphs_serve_later_steps_without_compiling():
         outputs = engine.generate(prompts, max_new_tokens=20)
     assert outputs == [hf_tokens(reference, p, 20) for p in prompts]
     assert set(engine.decode_graphs.compiled) == set(keys)  # nothing compiled after the capture
+    # With chunk graphs (another pool shape: graphs of its own), the capture covers the steps with prompt chunks too.
+    engine = Engine(optimized, num_blocks=32, block_size=16, max_batch_tokens=64, max_batch_size=4, chunk_graphs=True)
+    keys = engine.capture_graphs(max_tokens=100)
+    chunk_keys = {("paged chunks", tokens, 4, width) for tokens in (16, 32, 64) for width in (4, 8)}
+    assert set(keys) == {("paged decode", rows, width) for rows in (1, 2, 4) for width in (4, 8)} | chunk_keys
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert engine.generate(prompts[:3], max_new_tokens=20) == [hf_tokens(reference, p, 20) for p in prompts[:3]]
+    assert set(engine.chunk_graphs.compiled) == chunk_keys and sum(engine.chunk_graphs.calls.values()) > 6
 
 
 def test_a_later_engine_of_the_same_pool_shape_compiles_nothing():
@@ -319,7 +328,7 @@ def test_pools_sized_by_free_memory_keep_one_shape_and_few_graph_sets(monkeypatc
     assert len(runner.paged_graphs) == PAGED_GRAPH_POOLS
 
 
-@pytest.mark.parametrize("rows,width", [(3, 4), (3, 64), (128, 64)], ids=["list", "mask-wide", "mask-many-rows"])
+@pytest.mark.parametrize("rows,width", [(3, 4), (3, 128), (128, 64)], ids=["list", "mask-wide", "mask-many-rows"])
 def test_block_tables_pad_every_row_with_fill(rows, width):
     """The engine's block tables, built as a padded list (small) or through a mask (large): each chunk's table,
     then `fill` to the width, and rows past the chunks all `fill`."""

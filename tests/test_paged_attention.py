@@ -87,14 +87,15 @@ def test_registered_ops():
                           (k, v, key_cache.clone(), value_cache.clone(), torch.tensor([0, -1, 33])))
 
 
-@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (16, 2), (10, 2)], ids=["gqa1", "gqa2", "gqa8", "gqa5"])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (16, 2), (10, 2), (32, 1)],
+                         ids=["gqa1", "gqa2", "gqa8", "gqa5", "gqa32"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_paged_prefill_attention_matches_reference(q_heads, kv_heads, head_dim, block_size):
     """Packed chunks: a one-token prompt, a fresh prompt, a continuation after cached tokens (crossing a block), one
-    longer than a query block, decodes (one token after many), empty chunks among them, and padding tokens after
-    the last chunk (a graph bucket's), which get zeros."""
-    chunks = [(1, 1), (5, 5), (0, 0), (20, 37), (1, 70), (33, 40), (0, 0), (1, 2)]  # (tokens, sequence so far)
+    longer than a query block, decodes (one token after many), empty chunks among them and after them, and padding
+    tokens after the last chunk (as a graph bucket pads a step), which get zeros."""
+    chunks = [(1, 1), (5, 5), (0, 0), (20, 37), (1, 70), (33, 40), (0, 0), (1, 2), (0, 0), (0, 0)]  # (tokens, so far)
     contexts = [max(context, 1) for _, context in chunks]
     key_cache, value_cache, tables, context_lens = paged_setup(contexts, block_size, kv_heads, head_dim,
                                                                torch.float32, seed=6)
@@ -115,6 +116,15 @@ def test_paged_prefill_attention_matches_reference(q_heads, kv_heads, head_dim, 
     torch.testing.assert_close(expected[int(starts[4]) - 1],
                                torch.einsum("hs,shd->hd", weights, values.repeat_interleave(group, 1)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_paged_prefill_attention_with_every_chunk_empty_computes_zeros():
+    """A graph's capture step: padding tokens only, every chunk empty."""
+    key_cache, value_cache, tables, _ = paged_setup([1, 1, 1], 16, 2, 64, torch.float32)
+    q = torch.randn(16, 4, 64)
+    starts, contexts = torch.zeros(4, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    for impl in (paged_attention.paged_prefill_attention_triton, paged_attention.paged_prefill_attention_reference):
+        assert torch.equal(impl(q, key_cache, value_cache, tables, starts, contexts, 0.125), torch.zeros_like(q))
 
 
 def test_paged_prefill_attention_one_token_chunks_equal_paged_decode_attention():

@@ -45,9 +45,13 @@ MIN_GRAPH_TABLE_BLOCKS = {"cuda": 64, "cpu": 4}
 # qwen3_accel_eager_chunks contender measures it). Not on the CPU: there the chunk attention's torch reference loops
 # over the chunks, a decode's too, and an engine step of 8 decodes and an 8-token prompt on a tiny 36-layer model
 # took 24.6 ms through its graph against 21.5 ms eagerly (scripts/host_overhead.py, 2026-12-02).
+# And only while every sequence in the step is at most CHUNK_GRAPH_MAX_CONTEXT tokens long: the chunk kernel has no
+# split-KV, so a decode over a long context is one program per kv head walking all its keys, where the decode
+# kernel of an eager step splits them (1024 tokens: one table width on CUDA, the decode graphs' narrowest).
 CHUNK_GRAPH_DEVICES = ("cuda",)
 CHUNK_GRAPH_MIN_TOKENS = 16
 CHUNK_GRAPH_MAX_TOKENS = 512
+CHUNK_GRAPH_MAX_CONTEXT = 1024
 # Devices whose engines overlap steps by default (see the module docstring). The host's work per decode step is
 # 0.03 / 0.10 / 0.30 ms at 1 / 16 / 64 rows (scripts/host_overhead.py, the model's step left out, CPU, 2026-12-02),
 # against bandwidth-bound steps at 64 rows on an H200 of ~3.5 ms for Qwen3-8B (16 GB of weights at 4.8 TB/s) and
@@ -175,7 +179,7 @@ class Engine:
         self.max_table_blocks = self.block_manager.blocks_for(self.max_positions)
         self.min_table_blocks = MIN_GRAPH_TABLE_BLOCKS.get(self.runner.device.type, 64)
         # One graph per key; off CUDA shared with the model's earlier engines of this pool shape (see
-        # ModelRunner.paged_decode_graphs); eager with compile=False.
+        # ModelRunner.paged_graphs_for); eager with compile=False.
         graphs = self.runner.paged_graphs_for(tuple(self.cache.keys[0].shape))
         self.decode_graphs, self.chunk_graphs = graphs.decode, graphs.chunks
         if chunk_graphs is None:
@@ -339,13 +343,15 @@ class Engine:
         width = max(self.min_table_blocks, 1 << (table_blocks - 1).bit_length())
         return min(width, max(self.max_table_blocks, table_blocks))
 
-    def chunk_graph_key(self, num_tokens: int, table_blocks: int) -> tuple[str, int, int] | None:
-        """The key of the graph a step of `num_tokens` tokens with prompt chunks replays, or None when it runs
-        eagerly (chunk graphs off, or more tokens than CHUNK_GRAPH_MAX_TOKENS)."""
+    def chunk_graph_key(self, num_tokens: int, table_blocks: int) -> tuple[str, int, int, int] | None:
+        """The key (tokens, chunk rows, table width) of the graph a step of `num_tokens` tokens with prompt chunks
+        replays, or None when it runs eagerly: chunk graphs off, more tokens than CHUNK_GRAPH_MAX_TOKENS, or a
+        sequence longer than CHUNK_GRAPH_MAX_CONTEXT."""
         tokens = max(CHUNK_GRAPH_MIN_TOKENS, 1 << (num_tokens - 1).bit_length())
-        if not self.graph_chunks or tokens > CHUNK_GRAPH_MAX_TOKENS:
+        too_long = table_blocks * self.block_manager.block_size > CHUNK_GRAPH_MAX_CONTEXT
+        if not self.graph_chunks or tokens > CHUNK_GRAPH_MAX_TOKENS or too_long:
             return None
-        return "paged chunks", tokens, self._table_width(table_blocks)
+        return "paged chunks", tokens, self.scheduler.max_batch_size, self._table_width(table_blocks)
 
     def warm_up(self, max_tokens: int = 1) -> None:
         """Once per engine: its graphs (capture_graphs) and one token through it, before requests."""
@@ -380,18 +386,19 @@ class Engine:
         keys = []
         with self.acc._lock, torch.no_grad():
             for width in widths:
+                chunk_tokens = token_buckets if self.chunk_graph_key(2, width) is not None else []  # (short enough)
                 for rows, _ in itertools.product(rows_buckets, range(calls)):
                     self.decode_graphs(("paged decode", rows, width), fresh(rows), fresh(rows),
                                        fresh(rows, value=scratch_slot), scratch_tables(rows, width),
                                        fresh(rows, torch.int32, 1), self.cache.keys, self.cache.values)
-                for tokens, _ in itertools.product(token_buckets, range(calls)):
+                for tokens, _ in itertools.product(chunk_tokens, range(calls)):
                     # Every chunk empty: the step computes nothing but its shapes.
-                    self.chunk_graphs(("paged chunks", tokens, width), fresh(tokens), fresh(tokens),
+                    self.chunk_graphs(("paged chunks", tokens, max_rows, width), fresh(tokens), fresh(tokens),
                                       fresh(tokens, value=-1), scratch_tables(max_rows, width),
                                       fresh(max_rows + 1, torch.int32), fresh(max_rows, torch.int32), fresh(max_rows),
                                       self.cache.keys, self.cache.values)
                 keys += [("paged decode", rows, width) for rows in rows_buckets]
-                keys += [("paged chunks", tokens, width) for tokens in token_buckets]
+                keys += [("paged chunks", tokens, max_rows, width) for tokens in chunk_tokens]
         return keys
 
     def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -415,12 +422,12 @@ class Engine:
             return logits[: len(chunks)].clone()
         return logits.index_select(0, to_device(sampling, torch.long, device))
 
-    def _chunks(self, chunks: list[Chunk], key: tuple[str, int, int]) -> torch.Tensor:
+    def _chunks(self, chunks: list[Chunk], key: tuple[str, int, int, int]) -> torch.Tensor:
         """A step with prompt chunks through the graph of its token bucket: every chunk through the chunk kernel,
         the chunks padded to max_batch_size with empty ones (over the scratch block), the tokens with padding that
         no chunk covers and that writes nothing. Logits of the sampling rows, in the chunks' order."""
-        _, num_tokens, width = key
-        rows, scratch, device = self.scheduler.max_batch_size, self.cache.scratch, self.runner.device
+        _, num_tokens, rows, width = key
+        scratch, device = self.cache.scratch, self.runner.device
         positions, slots = self._positions_and_slots(chunks)
         pad = num_tokens - len(positions)
         starts = list(itertools.accumulate((c.end - c.start for c in chunks), initial=0))
