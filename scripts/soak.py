@@ -14,6 +14,7 @@ end the pool must be whole and nothing left in the manager's books.
     python scripts/soak.py --model Qwen3-0.6B --minutes 10          # on a GPU (bf16)
     python scripts/soak.py --model tiny --device cpu --minutes 0.2  # anywhere
     python scripts/soak.py --model tiny --device cpu --minutes 0.5 --serve
+    python scripts/soak.py --model tiny --device cpu --minutes 1 --serve --cuda-defaults  # overlap, chunk graphs
 """
 
 import argparse
@@ -125,8 +126,9 @@ def soak_serving(model, rng: random.Random, minutes: float, device: str) -> None
     print(f"serving: {finals} requests ({cancelled} cancelled mid-stream), {tokens} tokens, {beside} generate() "
           f"calls beside, in {time.perf_counter() - start:.0f} s, each with one final output")
     print(f"preemptions {engine.scheduler.preemptions}, peak pool use {blocks.peak_used} of {len(blocks.blocks)} "
-          f"blocks, decode graphs {len(engine.decode_graphs.compiled)} (eager fallbacks "
-          f"{len(engine.decode_graphs.eager_keys)})")
+          f"blocks, graphs: decode {len(engine.decode_graphs.compiled)}, chunks {len(engine.chunk_graphs.compiled)} "
+          f"(eager fallbacks {len(engine.decode_graphs.eager_keys) + len(engine.chunk_graphs.eager_keys)}; "
+          f"overlap {engine.overlap})")
     print(f"memory allocated after the manager started {start_mib:.1f} MiB, after it stopped {end_mib:.1f} MiB")
     left = [name for name, empty in books.items() if not empty]
     if left:
@@ -142,7 +144,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to serve requests after warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve", action="store_true", help="serve through the continuous-batching manager")
+    parser.add_argument("--cuda-defaults", action="store_true",
+                        help="with --serve off CUDA: the engine as on CUDA, overlapping steps and replaying graphs of "
+                             "steps with prompt chunks (the CPU's engine does neither by default)")
     args = parser.parse_args()
+    if args.cuda_defaults:
+        from qwen3_accel.serving import engine
+
+        device = torch.device(args.device).type
+        engine.OVERLAP_DEVICES, engine.CHUNK_GRAPH_DEVICES = (device,), (device,)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = qwen3_accel.optimize(build_model(args.model, device=args.device, dtype=dtype),
                                  max_batch_size=8, max_cache_len=512)
