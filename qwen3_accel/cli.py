@@ -1,4 +1,4 @@
-"""The `qwen3-accel` command: bench, bench-kernels, eval, generate, info."""
+"""The `qwen3-accel` command: bench, bench-kernels, bench-serve, eval, lm-eval, generate, serve, info."""
 
 import argparse
 import dataclasses
@@ -361,7 +361,7 @@ usage: qwen3-accel serve MODEL [--optimize KEY=VALUE,...] [transformers serve's 
 /v1/completions, /v1/models, /health). Requests run on qwen3_accel's continuous-batching engine (paged KV cache,
 our kernels; generation settings it does not implement go to HF's, and the log says so). Every argument but
 --optimize is transformers serve's, passed through
-unchanged (`transformers serve --help` lists them; e.g. --host, --port, --force-model). Needs
+unchanged (`transformers serve --help` lists them; e.g. --host, --port; the model is the positional MODEL). Needs
 `pip install "transformers[serving]"`.
 
   --optimize KEY=VALUE,...   qwen3_accel.OptimizeOptions fields for every model the server loads, e.g.

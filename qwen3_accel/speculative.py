@@ -24,7 +24,7 @@ lookup), draft slots sizing the assistant's probabilities (sampling only). k is
 HF's `num_assistant_tokens` (assistant's generation config, default 20) or `prompt_lookup_num_tokens`; under HF's
 "heuristic" schedules (+2 after a round whose drafts were all kept, else -1) the drafted k is rounded up to a power
 of two up to MAX_DRAFT_TOKENS, so at most six verify graphs; a round the confidence threshold cut short verifies
-the next power of two below k (`verify_width`).
+the smallest power of two at or above its drafts, at most k (`verify_width`).
 """
 
 from dataclasses import dataclass
@@ -95,7 +95,8 @@ def drafted_tokens(k: int, schedule: str) -> int:
 
 def verify_width(drafted: int, k: int) -> int:
     """The drafts one verify step takes when a round stopped after `drafted` of its `k` (the assistant was not
-    confident): k, or the next power of two below it, so that such rounds add at most log2(k) graphs."""
+    confident): k, or the smallest power of two at or above `drafted` when that is less, so that such rounds add
+    at most log2(k) graphs."""
     return k if drafted == k else min(k, next_power_of_two(drafted))
 
 

@@ -138,3 +138,18 @@ def test_continuous_batching_types_and_config_we_use():
                                       max_memory_percent=0.5, **{CB_PAGE_FIELD: 32})
     assert (config.num_blocks, getattr(config, CB_PAGE_FIELD), config.max_batch_tokens, config.max_requests_per_batch,
             config.max_memory_percent, config.max_queue_size) == (3, 32, 64, 4, 0.5, 0)
+    # What router.batching_reason reads (a request for any of them goes to HF's manager), at their defaults.
+    assert (config.return_logprobs, config.per_request_processors, config.cpu_offload_space) == (False, False, 0.0)
+
+
+def test_workload_hints_and_experts_interface_we_use():
+    """HF's WorkloadHints (bench_serve builds them positionally, the manager reads their fields) and the experts
+    interface our MoE patch registers in; neither is exported at transformers' top level."""
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+    from transformers.integrations.moe import ExpertsInterface
+
+    from qwen3_accel.patches.qwen3_moe import EXPERTS_IMPLEMENTATION, experts_forward
+
+    hints = WorkloadHints(100, 20, 3)
+    assert (hints.max_prompt_length, hints.max_generated_length, hints.num_requests) == (100, 20, 3)
+    assert ExpertsInterface()[EXPERTS_IMPLEMENTATION] is experts_forward
