@@ -156,7 +156,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(servers, model_di
     for _, _chunk in zip(range(3), stream):
         pass
     stream.close()
-    deadline = time.monotonic() + 60
+    # The server notices the disconnect at a later write; meanwhile the sequence may cross table widths whose decode
+    # graphs compile (serve announces no lengths to warm up for): seconds each on a loaded 2-core CPU (one run of
+    # the whole suite on torch 2.14 went past 60 s).
+    deadline = time.monotonic() + 180
     while not (cancelled := re.findall(r"cancelled after (\d+) tokens; (\d+) of (\d+) KV blocks free",
                                        log.read_text())):
         assert time.monotonic() < deadline, f"no cancellation in the server's log:\n{log.read_text()[-3000:]}"
