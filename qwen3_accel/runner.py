@@ -228,7 +228,6 @@ class ModelRunner:
         return self.logits(hidden[0, batch.logit_index])
 
 
-
 class PagedGraphs:
     """The continuous-batching engine's compiled steps over one KV pool, one graph per key: `decode`
     (ModelRunner.paged_decode_step) and `chunks` (ModelRunner.paged_chunks_step)."""

@@ -273,9 +273,10 @@ class Engine:
             if self.scheduler.admitted:
                 self.acc.check_weights_shared()
             tokens = sum(chunk.end - chunk.start for chunk in chunks)
+            table_blocks = max(len(chunk.sequence.blocks.table) for chunk in chunks)
             if tokens == len(chunks):
-                logits = self._decode(chunks)
-            elif (key := self.chunk_graph_key(tokens, max(len(c.sequence.blocks.table) for c in chunks))) is not None:
+                logits = self._decode(chunks, table_blocks)
+            elif (key := self.chunk_graph_key(tokens, table_blocks)) is not None:
                 logits = self._chunks(chunks, key)
             else:  # a step too big for the chunk graphs (or without them): eager
                 logits = self.runner.paged_step(self.cache.keys, self.cache.values, self._pack(chunks))
@@ -370,10 +371,10 @@ class Engine:
         widths = sorted({self._table_width(blocks) for blocks in range(1, self.block_manager.blocks_for(
             max(1, max_tokens)) + 1)})
         rows_buckets = sorted({self.graph_key(n, 1)[0] for n in range(1, self.scheduler.max_batch_size + 1)})
-        token_buckets = sorted({key[1] for n in range(2, self.scheduler.max_batch_tokens + 1)
-                                if (key := self.chunk_graph_key(n, 1)) is not None})
+        chunk_keys = sorted({key for n in range(2, self.scheduler.max_batch_tokens + 1) for width in widths
+                             if (key := self.chunk_graph_key(n, width)) is not None})
         scratch_slot = self.cache.scratch * self.block_manager.block_size
-        device, max_rows = self.runner.device, self.scheduler.max_batch_size
+        device = self.runner.device
         # On CUDA, a reduce-overhead key's first call warms up and the second records its graph.
         calls = 2 if device.type == "cuda" else 1
 
@@ -383,44 +384,42 @@ class Engine:
         def fresh(n: int, dtype=torch.long, value=0):  # distinct tensors: aliased inputs are a guard of their own
             return torch.full((n,), value, dtype=dtype, device=device)
 
-        keys = []
         with self.acc._lock, torch.no_grad():
-            for width in widths:
-                chunk_tokens = token_buckets if self.chunk_graph_key(2, width) is not None else []  # (short enough)
-                for rows, _ in itertools.product(rows_buckets, range(calls)):
-                    self.decode_graphs(("paged decode", rows, width), fresh(rows), fresh(rows),
-                                       fresh(rows, value=scratch_slot), scratch_tables(rows, width),
-                                       fresh(rows, torch.int32, 1), self.cache.keys, self.cache.values)
-                for tokens, _ in itertools.product(chunk_tokens, range(calls)):
-                    # Every chunk empty: the step computes nothing but its shapes.
-                    self.chunk_graphs(("paged chunks", tokens, max_rows, width), fresh(tokens), fresh(tokens),
-                                      fresh(tokens, value=-1), scratch_tables(max_rows, width),
-                                      fresh(max_rows + 1, torch.int32), fresh(max_rows, torch.int32), fresh(max_rows),
-                                      self.cache.keys, self.cache.values)
-                keys += [("paged decode", rows, width) for rows in rows_buckets]
-                keys += [("paged chunks", tokens, max_rows, width) for tokens in chunk_tokens]
-        return keys
+            for width, rows, _ in itertools.product(widths, rows_buckets, range(calls)):
+                self.decode_graphs(("paged decode", rows, width), fresh(rows), fresh(rows),
+                                   fresh(rows, value=scratch_slot), scratch_tables(rows, width),
+                                   fresh(rows, torch.int32, 1), self.cache.keys, self.cache.values)
+            for key, _ in itertools.product(chunk_keys, range(calls)):
+                _, tokens, rows, width = key  # every chunk empty: the step computes nothing but its shapes
+                self.chunk_graphs(key, fresh(tokens), fresh(tokens), fresh(tokens, value=-1),
+                                  scratch_tables(rows, width), fresh(rows + 1, torch.int32), fresh(rows, torch.int32),
+                                  fresh(rows), self.cache.keys, self.cache.values)
+        return [("paged decode", rows, width) for width in widths for rows in rows_buckets] + chunk_keys
 
-    def _decode(self, chunks: list[Chunk]) -> torch.Tensor:
+    def _decode(self, chunks: list[Chunk], table_blocks: int) -> torch.Tensor:
         """A step of one token per sequence through the graph of its bucket: padding rows attend to, and write
         into, the scratch block only. Logits of the sampling rows, in the chunks' order."""
-        blocks, scratch = self.block_manager, self.cache.scratch
-        rows, width = self.graph_key(len(chunks), max(len(c.sequence.blocks.table) for c in chunks))
+        scratch = self.cache.scratch
+        rows, width = self.graph_key(len(chunks), table_blocks)
         pad = rows - len(chunks)
-        positions = [c.start for c in chunks] + [0] * pad
-        slots = [blocks.slot(c.sequence.blocks, c.start) for c in chunks] + [scratch * blocks.block_size] * pad
+        positions, slots = self._positions_and_slots(chunks)
         seq_lens = [c.end for c in chunks] + [1] * pad
         device = self.runner.device
         logits = self.decode_graphs(
             ("paged decode", rows, width), self._input_tokens(chunks, device, pad),
-            to_device(positions, torch.long, device), to_device(slots, torch.long, device),
+            to_device(positions + [0] * pad, torch.long, device),
+            to_device(slots + [scratch * self.block_manager.block_size] * pad, torch.long, device),
             block_tables(chunks, device, width, scratch, rows), to_device(seq_lens, torch.int32, device),
             self.cache.keys, self.cache.values)
-        # Copies: a graph's output is overwritten by its next replay. (A prompt's 1-token chunk may not sample.)
+        return self._sampling_rows(logits, chunks)
+
+    def _sampling_rows(self, logits: torch.Tensor, chunks: list[Chunk]) -> torch.Tensor:
+        """The logits of the chunks that sample, from a graph's output whose row i is chunk i's, copied: a graph's
+        output is overwritten by its next replay. (A prompt's chunk that does not end it samples nothing.)"""
         sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
         if len(sampling) == len(chunks):
             return logits[: len(chunks)].clone()
-        return logits.index_select(0, to_device(sampling, torch.long, device))
+        return logits.index_select(0, to_device(sampling, torch.long, logits.device))
 
     def _chunks(self, chunks: list[Chunk], key: tuple[str, int, int, int]) -> torch.Tensor:
         """A step with prompt chunks through the graph of its token bucket: every chunk through the chunk kernel,
@@ -439,8 +438,7 @@ class Engine:
             to_device(starts + [starts[-1]] * empty, int32, device),
             to_device([c.end for c in chunks] + [0] * empty, int32, device),
             to_device([end - 1 for end in starts[1:]] + [0] * empty, long, device), self.cache.keys, self.cache.values)
-        sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
-        return logits.index_select(0, to_device(sampling, long, device))
+        return self._sampling_rows(logits, chunks)
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The next token of each sampling sequence: greedy rows by one argmax, sampled rows with their own
